@@ -1,0 +1,63 @@
+"""Which Linear layers get which N:M pattern."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .pattern import NMPattern
+
+
+def block_linears(model: nn.Module) -> list[str]:
+    """Names of every nn.Linear inside the Transformer blocks (the largest ModuleList of the model).
+
+    That is Q, K, V, attention output and both FFN layers; embeddings, pooler and task heads sit
+    outside the block list and are left dense.
+    """
+    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no list of Transformer blocks (no nn.ModuleList)")
+    blocks_name, blocks = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    return [f"{blocks_name}.{name}" for name, mod in blocks.named_modules() if isinstance(mod, nn.Linear)]
+
+
+def resolve_layers(model: nn.Module, pattern: NMPattern | str, include: list[str] | None = None,
+                   exclude: list[str] | None = None, overrides: dict[str, str] | None = None) -> dict[str, NMPattern]:
+    """Layer name -> pattern.
+
+    include: regexes (``re.search``) over Linear names, replacing the default block Linears.
+    exclude: regexes removing layers.
+    overrides: {regex or exact name: pattern} giving some layers their own pattern.
+    Each regex must match at least one Linear (a typo is an error, not a silent no-op).
+    """
+    linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to prune")
+
+    def matching(regex: str, where: list[str], what: str) -> list[str]:
+        hits = [n for n in where if n == regex or re.search(regex, n)]
+        if not hits:
+            raise ValueError(f"{what} {regex!r} matches no Linear layer of {type(model).__name__} "
+                             f"(examples: {', '.join(linears[:4])})")
+        return hits
+
+    names = sorted({n for r in include for n in matching(r, linears, "include pattern")}, key=linears.index) \
+        if include else block_linears(model)
+    for regex in exclude or []:
+        dropped = set(matching(regex, linears, "exclude pattern"))
+        names = [n for n in names if n not in dropped]
+    default = NMPattern.parse(pattern)
+    chosen = {n: default for n in names}
+    for regex, pat in (overrides or {}).items():
+        try:
+            parsed = NMPattern.parse(pat)
+        except ValueError as err:
+            raise ValueError(f"layer {regex!r}: {err}") from None
+        for n in matching(regex, linears, "layer"):
+            chosen[n] = parsed
+    for name, pat in chosen.items():
+        weight = model.get_submodule(name).weight
+        if weight.shape[1] % pat.m:
+            raise ValueError(f"layer {name}: input size {weight.shape[1]} is not divisible by M={pat.m} "
+                             f"(pattern {pat}); give it another pattern or exclude it")
+    return chosen
