@@ -55,11 +55,16 @@ class SRSTELinear(nn.Module):
         return flips
 
     @torch.no_grad()
-    def inherit(self, pattern: NMPattern, nested: bool = True) -> None:
-        """Move to a sparser pattern (IDP): the current mask becomes the parent of the next."""
-        self.parent.copy_(self.mask if nested else torch.ones_like(self.mask))
+    def inherit(self, pattern: NMPattern, nested: bool = True) -> float:
+        """Move to a sparser pattern (IDP): the current mask becomes the parent of the next.
+
+        Returns the fraction of the new mask that lies inside the old one (1.0: fully nested).
+        """
+        old = self.mask.clone()
+        self.parent.copy_(old if nested else torch.ones_like(old))
         self.pattern = NMPattern.parse(pattern)
         self.refresh_mask()
+        return float((self.mask & old).sum() / self.mask.sum())
 
     def masked_weight(self) -> torch.Tensor:
         return apply_mask(self.weight.detach(), self.mask)

@@ -1,0 +1,314 @@
+"""The ``sparsetx`` command: thin subcommands over the library (``main(argv)`` is testable)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    return TrainConfig(**kw)
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (SR-STE / IDP / fine-tuning)")
+    g.add_argument("--steps", type=int, help="optimizer steps (per stage for IDP)")
+    g.add_argument("--batch-size", dest="batch_size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--lambda-w", dest="lambda_w", type=float, help="SR-STE decay on pruned weights (default 2e-4)")
+    g.add_argument("--mask-every", dest="mask_every", type=int, help="recompute masks every k steps (default 1)")
+    g.add_argument("--unnested", dest="nested", action="store_false", default=None,
+                   help="IDP: choose each stage's mask freely instead of inside the previous one")
+    g.add_argument("--max-length", dest="max_length", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    g.add_argument("--eval-examples", dest="eval_examples", type=int, help="cap dev/test examples per evaluation")
+    g.add_argument("--train-examples", dest="train_examples", type=int)
+
+
+def _layer_config(args: argparse.Namespace, pattern: str):
+    from .nm.prune import NMConfig
+
+    overrides = {}
+    for item in args.layer or []:
+        name, sep, pat = item.rpartition("=")
+        if not sep:
+            raise ValueError(f"--layer {item!r}: expected NAME_REGEX=N:M")
+        overrides[name] = pat
+    return NMConfig(pattern, criterion=args.criterion, include=args.include, exclude=args.exclude, overrides=overrides)
+
+
+def _rows_table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title)
+    for key in rows[0] if rows else []:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()])
+    return table
+
+
+# --- subcommands ---------------------------------------------------------------------------------
+
+def cmd_data(args):
+    from .data.card import data_card
+
+    card = data_card()
+    console.print_json(json.dumps(card))
+    return card
+
+
+def cmd_finetune(args):
+    from .train import RunSpec, Stage, run
+
+    cfg = _train_config(args)
+    result = run(RunSpec(args.model, args.out, [Stage(None, args.steps or 400)], cfg))
+    console.print(_rows_table("dense fine-tuning", result["stages"]))
+    return result
+
+
+def cmd_prune(args):
+    from .formats.folder import save_packed
+    from .models import load_model, load_tokenizer
+    from .nm.pattern import parse_series
+    from .nm.prune import recorded_patterns, sparsify, sparsity_report
+    from .train import RunSpec, Stage, run
+
+    if args.method == "idp":
+        if not args.series:
+            raise ValueError("--method idp needs --series, e.g. 4:8,2:8,1:8")
+        stages = [Stage(str(p), args.steps or 100) for p in parse_series(args.series)]
+        result = run(RunSpec(args.model, args.out, stages, _train_config(args), _layer_config(args, stages[0].pattern)))
+        console.print(_rows_table("IDP candidates", result["stages"]))
+        return result
+    if not args.pattern:
+        raise ValueError(f"--method {args.method} needs --pattern, e.g. 2:4")
+    if args.method == "srste":
+        result = run(RunSpec(args.model, args.out, [Stage(args.pattern, args.steps or 100)], _train_config(args),
+                             _layer_config(args, args.pattern)))
+        console.print(_rows_table("SR-STE", result["stages"]))
+        return result
+    # one-shot
+    from .data.sentiment import sentiment_splits
+    from .train import _collate, _encode
+
+    config = _layer_config(args, args.pattern)
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    calib = None
+    if config.criterion == "activation":
+        texts = sentiment_splits()["train"].texts[: args.calibration_batches * 32]
+        ids = _encode(tok, texts, 128)
+        calib = [_collate(ids[i:i + 32], tok.pad_token_id) for i in range(0, len(ids), 32)]
+    sparsify(model, config, calibration=calib)
+    report = sparsity_report(model)
+    console.print(_rows_table(f"one-shot {config.criterion} N:M", report))
+    if not all(r["nm_ok"] for r in report):
+        raise RuntimeError("a pruned layer is not N:M: this is a bug")
+    save_packed(model, args.out, recorded_patterns(model), args.value_dtype, args.encoding, tokenizer=tok,
+                overwrite=args.overwrite)
+    console.print(f"saved packed model to {args.out}")
+    return report
+
+
+def cmd_eval(args):
+    from .data.sentiment import sentiment_splits
+    from .data.text import lm_eval_texts
+    from .evaluate import accuracy, embedding_similarity, perplexity, text_passages
+    from .models import load_model, load_tokenizer
+
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    archs = " ".join(model.config.architectures or [])
+    rows = []
+    if "SequenceClassification" in archs:
+        data = sentiment_splits()[args.split].subset(args.examples)
+        rows.append({"metric": f"sentiment accuracy ({args.split}, {len(data)} examples)",
+                     "value": accuracy(model, tok, data)})
+    if not args.no_lm:
+        texts = lm_eval_texts()
+        if "CausalLM" in archs:
+            for name, text in texts.items():
+                rows.append({"metric": f"perplexity ({name})", "value": perplexity(model, tok, text, progress=True)})
+        else:
+            reference = load_model(args.reference)
+            for name, text in texts.items():
+                passages = text_passages(text, limit=args.passages)
+                rows.append({"metric": f"embedding cosine vs {args.reference} ({name}, {len(passages)} passages)",
+                             "value": embedding_similarity(model, reference, tok, passages, progress=True)})
+    console.print(_rows_table(f"evaluation of {args.model}", rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def cmd_pack(args):
+    from .formats.folder import save_packed
+    from .models import load_model, load_tokenizer
+    from .nm.pattern import NMPattern
+    from .nm.prune import recorded_patterns
+
+    model = load_model(args.model)
+    patterns = recorded_patterns(model)
+    if args.pattern:
+        from .nm.prune import NMConfig
+        patterns = NMConfig(args.pattern).layers(model)
+    if not patterns:
+        raise ValueError(f"{args.model} records no N:M patterns; pass --pattern N:M")
+    save_packed(model, args.out, {n: NMPattern.parse(p) for n, p in patterns.items()}, args.value_dtype,
+                args.encoding, tokenizer=load_tokenizer(args.model), overwrite=args.overwrite)
+    return cmd_info(argparse.Namespace(folder=args.out, json=None))
+
+
+def cmd_unpack(args):
+    from .formats.folder import is_packed_folder
+    from .models import load_model, load_tokenizer
+
+    if not is_packed_folder(args.model):
+        raise ValueError(f"{args.model} is not a packed sparsetx folder")
+    model = load_model(args.model)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite")
+    model.save_pretrained(out)
+    load_tokenizer(args.model).save_pretrained(out)
+    console.print(f"wrote dense Hugging Face folder {out}")
+
+
+def cmd_info(args):
+    from .formats.folder import folder_report
+
+    rep = folder_report(args.folder)
+    h = rep["header"]
+    console.print(f"{args.folder}: {h['format']} v{h['version']}, values {h['value_dtype']}, indices {h['encoding']}")
+    table = Table(title="packed layers")
+    for col in ("layer", "pattern", "shape", "packed", "vs fp32", "vs fp16"):
+        table.add_column(col)
+    for r in rep["layers"]:
+        table.add_row(r["layer"], r["pattern"], "x".join(map(str, r["shape"])), f"{r['packed_bytes']:,}",
+                      f"{r['fp32_bytes'] / r['packed_bytes']:.2f}x", f"{r['fp16_bytes'] / r['packed_bytes']:.2f}x")
+    console.print(table)
+    for scope in ("pruned_layers", "model"):
+        b = rep[scope]
+        console.print(f"{scope}: packed {b['packed']:,} B; dense fp32 {b['fp32']:,} B ({b['fp32'] / b['packed']:.2f}x); "
+                      f"dense fp16 {b['fp16']:,} B ({b['fp16'] / b['packed']:.2f}x)")
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(rep, indent=1))
+    return rep
+
+
+def cmd_compare(args):
+    from .compare import CompareConfig, compare, comparison_table, table_markdown
+
+    cfg = CompareConfig(model=args.model, out=args.out, dense=args.dense, dense_steps=args.dense_steps,
+                        patterns=tuple(args.patterns.split(",")), series=args.series, steps=args.steps or 100,
+                        train=_train_config(argparse.Namespace(**{**vars(args), "steps": None})))
+    result = compare(cfg)
+    console.print(comparison_table(result))
+    (Path(args.out) / "table.md").write_text(table_markdown(result) + "\n")
+    console.print(f"results: {args.out}/results.json, table.md, accuracy_vs_sparsity.png")
+    return result
+
+
+def cmd_demo(args):
+    from .demo import demo
+
+    return demo(args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsetx", description="N:M sparse Transformers (STA) and sparse attention (SpAtten).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("data", help="print the data card of the offline corpora")
+    s.set_defaults(fn=cmd_data)
+
+    s = sub.add_parser("finetune", help="fine-tune the dense model on the sentiment task (the dense reference)")
+    s.add_argument("--model", default="minilm")
+    s.add_argument("--out", required=True)
+    _add_train_flags(s)
+    s.set_defaults(fn=cmd_finetune)
+
+    s = sub.add_parser("prune", help="N:M pruning: one-shot, SR-STE, or an IDP series; writes packed folders")
+    s.add_argument("--model", default="minilm", help="model folder (a fine-tuned classifier for srste/idp) or 'minilm'")
+    s.add_argument("--method", choices=("oneshot", "srste", "idp"), default="oneshot")
+    s.add_argument("--pattern", help="N:M for every selected layer, e.g. 2:4")
+    s.add_argument("--series", help="IDP: patterns from dense to sparse, e.g. 4:8,2:8,1:8")
+    s.add_argument("--criterion", choices=("magnitude", "activation"), default="magnitude")
+    s.add_argument("--calibration-batches", type=int, default=8)
+    s.add_argument("--include", action="append", help="regex of Linear names to prune (replaces the default block Linears)")
+    s.add_argument("--exclude", action="append", help="regex of Linear names to leave dense")
+    s.add_argument("--layer", action="append", help="per-layer pattern, NAME_REGEX=N:M (repeatable)")
+    s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16"))
+    s.add_argument("--encoding", default="index", choices=("index", "rank"))
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    _add_train_flags(s)
+    s.set_defaults(fn=cmd_prune)
+
+    s = sub.add_parser("eval", help="task accuracy and LM metric of a dense or packed model folder")
+    s.add_argument("--model", default="minilm")
+    s.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    s.add_argument("--examples", type=int)
+    s.add_argument("--reference", default="minilm", help="dense reference for the embedding metric of encoders")
+    s.add_argument("--passages", type=int, default=128)
+    s.add_argument("--no-lm", action="store_true")
+    s.add_argument("--json")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("pack", help="pack a pruned dense folder")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--pattern", help="pattern if the folder does not record one")
+    s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16"))
+    s.add_argument("--encoding", default="index", choices=("index", "rank"))
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_pack)
+
+    s = sub.add_parser("unpack", help="write a packed folder back as a dense Hugging Face folder")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_unpack)
+
+    s = sub.add_parser("info", help="inspect a packed folder: patterns and bytes per layer")
+    s.add_argument("folder")
+    s.add_argument("--json")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("compare", help="dense vs one-shot vs SR-STE vs IDP on the sentiment task")
+    s.add_argument("--model", default="minilm")
+    s.add_argument("--out", default="runs/compare")
+    s.add_argument("--dense", help="an already fine-tuned dense folder")
+    s.add_argument("--dense-steps", type=int, default=400)
+    s.add_argument("--patterns", default="2:4,4:8,2:8,1:8")
+    s.add_argument("--series", default="4:8,2:4,2:8,1:8")
+    _add_train_flags(s)
+    s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("demo", help="a few minutes end to end on the embedded MiniLM")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--quick", action="store_true", help="tiny budgets (for tests)")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
