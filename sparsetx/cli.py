@@ -209,8 +209,10 @@ def cmd_compare(args):
 
     cfg = CompareConfig(model=args.model, out=args.out, dense=args.dense, dense_steps=args.dense_steps,
                         patterns=tuple(args.patterns.split(",")), series=args.series, steps=args.steps or 100,
+                        unnested=not args.no_unnested,
                         train=_train_config(argparse.Namespace(**{**vars(args), "steps": None})))
     result = compare(cfg)
+    Path(args.out, "resolved_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     console.print(comparison_table(result))
     (Path(args.out) / "table.md").write_text(table_markdown(result) + "\n")
     console.print(f"results: {args.out}/results.json, table.md, accuracy_vs_sparsity.png")
@@ -290,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dense-steps", type=int, default=400)
     s.add_argument("--patterns", default="2:4,4:8,2:8,1:8")
     s.add_argument("--series", default="4:8,2:4,2:8,1:8")
+    s.add_argument("--no-unnested", action="store_true", help="skip the unnested IDP variant")
     _add_train_flags(s)
     s.set_defaults(fn=cmd_compare)
 
@@ -297,11 +300,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--quick", action="store_true", help="tiny budgets (for tests)")
     s.set_defaults(fn=cmd_demo)
+
+    p._subcommands = dict(sub.choices)
+    for name in ("finetune", "prune", "compare"):
+        p._subcommands[name].add_argument("--config", help="YAML or JSON file of option defaults (flags override)")
     return p
 
 
+def _with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``--config FILE`` (YAML or JSON, keys = flag names with underscores) sets defaults; flags win."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config", None):
+        return args
+    import yaml
+
+    path = Path(args.config)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} not found")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path}: expected a mapping of option names to values")
+    sub = parser._subcommands[args.command]
+    known = {a.dest for a in sub._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown options {unknown} for '{args.command}'")
+    sub.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = _with_config_file(parser, argv)
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -4,6 +4,7 @@ the same total budget as the separate SR-STE runs. Every sub-run lives in its ow
 skipped when its results exist, so an interrupted comparison resumes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ class CompareConfig:
     series: str = "4:8,2:4,2:8,1:8"     # IDP order: each candidate inherits from the one before
     steps: int = 100                    # per separate SR-STE run, and per IDP stage
     calibration_batches: int = 8
+    unnested: bool = True               # also run the IDP series with freely chosen masks
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -92,6 +94,10 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
     series = [str(p) for p in parse_series(cfg.series)]
     spec = RunSpec(dense, str(out / "idp"), [Stage(p, cfg.steps) for p in series], cfg.train)
     rows["IDP series"] = {s["pattern"]: s for s in _sub_run(spec, progress)["stages"]}
+    if cfg.unnested:
+        free = dataclasses.replace(cfg.train, nested=False)
+        spec = RunSpec(dense, str(out / "idp-unnested"), [Stage(p, cfg.steps) for p in series], free)
+        rows["IDP series (unnested)"] = {s["pattern"]: s for s in _sub_run(spec, progress)["stages"]}
     result = {"config": asdict(cfg), "dense_model": dense, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     plot_comparison(result, out / "accuracy_vs_sparsity.png")

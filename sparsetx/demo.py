@@ -44,7 +44,7 @@ def demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     console.print(_card_table(data_card()))
 
     cfg = CompareConfig(out=str(out / "compare"), patterns=("2:4", "2:8"), series="2:4,2:8",
-                        dense_steps=4 if quick else 60, steps=2 if quick else 20,
+                        dense_steps=4 if quick else 60, steps=2 if quick else 20, unnested=False,
                         train=TrainConfig(eval_examples=32 if quick else 512, train_examples=256 if quick else None,
                                           batch_size=8 if quick else 32, lr=1e-4))
     result = compare(cfg)

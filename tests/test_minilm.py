@@ -80,8 +80,26 @@ def test_cli_prune_info_eval_unpack(tmp_path, capsys):
     assert {r["metric"].split(" (")[0].split(" vs")[0] for r in rows} == {"embedding cosine"}
     assert all(0.2 < r["value"] < 0.99 for r in rows)
     assert main(["unpack", "--model", str(out), "--out", str(tmp_path / "dense")]) == 0
+    # the unpacked dense folder records its patterns, so it packs again to the same tensors
+    assert main(["pack", "--model", str(tmp_path / "dense"), "--out", str(tmp_path / "again")]) == 0
+    from sparsetx.formats.folder import read_packed
+    a, b = read_packed(out), read_packed(tmp_path / "again")
+    assert a[2]["sha256"] == b[2]["sha256"]
     assert main(["prune", "--model", "minilm", "--pattern", "2:4", "--out", str(out)]) == 2  # exists
     assert "overwrite" in capsys.readouterr().out
+
+
+def test_cli_config_file(tmp_path):
+    cfg = tmp_path / "prune.yaml"
+    cfg.write_text("pattern: '1:8'\nvalue_dtype: bfloat16\nlayer: ['intermediate\\.dense=2:8']\n")
+    assert main(["prune", "--config", str(cfg), "--out", str(tmp_path / "m")]) == 0
+    from sparsetx.formats.folder import read_header
+    h = read_header(tmp_path / "m")
+    assert h["value_dtype"] == "bfloat16"
+    assert {v["pattern"] for k, v in h["layers"].items() if "intermediate" in k} == {"2:8"}
+    assert {v["pattern"] for k, v in h["layers"].items() if "intermediate" not in k} == {"1:8"}
+    cfg.write_text("patern: '1:8'\n")
+    assert main(["prune", "--config", str(cfg), "--out", str(tmp_path / "n")]) == 2
 
 
 @pytest.mark.parametrize("argv, message", [
