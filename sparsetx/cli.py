@@ -219,6 +219,19 @@ def cmd_compare(args):
     return result
 
 
+def cmd_attention_eval(args):
+    from .attention.evaluate import EncoderEvalConfig, encoder_eval, encoder_table
+
+    floats = lambda text: tuple(float(x) for x in text.split(","))  # noqa: E731
+    cfg = EncoderEvalConfig(classifier=args.classifier, encoder=args.model, token_keeps=floats(args.token_keep),
+                            head_keeps=floats(args.head_keep), policies=tuple(args.policies.split(",")),
+                            examples=args.examples, passages=args.passages, out=args.out)
+    result = encoder_eval(cfg)
+    console.print(encoder_table(result))
+    console.print(f"wrote {args.out}/encoder_eval.json and encoder_eval.png")
+    return result
+
+
 def cmd_demo(args):
     from .demo import demo
 
@@ -295,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-unnested", action="store_true", help="skip the unnested IDP variant")
     _add_train_flags(s)
     s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("attention-eval", help="SpAtten token/head pruning on encoders vs same-budget baselines")
+    s.add_argument("--model", default="minilm", help="sentence encoder for the embedding-fidelity metric")
+    s.add_argument("--classifier", help="fine-tuned classifier folder for accuracy (e.g. runs/compare/dense/candidate-dense)")
+    s.add_argument("--token-keep", default="1.0,0.75,0.5,0.3")
+    s.add_argument("--head-keep", default="1.0,0.75,0.5")
+    s.add_argument("--policies", default="cascade,local,random,first")
+    s.add_argument("--examples", type=int, default=512)
+    s.add_argument("--passages", type=int, default=64)
+    s.add_argument("--out", default="runs/attention-eval")
+    s.set_defaults(fn=cmd_attention_eval)
 
     s = sub.add_parser("demo", help="a few minutes end to end on the embedded MiniLM")
     s.add_argument("--out", default="runs/demo")

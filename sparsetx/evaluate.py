@@ -39,8 +39,11 @@ def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str], batch_siz
     out = []
     for chunk in track(list(batches(texts, batch_size)), description="embeddings", disable=not progress, transient=True):
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        hidden = body(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        result = body(**enc)
+        hidden = result.last_hidden_state
+        # A token-pruning runtime returns its own mask of the tokens that survived to the end.
+        kept = getattr(result, "attention_mask", None)
+        mask = (kept if kept is not None else enc["attention_mask"]).unsqueeze(-1).to(hidden.dtype)
         out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
     return torch.cat(out)
 
