@@ -136,3 +136,24 @@ def test_bad_configs():
         SpAttenConfig(value_topk=2.0)
     with pytest.raises(ValueError, match="does not understand"):
         SpAttenEncoder(torch.nn.Sequential(torch.nn.Linear(2, 2)), SpAttenConfig())
+
+
+def test_attention_eval_command(tiny_bert, tmp_path):
+    """The evaluation command end to end on the real MiniLM (embeddings) and a tiny classifier."""
+    from conftest import needs_sentiment  # noqa: F401  (tiny_bert already skips without assets)
+    from sparsetx.cli import main
+
+    out = tmp_path / "ae"
+    argv = ["attention-eval", "--classifier", str(tiny_bert), "--token-keep", "1.0,0.3", "--head-keep", "1.0,0.5",
+            "--policies", "cascade,first", "--examples", "16", "--passages", "4", "--out", str(out)]
+    assert main(argv) == 0
+    import json
+    result = json.loads((out / "encoder_eval.json").read_text())
+    rows = {(r["method"], r["token_keep"], r["head_keep"]): r for r in result["rows"]}
+    assert set(rows) == {("cascade", 1.0, 1.0), ("cascade", 0.3, 1.0), ("first", 1.0, 1.0), ("first", 0.3, 1.0),
+                         ("cascade", 1.0, 0.5)}
+    # keep ratio 1.0 is the unpruned model: embeddings identical up to fp32 rounding
+    assert rows[("cascade", 1.0, 1.0)]["embedding_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[("cascade", 1.0, 1.0)]["accuracy"] == result["dense_accuracy"]
+    assert rows[("cascade", 0.3, 1.0)]["embedding_cosine"] < 0.999
+    assert (out / "encoder_eval.png").stat().st_size > 10_000
