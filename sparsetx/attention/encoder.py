@@ -159,6 +159,16 @@ class SpAttenEncoder:
                           "values_fetched_rows": values_fetched, "topk": topk_calls})
         return h, pos, stats
 
+    def model_shape(self) -> dict:
+        return {"layers": len(self.blocks), "heads": self.heads, "head_dim": self.head_dim,
+                "family": type(self.base).__name__}
+
+    def stats_document(self) -> dict:
+        """The run's statistics in the versioned trace schema (see :mod:`sparsetx.attention.trace`)."""
+        from .trace import stats_document
+
+        return stats_document(self.model_shape(), asdict(self.config), self.stats)
+
     def _policy_scores(self, cumulative: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         policy = self.config.token_policy
         if policy == "random":

@@ -1,0 +1,149 @@
+"""The one trace schema between the SpAtten runtime and the accelerator simulators.
+
+1. ``sparsetx-attention-stats`` JSON, version 1, written by the runtime::
+
+     {"schema": "sparsetx-attention-stats", "version": 1,
+      "model": {"layers": L, "heads": H, "head_dim": D},
+      "config": {...SpAttenConfig...},
+      "sequences": [{"length": n, "layers": [
+          {"layer": i, "tokens": T_i, "heads": H_i, "keys_fetched": T_i * H_i,
+           "values_fetched_rows": rows of V read by P V, "topk": [{"unit": "token"|"head"|"value",
+           "n": candidates, "k": kept, "calls": how many (default 1)}]}]}]}
+
+2. The official SpAtten workload trace CSV (mit-han-lab/spatten, MIT licence): one row per
+   (generation step, layer, head) with the columns of :data:`CSV_COLUMNS`, and a trailing line
+   naming the run's config. :func:`read_spatten_csv` and :func:`write_spatten_csv` read and write
+   it, so the paper's runs and ours feed the same simulator.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+STATS_SCHEMA = "sparsetx-attention-stats"
+STATS_VERSION = 1
+
+CSV_COLUMNS = ("iteration_id", "layer_id", "head_id", "embedding_length_D", "sentence_length_L", "key_fetch_num",
+               "quant_key_bit", "quant_query_bit", "auto_requant_thres", "if_requant", "auto_requant_incre",
+               "value_fetch_num", "quant_value_bit", "if_accumulate_importance", "if_rescale_previous_importance",
+               "if_topk", "topk")
+
+
+class TraceError(ValueError):
+    """A trace file that does not follow its schema."""
+
+
+@dataclass(frozen=True)
+class TraceRow:
+    """One (step, layer, head) of an official SpAtten trace. Bits of -1 mean unquantized."""
+
+    iteration_id: int
+    layer_id: int
+    head_id: int
+    embedding_length_D: int
+    sentence_length_L: int
+    key_fetch_num: int
+    quant_key_bit: int
+    quant_query_bit: int
+    auto_requant_thres: float
+    if_requant: bool
+    auto_requant_incre: int
+    value_fetch_num: int
+    quant_value_bit: int
+    if_accumulate_importance: bool
+    if_rescale_previous_importance: bool
+    if_topk: bool
+    topk: int
+
+
+def _parse(name: str, kind: type, text: str, where: str):
+    try:
+        if kind is bool:
+            if text not in ("True", "False"):
+                raise ValueError(text)
+            return text == "True"
+        if kind is int:
+            return int(float(text))
+        return float(text)
+    except ValueError:
+        raise TraceError(f"{where}: column {name} has {text!r}, expected {kind.__name__}") from None
+
+
+def read_spatten_csv(path: str | os.PathLike) -> tuple[list[TraceRow], str | None]:
+    """Rows and the trailing config name of an official SpAtten trace CSV."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(header) != CSV_COLUMNS:
+            raise TraceError(f"{path}: header {header} is not the SpAtten trace header {list(CSV_COLUMNS)}")
+        rows, config = [], None
+        kinds = {f.name: f.type for f in fields(TraceRow)}
+        kinds = {k: {"int": int, "float": float, "bool": bool}[v] if isinstance(v, str) else v for k, v in kinds.items()}
+        for n, line in enumerate(reader, start=2):
+            if line and all(not x for x in line[1:]) and line[0] and not line[0][0].isdigit():
+                config = line[0]
+                continue
+            if len(line) != len(CSV_COLUMNS):
+                raise TraceError(f"{path}:{n}: {len(line)} columns, expected {len(CSV_COLUMNS)}")
+            rows.append(TraceRow(**{c: _parse(c, kinds[c], v, f"{path}:{n}") for c, v in zip(CSV_COLUMNS, line)}))
+    if not rows:
+        raise TraceError(f"{path}: no trace rows")
+    return rows, config
+
+
+def write_spatten_csv(path: str | os.PathLike, rows: list[TraceRow], config: str | None = None) -> None:
+    """Write rows in the official layout (D as a float, as the official files do), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(CSV_COLUMNS)
+        for r in rows:
+            d = asdict(r)
+            d["embedding_length_D"] = float(r.embedding_length_D)
+            if float(r.auto_requant_thres).is_integer():  # the official files write -1, not -1.0
+                d["auto_requant_thres"] = int(r.auto_requant_thres)
+            w.writerow([str(d[c]) for c in CSV_COLUMNS])
+        if config is not None:
+            w.writerow([config] + [""] * (len(CSV_COLUMNS) - 1))
+    os.replace(tmp, path)
+
+
+def stats_document(model_shape: dict, config: dict, sequences: list[list[dict]]) -> dict:
+    return {"schema": STATS_SCHEMA, "version": STATS_VERSION, "model": model_shape, "config": config,
+            "sequences": [{"length": seq[0]["tokens"] if seq else 0, "layers": seq} for seq in sequences]}
+
+
+def write_stats(path: str | os.PathLike, document: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(document, indent=1))
+    os.replace(tmp, path)
+
+
+def read_stats(path: str | os.PathLike) -> dict:
+    doc = json.loads(Path(path).read_text())
+    if doc.get("schema") != STATS_SCHEMA or doc.get("version") != STATS_VERSION:
+        raise TraceError(f"{path}: schema {doc.get('schema')!r} v{doc.get('version')!r}; expected {STATS_SCHEMA!r} v{STATS_VERSION}")
+    for s, seq in enumerate(doc.get("sequences", [])):
+        for layer in seq.get("layers", []):
+            missing = {"layer", "tokens", "heads", "keys_fetched", "values_fetched_rows", "topk"} - set(layer)
+            if missing:
+                raise TraceError(f"{path}: sequence {s} layer {layer.get('layer')} lacks {sorted(missing)}")
+    return doc
+
+
+def encoder_trace_rows(stats: list[dict], head_dim: int, iteration: int = 0) -> list[TraceRow]:
+    """Official-CSV rows (one per kept head) for one encoder sequence of runtime stats."""
+    rows = []
+    for layer in stats:
+        values = layer["values_fetched_rows"] // max(layer["tokens"] * layer["heads"], 1)
+        for h in range(layer["heads"]):
+            rows.append(TraceRow(iteration, layer["layer"], h, head_dim, layer["tokens"], layer["tokens"], -1, -1, -1.0,
+                                 False, -1, values, -1, True, False, any(t["unit"] == "token" for t in layer["topk"]),
+                                 -1))
+    return rows

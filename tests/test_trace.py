@@ -1,0 +1,67 @@
+"""The trace schema: the official SpAtten CSVs round-trip; runtime stats validate and convert."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import SHARED
+from sparsetx.attention.trace import (CSV_COLUMNS, TraceError, encoder_trace_rows, read_spatten_csv, read_stats,
+                                      write_spatten_csv, write_stats)
+
+TRACES = SHARED / "spatten-traces"
+needs_traces = pytest.mark.skipif(not TRACES.exists(), reason="../shared/spatten-traces not present")
+
+
+@needs_traces
+def test_official_traces_round_trip(tmp_path):
+    for name in ("small.csv", "summary-gpt2-small-wikitext2-per8.csv"):
+        rows, config = read_spatten_csv(TRACES / name)
+        assert config and config.startswith("configs/gpt2/")
+        write_spatten_csv(tmp_path / name, rows, config)
+        assert (tmp_path / name).read_text() == (TRACES / name).read_text()
+
+
+@needs_traces
+def test_gpt2_small_trace_contents():
+    """SEEDS.md: keys kept per layer 921, 716, 204 x4, 102 x6 (of ~994), 27.6 % of dense fetches."""
+    rows, _ = read_spatten_csv(TRACES / "summary-gpt2-small-wikitext2-per8.csv")
+    first = [r for r in rows if r.iteration_id == 0 and r.head_id == 0]
+    assert [r.key_fetch_num for r in first] == [921, 716] + [204] * 4 + [102] * 6
+    assert {r.quant_key_bit for r in rows} == {6} and {r.auto_requant_incre for r in rows} == {4}
+    assert len(rows) == 32 * 12 * 12
+
+
+def test_bad_csv(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(TraceError, match="not the SpAtten trace header"):
+        read_spatten_csv(bad)
+    bad.write_text(",".join(CSV_COLUMNS) + "\n0,0,0,64.0,10,10,6,16,0.05,maybe,4,2,6,True,False,False,-1\n")
+    with pytest.raises(TraceError, match="column if_requant has 'maybe'"):
+        read_spatten_csv(bad)
+
+
+def test_runtime_stats_document(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from sparsetx.attention.encoder import SpAttenConfig, spatten
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=64)).eval()
+    with torch.no_grad(), spatten(model, SpAttenConfig(token_keep=[1, 0.5, 0.5], value_topk=0.5)) as rt:
+        model(input_ids=torch.randint(0, 100, (2, 16)))
+    doc = rt.stats_document()
+    write_stats(tmp_path / "s.json", doc)
+    back = read_stats(tmp_path / "s.json")
+    assert back["model"] == {"layers": 3, "heads": 4, "head_dim": 8, "family": "BertModel"}
+    assert [l["tokens"] for l in back["sequences"][0]["layers"]] == [16, 8, 8]
+    assert back["sequences"][0]["layers"][1]["values_fetched_rows"] == 4 * 8 * 4  # ceil(0.5 * 8) rows x 8 queries x 4 heads
+    rows = encoder_trace_rows(back["sequences"][0]["layers"], head_dim=8)
+    assert len(rows) == 3 * 4 and rows[4].key_fetch_num == 8 and rows[4].value_fetch_num == 4
+    doc["version"] = 7
+    (tmp_path / "v7.json").write_text(json.dumps(doc))
+    with pytest.raises(TraceError, match="v7"):
+        read_stats(tmp_path / "v7.json")
