@@ -27,8 +27,11 @@ def test_official_traces_round_trip(tmp_path):
 def test_gpt2_small_trace_contents():
     """SEEDS.md: keys kept per layer 921, 716, 204 x4, 102 x6 (of ~994), 27.6 % of dense fetches."""
     rows, _ = read_spatten_csv(TRACES / "summary-gpt2-small-wikitext2-per8.csv")
-    first = [r for r in rows if r.iteration_id == 0 and r.head_id == 0]
-    assert [r.key_fetch_num for r in first] == [921, 716] + [204] * 4 + [102] * 6
+    prompt = [r for r in rows if r.iteration_id == 0 and r.head_id == 0]
+    assert [r.key_fetch_num for r in prompt] == [993] * 12  # summarization stage: all keys, ~20 % of values
+    assert {r.value_fetch_num for r in prompt} == {204}
+    step1 = [r for r in rows if r.iteration_id == 1 and r.head_id == 0]  # generation: cascade token pruning
+    assert [r.key_fetch_num for r in step1] == [921, 716] + [204] * 4 + [102] * 6
     assert {r.quant_key_bit for r in rows} == {6} and {r.auto_requant_incre for r in rows} == {4}
     assert len(rows) == 32 * 12 * 12
 
