@@ -1,0 +1,275 @@
+"""SpAtten for decoders with a KV cache (Llama family, grouped-query attention included).
+
+    with spatten_decoder(model, DecoderConfig(kv_budget=256)) as rt:
+        out = model.generate(**inputs, max_new_tokens=32)
+    rt.stats  # per forward, per layer: tokens in the cache, K/V bytes fetched, rows refetched
+
+sparsetx computes attention itself (projections, RoPE and o_proj read from the model's modules),
+so whatever ``attn_implementation`` the model was loaded with, the pruned path is the same code.
+
+* Token importance (cascade): after every layer's attention, s[t] += sum over query heads and
+  queries of P[h, q, t], one score per original position, shared by all layers and accumulated
+  over generation steps. Grouped-query attention: the query heads that share a KV head each add
+  their probabilities (the sum runs over all query heads), since the token is fetched once per KV
+  head but read by each of its query heads.
+* Eviction: after a layer's attention its cache keeps at most ``budget`` tokens (a KV budget or a
+  ratio of the tokens seen); the cascade also removes from layer i every token layer i-1 no longer
+  holds, so a token dropped at layer i is absent from every later layer and never returns. The
+  newest token(s) are never dropped; the prompt is attended in full (SpAtten's summarization stage
+  prunes nothing during the prompt, only afterwards).
+* Baselines with the same budget: "window" (the most recent tokens), "sink" (StreamingLLM: the
+  first ``sink_tokens`` plus the most recent), "h2o" (attention accumulated per layer over steps,
+  no cascade across layers).
+* Progressive quantization: K quantized to ``k_bits`` = MSB + ``lsb_bits``, V to ``v_bits``. Each
+  query row is computed from the MSB part of K; rows whose max probability is below
+  ``requant_threshold`` are recomputed with MSB + LSB. The stats count the bytes a memory system
+  would fetch with and without quantization.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .importance import join_msb_lsb, keep_count, keep_schedule, msb_value, quantize, select_kept, split_msb_lsb
+
+DECODER_POLICIES = ("cascade", "h2o", "window", "sink")
+
+
+@dataclass
+class DecoderConfig:
+    """kv_budget: max cached tokens per layer (None: no absolute budget). token_keep: fraction of
+    the tokens seen kept per layer (a single ratio ramps after ``token_start`` as for encoders).
+    Quantization is off when k_bits is None; the default split follows SpAtten's GPT-2 medium trace:
+    K 8 + 4 bits, V 8 bits, threshold 0.1."""
+
+    kv_budget: int | None = None
+    token_keep: float | list[float] = 1.0
+    token_start: float = 0.15
+    policy: str = "cascade"
+    sink_tokens: int = 4
+    k_bits: int | None = None
+    lsb_bits: int = 4
+    v_bits: int = 8
+    requant_threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.policy not in DECODER_POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; valid: {', '.join(DECODER_POLICIES)}")
+        if self.kv_budget is not None and self.kv_budget < 2:
+            raise ValueError(f"kv_budget {self.kv_budget} must be >= 2 tokens")
+        for r in self.token_keep if isinstance(self.token_keep, (list, tuple)) else [self.token_keep]:
+            if not 0.0 < float(r) <= 1.0:
+                raise ValueError(f"token_keep ratio {r} is outside (0, 1]")
+        if self.k_bits is not None and not 0 < self.lsb_bits < self.k_bits:
+            raise ValueError(f"lsb_bits {self.lsb_bits} must be in (0, k_bits={self.k_bits})")
+        if not 0.0 <= self.requant_threshold <= 1.0:
+            raise ValueError(f"requant_threshold {self.requant_threshold} is outside [0, 1]")
+
+    @classmethod
+    def quantized(cls, **kw) -> DecoderConfig:
+        return cls(**{"k_bits": 12, "lsb_bits": 4, "v_bits": 8, **kw})
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class LlamaOps:
+    """Where a Llama attention keeps its weights, and how it projects (with RoPE)."""
+
+    @staticmethod
+    def heads(module: nn.Module) -> tuple[int, int, int]:
+        cfg = module.config
+        return cfg.num_attention_heads, cfg.num_key_value_heads, module.head_dim
+
+    @staticmethod
+    def qkv(module, hidden, position_embeddings):
+        b, t, _ = hidden.shape
+        d = module.head_dim
+        q = module.q_proj(hidden).view(b, t, -1, d).transpose(1, 2)
+        k = module.k_proj(hidden).view(b, t, -1, d).transpose(1, 2)
+        v = module.v_proj(hidden).view(b, t, -1, d).transpose(1, 2)
+        cos, sin = position_embeddings
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    @staticmethod
+    def output(module, ctx):
+        return module.o_proj(ctx)
+
+
+DECODER_ADAPTERS = {"LlamaAttention": LlamaOps}
+
+
+class SpAttenDecoder:
+    def __init__(self, model: nn.Module, config: DecoderConfig) -> None:
+        self.model, self.config = model, config
+        self.attn = [m for m in model.modules() if type(m).__name__ in DECODER_ADAPTERS]
+        if not self.attn:
+            raise ValueError(f"SpAtten decoder runtime does not understand the attention of {type(model).__name__}; "
+                             f"supported: {', '.join(DECODER_ADAPTERS)}")
+        self.ops = DECODER_ADAPTERS[type(self.attn[0]).__name__]
+        n = len(self.attn)
+        self.schedule = keep_schedule(config.token_keep, n, math.ceil(config.token_start * n))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the importance and positions (a new sequence)."""
+        n = len(self.attn)
+        self.seen = 0                                    # tokens processed so far (next position)
+        self.importance = torch.zeros(0, dtype=torch.float64)
+        self.layer_importance = [torch.zeros(0, dtype=torch.float64) for _ in range(n)]  # h2o
+        self.positions: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(n)]
+        self.stats: list[list[dict]] = []
+        self._cache_id = None
+
+    def budget(self, layer: int, seen: int) -> int:
+        k = keep_count(seen, self.schedule[layer])
+        if self.config.kv_budget is not None:
+            k = min(k, self.config.kv_budget)
+        return k
+
+    # --- the attention forward ----------------------------------------------------------------
+    def attention(self, module, hidden_states, position_embeddings=None, attention_mask=None,
+                  past_key_values=None, **kwargs):
+        if hidden_states.shape[0] != 1:
+            raise ValueError("the SpAtten decoder runtime prunes one sequence at a time (batch size 1)")
+        if past_key_values is None:
+            raise ValueError("the SpAtten decoder runtime needs the model's KV cache (use_cache=True)")
+        layer = self.attn.index(module)
+        if layer == 0:
+            self._start_forward(past_key_values, hidden_states.shape[1])
+        cfg = self.config
+        n_q, n_kv, d = self.ops.heads(module)
+        group = n_q // n_kv
+        q, k, v = self.ops.qkv(module, hidden_states, position_embeddings)
+        new = q.shape[2]
+        keys, values = past_key_values.update(k, v, module.layer_idx)
+        cache = past_key_values.layers[module.layer_idx]
+        self.positions[layer] = torch.cat([self.positions[layer], torch.arange(self.seen - new, self.seen)])
+        pos = self.positions[layer]
+        q_pos = torch.arange(self.seen - new, self.seen)
+        causal = pos[None, :] <= q_pos[:, None]                      # (new, T)
+
+        kk = keys.repeat_interleave(group, dim=1)                    # (1, n_q, T, d)
+        vv = values.repeat_interleave(group, dim=1)
+        stat = {"layer": layer, "tokens": int(pos.numel()), "queries": new, "kv_heads": n_kv, "head_dim": d}
+        if cfg.k_bits is not None:
+            probs, refetched = self._quantized_probs(q, kk, causal, d, group)
+            vq, vs = quantize(vv.float(), cfg.v_bits)
+            vv = (vq.float() * vs).to(vv.dtype)
+            stat.update(rows_refetched=refetched, rows=new * n_q)
+        else:
+            probs = self._probs(q, kk, causal, d)
+        ctx = (probs.to(vv.dtype) @ vv).transpose(1, 2).reshape(1, new, n_q * d)
+        out = self.ops.output(module, ctx)
+
+        # SpAtten cumulative token importance: s[t] += sum_h sum_q P[h, q, t]
+        contrib = probs[0].sum(dim=(0, 1)).double()
+        self.importance[pos] += contrib
+        self.layer_importance[layer][pos] += contrib
+        self._fetch_stats(stat, pos.numel(), n_kv, d, new)
+        self._evict(layer, cache, new)
+        stat["tokens_after"] = int(self.positions[layer].numel())
+        self.stats[-1].append(stat)
+        return out, None
+
+    def _probs(self, q, kk, causal, d):
+        scores = (q @ kk.transpose(-1, -2)).float() / math.sqrt(d)
+        return torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
+
+    def _quantized_probs(self, q, kk, causal, d, group):
+        """Progressive quantization: MSB keys first, MSB + LSB for rows whose max probability < tau."""
+        cfg = self.config
+        kq, scale = quantize(kk.float(), cfg.k_bits)
+        msb, lsb = split_msb_lsb(kq, cfg.k_bits, cfg.lsb_bits)
+        coarse = msb_value(msb, cfg.lsb_bits).float() * scale
+        probs = self._probs(q.float(), coarse, causal, d)
+        flat = probs.amax(dim=-1) < cfg.requant_threshold            # (1, n_q, new)
+        refetched = int(flat.sum())
+        if refetched:
+            fine = join_msb_lsb(msb, lsb, cfg.lsb_bits).float() * scale
+            exact = self._probs(q.float(), fine, causal, d)
+            probs = torch.where(flat[..., None], exact, probs)
+        self._flat_rows = flat
+        return probs, refetched
+
+    def _fetch_stats(self, stat, tokens, n_kv, d, new):
+        """Bytes a memory system reads for this layer's K and V (fp16 baseline: 2 bytes a value)."""
+        cfg = self.config
+        per_head = tokens * d
+        stat["kv_bytes_fp16"] = 2 * 2 * n_kv * per_head
+        if cfg.k_bits is None:
+            return
+        msb_bits = cfg.k_bits - cfg.lsb_bits
+        # LSBs are fetched per KV head when any of its query rows is flat (the hardware refetches keys only)
+        flat = self._flat_rows[0].reshape(n_kv, -1).any(dim=-1)
+        stat["k_bytes_msb"] = n_kv * per_head * msb_bits / 8
+        stat["k_bytes_lsb_refetch"] = int(flat.sum()) * per_head * cfg.lsb_bits / 8
+        stat["v_bytes"] = n_kv * per_head * cfg.v_bits / 8
+        stat["kv_bytes_quantized"] = stat["k_bytes_msb"] + stat["k_bytes_lsb_refetch"] + stat["v_bytes"]
+
+    def _start_forward(self, cache, new: int) -> None:
+        if self._cache_id is not None and self._cache_id != id(cache):
+            self.reset()  # a new generate() call brings a new cache: a new sequence
+        self._cache_id = id(cache)
+        self.seen += new
+        grow = self.seen - self.importance.numel()
+        self.importance = torch.cat([self.importance, torch.zeros(grow, dtype=torch.float64)])
+        self.layer_importance = [torch.cat([s, torch.zeros(grow, dtype=torch.float64)]) for s in self.layer_importance]
+        self.stats.append([])
+
+    def _evict(self, layer: int, cache, new: int) -> None:
+        cfg = self.config
+        pos = self.positions[layer]
+        keep_mask = torch.ones(pos.numel(), dtype=torch.bool)
+        if cfg.policy == "cascade" and layer > 0:   # the cascade: S_i is a subset of S_{i-1}
+            keep_mask &= torch.isin(pos, self.positions[layer - 1])
+        budget = self.budget(layer, self.seen)
+        candidates = keep_mask.nonzero().squeeze(1)
+        if candidates.numel() > budget:
+            newest = pos[candidates] >= self.seen - new
+            if cfg.policy in ("window", "sink"):
+                scores = pos[candidates].double()
+                if cfg.policy == "sink":
+                    scores = torch.where(pos[candidates] < cfg.sink_tokens, torch.inf, scores)
+            else:
+                source = self.importance if cfg.policy == "cascade" else self.layer_importance[layer]
+                scores = source[pos[candidates]]
+            protected = newest if int(newest.sum()) <= budget else None
+            kept = candidates[select_kept(scores, budget, protected)]
+            keep_mask = torch.zeros_like(keep_mask)
+            keep_mask[kept] = True
+        if not keep_mask.all():
+            idx = keep_mask.nonzero().squeeze(1)
+            cache.keys = cache.keys.index_select(-2, idx)
+            cache.values = cache.values.index_select(-2, idx)
+            self.positions[layer] = pos[idx]
+
+    def stats_document(self) -> dict:
+        from .trace import STATS_SCHEMA, STATS_VERSION
+
+        n_q, n_kv, d = self.ops.heads(self.attn[0])
+        return {"schema": STATS_SCHEMA, "version": STATS_VERSION,
+                "model": {"layers": len(self.attn), "heads": n_q, "kv_heads": n_kv, "head_dim": d,
+                          "family": type(self.attn[0]).__name__},
+                "config": asdict(self.config), "steps": self.stats}
+
+
+@contextmanager
+def spatten_decoder(model: nn.Module, config: DecoderConfig | None = None):
+    """Run a decoder with SpAtten's KV-cache pruning inside the block; the model is unchanged after."""
+    runtime = SpAttenDecoder(model, config or DecoderConfig())
+    for module in runtime.attn:
+        module.forward = functools.partial(runtime.attention, module)
+    try:
+        yield runtime
+    finally:
+        for module in runtime.attn:
+            del module.forward
