@@ -1,0 +1,120 @@
+"""SpAtten decoder runtime on a tiny grouped-query Llama: identity, KV-cache eviction during
+generate(), the cascade, baselines, progressive quantization, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sparsetx.attention.decoder import DecoderConfig, SpAttenDecoder, spatten_decoder
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _prompt(n=20, seed=0):
+    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_unpruned_equals_the_model(llama):
+    ids = _prompt()
+    with torch.no_grad():
+        ref_logits = llama(input_ids=ids).logits
+        ref = llama.generate(input_ids=ids, max_new_tokens=10, do_sample=False)
+        with spatten_decoder(llama, DecoderConfig()):
+            logits = llama(input_ids=ids).logits
+            out = llama.generate(input_ids=ids, max_new_tokens=10, do_sample=False)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)  # fp32, other op order
+    assert torch.equal(out, ref)
+    assert all("forward" not in m.self_attn.__dict__ for m in llama.model.layers)  # model unchanged
+
+
+def test_cache_shrinks_during_generate_and_cascade_holds(llama):
+    ids = _prompt(20)
+    snapshots = []
+    with spatten_decoder(llama, DecoderConfig(kv_budget=8)) as rt:
+        original = rt._evict
+
+        def spy(layer, cache, new):
+            original(layer, cache, new)
+            assert cache.keys.shape[-2] == rt.positions[layer].numel()
+            if layer == len(rt.attn) - 1:
+                snapshots.append([set(p.tolist()) for p in rt.positions])
+
+        rt._evict = spy
+        llama.generate(input_ids=ids, max_new_tokens=6, do_sample=True, top_k=5)
+    assert len(snapshots) == 6  # prompt + 5 decode forwards (the 6th token needs no forward)
+    for step, sets in enumerate(snapshots):
+        assert all(len(s) <= 8 for s in sets)
+        for upper, lower in zip(sets, sets[1:]):
+            assert lower <= upper  # cascade: a token dropped at layer i is absent from later layers
+    for before, after in zip(snapshots, snapshots[1:]):
+        newest = max(max(s) for s in after)
+        for b, a in zip(before, after):
+            assert a - {newest} <= b  # evicted tokens never come back
+            assert newest in a        # the newest token is always kept
+
+
+def test_window_and_sink_policies(llama):
+    ids = _prompt(16)
+    with torch.no_grad():
+        with spatten_decoder(llama, DecoderConfig(kv_budget=6, policy="window")) as rt:
+            llama(input_ids=ids, use_cache=True)
+        assert all(p.tolist() == list(range(10, 16)) for p in rt.positions)
+        with spatten_decoder(llama, DecoderConfig(kv_budget=6, policy="sink", sink_tokens=2)) as rt:
+            llama(input_ids=ids, use_cache=True)
+        assert all(p.tolist() == [0, 1, 12, 13, 14, 15] for p in rt.positions)
+
+
+def test_h2o_is_per_layer_and_cascade_is_shared(llama):
+    ids = _prompt(24, seed=3)
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=10, policy="h2o")) as rt:
+        llama(input_ids=ids, use_cache=True)
+    h2o_sets = [set(p.tolist()) for p in rt.positions]
+    assert all(len(s) == 10 for s in h2o_sets)
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=10)) as rt:
+        llama(input_ids=ids, use_cache=True)
+    # cumulative importance: layer 0's choice is by its own scores, later ones by the sum over layers
+    assert torch.allclose(rt.importance, sum(rt.layer_importance))
+    assert rt.importance.sum().item() == pytest.approx(4 * 4 * 24, rel=1e-6)  # layers x heads x queries
+
+
+def test_progressive_quantization_counts(llama):
+    ids = _prompt(12)
+    with torch.no_grad():
+        with spatten_decoder(llama, DecoderConfig.quantized(requant_threshold=0.0)) as rt:
+            llama(input_ids=ids, use_cache=True)
+        s = rt.stats[0][0]
+        assert s["rows_refetched"] == 0 and s["k_bytes_lsb_refetch"] == 0
+        assert s["k_bytes_msb"] == 2 * 12 * 16 * 8 / 8  # kv heads x tokens x head dim x 8 MSB bits
+        assert s["v_bytes"] == 2 * 12 * 16 * 8 / 8
+        assert s["kv_bytes_fp16"] == 2 * 2 * 2 * 12 * 16
+        with spatten_decoder(llama, DecoderConfig.quantized(requant_threshold=1.0)) as rt:
+            full = llama(input_ids=ids, use_cache=True).logits
+        s = rt.stats[0][0]
+        # every row but the first query's (it attends to one token: max probability exactly 1.0)
+        assert s["rows"] == 12 * 4 and s["rows_refetched"] == 12 * 4 - 4
+        assert s["k_bytes_lsb_refetch"] == 2 * 12 * 16 * 4 / 8
+        ref = llama(input_ids=ids).logits
+    # 12-bit keys and 8-bit values: close to fp32, not equal
+    assert 0 < (full - ref).abs().max() < 0.05
+
+
+def test_bad_inputs(llama):
+    with pytest.raises(ValueError, match="outside"):
+        DecoderConfig(token_keep=1.5)
+    with pytest.raises(ValueError, match="kv_budget"):
+        DecoderConfig(kv_budget=1)
+    with pytest.raises(ValueError, match="unknown policy"):
+        DecoderConfig(policy="lru")
+    with pytest.raises(ValueError, match="lsb_bits"):
+        DecoderConfig(k_bits=4, lsb_bits=4)
+    with pytest.raises(ValueError, match="does not understand"):
+        SpAttenDecoder(torch.nn.Sequential(torch.nn.Linear(2, 2)), DecoderConfig())
+    with pytest.raises(ValueError, match="batch size 1"), torch.no_grad(), spatten_decoder(llama):
+        llama(input_ids=torch.zeros(2, 4, dtype=torch.long), use_cache=True)
