@@ -223,6 +223,18 @@ def cmd_attention_eval(args):
     from .attention.evaluate import EncoderEvalConfig, encoder_eval, encoder_table
 
     floats = lambda text: tuple(float(x) for x in text.split(","))  # noqa: E731
+    if args.decoder:
+        from .attention.decoder_eval import DecoderEvalConfig, decoder_eval, decoder_tables
+
+        cfg = DecoderEvalConfig(model=args.decoder, context=args.context, prefill=args.prefill,
+                                budgets=tuple(int(b) for b in args.kv_budgets.split(",")), out=args.out,
+                                policies=tuple(args.decoder_policies.split(",")),
+                                thresholds=floats(args.thresholds))
+        result = decoder_eval(cfg)
+        for table in decoder_tables(result):
+            console.print(table)
+        console.print(f"wrote {args.out}/decoder_eval.json and decoder_eval.png")
+        return result
     cfg = EncoderEvalConfig(classifier=args.classifier, encoder=args.model, token_keeps=floats(args.token_keep),
                             head_keeps=floats(args.head_keep), policies=tuple(args.policies.split(",")),
                             examples=args.examples, passages=args.passages, out=args.out)
@@ -230,6 +242,40 @@ def cmd_attention_eval(args):
     console.print(encoder_table(result))
     console.print(f"wrote {args.out}/encoder_eval.json and encoder_eval.png")
     return result
+
+
+def cmd_generate(args):
+    import torch
+
+    from .attention.decoder import DecoderConfig, spatten_decoder
+    from .models import load_model, load_tokenizer
+
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    inputs = tok(args.prompt, return_tensors="pt")
+    torch.manual_seed(args.seed)
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, top_k=50 if args.sample else None)
+    if not args.spatten:
+        if args.stats or args.trace:
+            raise ValueError("--stats and --trace need --spatten")
+        out = model.generate(**inputs, **kw)
+        console.print(tok.decode(out[0], skip_special_tokens=True))
+        return out
+    cfg = DecoderConfig(kv_budget=args.kv_budget, token_keep=args.token_keep, policy=args.policy,
+                        requant_threshold=args.threshold, **({"k_bits": 12} if args.quant else {}))
+    with spatten_decoder(model, cfg) as rt:
+        out = model.generate(**inputs, **kw)
+    console.print(tok.decode(out[0], skip_special_tokens=True))
+    last = rt.stats[-1]
+    console.print(f"cache after the last step: {[s['tokens_after'] for s in last]} tokens per layer "
+                  f"(of {inputs.input_ids.shape[1] + len(rt.stats) - 1} seen)")
+    if args.stats:
+        from .attention.trace import write_stats
+        write_stats(args.stats, rt.stats_document())
+    if args.trace:
+        from .attention.decoder_eval import decoder_trace_rows
+        from .attention.trace import write_spatten_csv
+        write_spatten_csv(args.trace, decoder_trace_rows(rt), f"sparsetx:{args.model}:{cfg}")
+    return out
 
 
 def cmd_demo(args):
@@ -318,7 +364,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--examples", type=int, default=512)
     s.add_argument("--passages", type=int, default=64)
     s.add_argument("--out", default="runs/attention-eval")
+    d = s.add_argument_group("decoders (instead of the encoder evaluation)")
+    d.add_argument("--decoder", help="evaluate a causal LM instead, e.g. smollm2")
+    d.add_argument("--context", type=int, default=512, help="tokens per text")
+    d.add_argument("--prefill", type=int, default=64)
+    d.add_argument("--kv-budgets", default="64,128,256")
+    d.add_argument("--decoder-policies", default="cascade,h2o,window,sink")
+    d.add_argument("--thresholds", default="0.05,0.1,0.2", help="progressive quantization thresholds")
     s.set_defaults(fn=cmd_attention_eval)
+
+    s = sub.add_parser("generate", help="generate text, optionally with SpAtten KV-cache pruning")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--sample", action="store_true", help="sample (top-k 50) instead of greedy")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--spatten", action="store_true", help="prune the KV cache with SpAtten")
+    s.add_argument("--kv-budget", type=int)
+    s.add_argument("--token-keep", type=float, default=1.0)
+    s.add_argument("--policy", default="cascade")
+    s.add_argument("--quant", action="store_true", help="progressive quantization (K 8+4 bits, V 8 bits)")
+    s.add_argument("--threshold", type=float, default=0.1)
+    s.add_argument("--stats", help="write the per-layer statistics JSON here")
+    s.add_argument("--trace", help="write the official SpAtten trace CSV here")
+    s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("demo", help="a few minutes end to end on the embedded MiniLM")
     s.add_argument("--out", default="runs/demo")

