@@ -118,3 +118,24 @@ def test_bad_inputs(llama):
         SpAttenDecoder(torch.nn.Sequential(torch.nn.Linear(2, 2)), DecoderConfig())
     with pytest.raises(ValueError, match="batch size 1"), torch.no_grad(), spatten_decoder(llama):
         llama(input_ids=torch.zeros(2, 4, dtype=torch.long), use_cache=True)
+
+
+def test_gpt2_from_config():
+    """GPT-2 (random weights from its config, as the simulators use it): identity and eviction."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=128, n_embd=48, n_layer=3, n_head=4)).eval()
+    ids = _prompt(18, seed=5)
+    with torch.no_grad():
+        ref = gpt2.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+        ref_logits = gpt2(input_ids=ids).logits
+        with spatten_decoder(gpt2, DecoderConfig()):
+            out = gpt2.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+            logits = gpt2(input_ids=ids).logits
+        with spatten_decoder(gpt2, DecoderConfig(kv_budget=6)) as rt:
+            gpt2.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert all(s["tokens_after"] <= 6 for step in rt.stats for s in step)
+    assert rt.stats_document()["model"]["family"] == "GPT2Attention"

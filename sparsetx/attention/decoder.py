@@ -1,4 +1,4 @@
-"""SpAtten for decoders with a KV cache (Llama family, grouped-query attention included).
+"""SpAtten for decoders with a KV cache (Llama family with grouped-query attention, and GPT-2).
 
     with spatten_decoder(model, DecoderConfig(kv_budget=256)) as rt:
         out = model.generate(**inputs, max_new_tokens=32)
@@ -104,7 +104,26 @@ class LlamaOps:
         return module.o_proj(ctx)
 
 
-DECODER_ADAPTERS = {"LlamaAttention": LlamaOps}
+class GPT2Ops:
+    """GPT-2: one fused c_attn projection (Conv1D), learned positions (no RoPE), c_proj output."""
+
+    @staticmethod
+    def heads(module: nn.Module) -> tuple[int, int, int]:
+        return module.num_heads, module.num_heads, module.head_dim
+
+    @staticmethod
+    def qkv(module, hidden, position_embeddings):
+        b, t, _ = hidden.shape
+        q, k, v = module.c_attn(hidden).split(module.split_size, dim=2)
+        return tuple(x.view(b, t, -1, module.head_dim).transpose(1, 2) for x in (q, k, v))
+
+    @staticmethod
+    def output(module, ctx):
+        return module.resid_dropout(module.c_proj(ctx))
+
+
+# The adapter table: attention class name -> where its weights live.
+DECODER_ADAPTERS = {"LlamaAttention": LlamaOps, "GPT2Attention": GPT2Ops}
 
 
 class SpAttenDecoder:
@@ -160,6 +179,7 @@ class SpAttenDecoder:
         kk = keys.repeat_interleave(group, dim=1)                    # (1, n_q, T, d)
         vv = values.repeat_interleave(group, dim=1)
         stat = {"layer": layer, "tokens": int(pos.numel()), "queries": new, "kv_heads": n_kv, "head_dim": d}
+        self._scaling = float(module.scaling)
         if cfg.k_bits is not None:
             probs, refetched = self._quantized_probs(q, kk, causal, d, group)
             vq, vs = quantize(vv.float(), cfg.v_bits)
@@ -181,7 +201,7 @@ class SpAttenDecoder:
         return out, None
 
     def _probs(self, q, kk, causal, d):
-        scores = (q @ kk.transpose(-1, -2)).float() / math.sqrt(d)
+        scores = (q @ kk.transpose(-1, -2)).float() * self._scaling  # 1/sqrt(d) (GPT-2 may add 1/layer)
         return torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
 
     def _quantized_probs(self, q, kk, causal, d, group):
