@@ -132,7 +132,7 @@ def table_markdown(result: dict) -> str:
     for method, cells in result["rows"].items():
         if method == "dense":
             d = cells["dense"]
-            lines.append(f"| dense (fine-tuned) | " + " | ".join(f"{d['test_acc']:.4f}" for _ in patterns)
+            lines.append("| dense (fine-tuned) | " + " | ".join(f"{d['test_acc']:.4f}" for _ in patterns)
                          + f" | {d.get('steps', '-')} | {d.get('train_seconds', 0):.0f} s |")
         else:
             steps = sum(c.get("steps", 0) for c in cells.values())

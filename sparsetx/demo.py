@@ -38,6 +38,48 @@ def _card_table(card: dict) -> Table:
     return t
 
 
+def spatten_section(classifier: Path, quick: bool) -> dict:
+    """SpAtten in one screen: cascade token pruning on the classifier, KV-cache pruning on SmolLM2."""
+    from .attention.decoder import DecoderConfig, spatten_decoder
+    from .attention.encoder import SpAttenConfig, spatten
+    from .data.sentiment import sentiment_splits
+    from .evaluate import accuracy
+    from .models import load_model
+
+    console.rule("SpAtten: cascade token pruning (encoder) and KV-cache pruning (decoder)")
+    model, tok = load_model(classifier), load_tokenizer(classifier)
+    data = sentiment_splits()["test"].subset(32 if quick else 256)
+    table = Table(title=f"fine-tuned MiniLM, {len(data)} test snippets")
+    for col in ("tokens kept (last layer)", "heads kept", "accuracy"):
+        table.add_column(col, justify="right")
+    enc_rows = []
+    for keep, heads in ((1.0, 1.0), (0.5, 1.0), (0.3, 1.0), (1.0, 0.5)):
+        with spatten(model, SpAttenConfig(token_keep=keep, head_keep=heads)):
+            acc = accuracy(model, tok, data, progress=False)
+        enc_rows.append({"token_keep": keep, "head_keep": heads, "accuracy": acc})
+        table.add_row(f"{keep:.0%}", f"{heads:.0%}", f"{acc:.4f}")
+    console.print(table)
+    if quick:
+        return {"encoder": enc_rows}
+    lm, lm_tok = load_model("smollm2"), load_tokenizer("smollm2")
+    prompt = ("The castle stood on a hill above the river, and every evening the old keeper climbed the tower "
+              "to light the lamp. One night, a stranger knocked at the gate and asked")
+    ids = lm_tok(prompt, return_tensors="pt")
+    dense = lm.generate(**ids, max_new_tokens=24, do_sample=False)
+    n_prompt = ids.input_ids.shape[1]
+    new = dense.shape[1] - n_prompt
+    console.print(f"SmolLM2-135M, greedy, prompt of {n_prompt} tokens:")
+    console.print(f"  dense           : {lm_tok.decode(dense[0, -new:])!r}")
+    dec_rows = []
+    for budget in (3 * n_prompt // 4, n_prompt // 2):
+        with spatten_decoder(lm, DecoderConfig(kv_budget=budget)) as rt:
+            pruned = lm.generate(**ids, max_new_tokens=24, do_sample=False)
+        agree = float((dense[0, -new:] == pruned[0, -new:]).float().mean())
+        console.print(f"  KV cache <= {budget:3d} : {lm_tok.decode(pruned[0, -new:])!r} (same token at {agree:.0%} of positions)")
+        dec_rows.append({"kv_budget": budget, "agreement": agree, "cache_after": [s["tokens_after"] for s in rt.stats[-1]]})
+    return {"encoder": enc_rows, "decoder": dec_rows}
+
+
 def demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     out = Path(out)
     console.rule("sparsetx demo: N:M sparsity with inherited dynamic pruning on all-MiniLM-L6-v2")
@@ -72,7 +114,8 @@ def demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     console.print(f"reload: weights bit-identical to the fp16-rounded candidate: {exact}; every group 2:8: {nm_ok}; "
                   f"max |logit difference| vs fp32 candidate: {diff:.2e}")
     summary = {"comparison": result["rows"], "packed": {"folder": str(packed_dir), "bytes": report["pruned_layers"],
-               "model_bytes": report["model"], "bit_identical": exact, "nm_ok": nm_ok, "max_logit_diff": diff}}
+               "model_bytes": report["model"], "bit_identical": exact, "nm_ok": nm_ok, "max_logit_diff": diff},
+               "spatten": spatten_section(out / "compare" / "dense" / "candidate-dense", quick)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     console.print(f"wrote {out}/demo.json, {out}/compare/results.json, {out}/compare/accuracy_vs_sparsity.png")
     if not (exact and nm_ok):

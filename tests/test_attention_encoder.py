@@ -140,7 +140,6 @@ def test_bad_configs():
 
 def test_attention_eval_command(tiny_bert, tmp_path):
     """The evaluation command end to end on the real MiniLM (embeddings) and a tiny classifier."""
-    from conftest import needs_sentiment  # noqa: F401  (tiny_bert already skips without assets)
     from sparsetx.cli import main
 
     out = tmp_path / "ae"

@@ -8,7 +8,7 @@ import torch
 
 from conftest import needs_minilm, needs_sentiment
 from sparsetx.cli import main
-from sparsetx.evaluate import embedding_similarity, sentence_embeddings, text_passages
+from sparsetx.evaluate import embedding_similarity, sentence_embeddings
 from sparsetx.formats.folder import load_packed, save_packed
 from sparsetx.models import load_model, load_tokenizer
 from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify, sparsity_report
@@ -127,3 +127,5 @@ def test_demo_quick(tmp_path):
     rows = summary["comparison"]
     assert set(rows) == {"dense", "one-shot magnitude", "one-shot activation", "SR-STE (separate)", "IDP series"}
     assert set(rows["IDP series"]) == {"2:4", "2:8"}
+    enc = summary["spatten"]["encoder"]
+    assert [r["token_keep"] for r in enc] == [1.0, 0.5, 0.3, 1.0] and all(0 <= r["accuracy"] <= 1 for r in enc)
