@@ -139,3 +139,40 @@ def test_gpt2_from_config():
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert all(s["tokens_after"] <= 6 for step in rt.stats for s in step)
     assert rt.stats_document()["model"]["family"] == "GPT2Attention"
+
+
+def test_head_pruning_shrinks_cache_heads_and_cascades(llama):
+    ids = _prompt(16, seed=7)
+    cfg = DecoderConfig(head_keep=[1.0, 1.0, 0.5, 0.5])   # 2 KV heads -> 1 in layers 2 and 3
+    with torch.no_grad(), spatten_decoder(llama, cfg) as rt:
+        llama.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert [len(a) for a in rt.alive] == [2, 2, 1, 1]
+    assert set(rt.alive[3].tolist()) <= set(rt.alive[2].tolist())   # cascade over layers
+    last = rt.stats[-1]
+    assert [s["heads"] for s in last] == [4, 4, 2, 2]                # query heads = KV heads x group of 2
+    assert [s["kv_heads"] for s in last] == [2, 2, 1, 1]
+    # GQA pooling: a KV head's score is the summed output magnitude of the query heads that share it
+    assert rt.head_scores.shape == (2,) and (rt.head_scores > 0).all()
+    kept = int(rt.alive[2][0])
+    assert rt.head_scores[kept] >= rt.head_scores[1 - kept]
+
+
+def test_head_pruned_cache_tensors(llama):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(head_keep=[1.0, 0.5, 0.5, 0.5])):
+        llama(input_ids=_prompt(10), past_key_values=cache, use_cache=True)
+        llama(input_ids=_prompt(1, seed=9), past_key_values=cache, use_cache=True)
+    assert [layer.keys.shape[1] for layer in cache.layers] == [2, 1, 1, 1]
+
+
+def test_local_value_pruning_in_decoder(llama):
+    ids = _prompt(20)
+    with torch.no_grad():
+        ref = llama(input_ids=ids).logits
+        with spatten_decoder(llama, DecoderConfig(value_topk=0.25)) as rt:
+            got = llama(input_ids=ids, use_cache=True).logits
+    s = rt.stats[0][1]
+    assert s["values_fetched_rows"] == 5 * 20 * 4   # ceil(0.25 * 20) rows x 20 queries x 4 query heads
+    assert 0 < (got - ref).abs().max() < 5.0        # an approximation, not the same model

@@ -20,6 +20,10 @@ so whatever ``attn_implementation`` the model was loaded with, the pruned path i
 * Baselines with the same budget: "window" (the most recent tokens), "sink" (StreamingLLM: the
   first ``sink_tokens`` plus the most recent), "h2o" (attention accumulated per layer over steps,
   no cascade across layers).
+* Head pruning (cascade): each KV head's importance is the summed output magnitude of the query
+  heads that share it, accumulated by head index over layers and steps; a dropped KV head takes its
+  query heads with it, is removed from the cache, and is not computed in later layers.
+* Local value pruning: per query row only the top ``value_topk`` fraction of keys' V rows enter P V.
 * Progressive quantization: K quantized to ``k_bits`` = MSB + ``lsb_bits``, V to ``v_bits``. Each
   query row is computed from the MSB part of K; rows whose max probability is below
   ``requant_threshold`` are recomputed with MSB + LSB. The stats count the bytes a memory system
@@ -33,9 +37,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .importance import join_msb_lsb, keep_count, keep_schedule, msb_value, quantize, select_kept, split_msb_lsb
+from .importance import (head_importance, join_msb_lsb, keep_count, keep_schedule, local_value_mask, msb_value,
+                         quantize, select_kept, split_msb_lsb)
 
 DECODER_POLICIES = ("cascade", "h2o", "window", "sink")
 
@@ -50,6 +56,9 @@ class DecoderConfig:
     kv_budget: int | None = None
     token_keep: float | list[float] = 1.0
     token_start: float = 0.15
+    head_keep: float | list[float] = 1.0   # fraction of KV heads kept (cascade, by accumulated output magnitude)
+    head_start: float = 0.30
+    value_topk: float | None = None        # local value pruning: fraction of a row's keys whose V rows are read
     policy: str = "cascade"
     sink_tokens: int = 4
     k_bits: int | None = None
@@ -62,9 +71,13 @@ class DecoderConfig:
             raise ValueError(f"unknown policy {self.policy!r}; valid: {', '.join(DECODER_POLICIES)}")
         if self.kv_budget is not None and self.kv_budget < 2:
             raise ValueError(f"kv_budget {self.kv_budget} must be >= 2 tokens")
-        for r in self.token_keep if isinstance(self.token_keep, (list, tuple)) else [self.token_keep]:
-            if not 0.0 < float(r) <= 1.0:
-                raise ValueError(f"token_keep ratio {r} is outside (0, 1]")
+        for name in ("token_keep", "head_keep"):
+            v = getattr(self, name)
+            for r in v if isinstance(v, (list, tuple)) else [v]:
+                if not 0.0 < float(r) <= 1.0:
+                    raise ValueError(f"{name} ratio {r} is outside (0, 1]")
+        if self.value_topk is not None and not 0.0 < self.value_topk <= 1.0:
+            raise ValueError(f"value_topk {self.value_topk} is outside (0, 1]")
         if self.k_bits is not None and not 0 < self.lsb_bits < self.k_bits:
             raise ValueError(f"lsb_bits {self.lsb_bits} must be in (0, k_bits={self.k_bits})")
         if not 0.0 <= self.requant_threshold <= 1.0:
@@ -89,19 +102,23 @@ class LlamaOps:
         return cfg.num_attention_heads, cfg.num_key_value_heads, module.head_dim
 
     @staticmethod
-    def qkv(module, hidden, position_embeddings):
+    def qkv(module, hidden, position_embeddings, q_rows, kv_rows):
+        """Projections of the kept heads only (rows of the weights), with RoPE."""
         b, t, _ = hidden.shape
         d = module.head_dim
-        q = module.q_proj(hidden).view(b, t, -1, d).transpose(1, 2)
-        k = module.k_proj(hidden).view(b, t, -1, d).transpose(1, 2)
-        v = module.v_proj(hidden).view(b, t, -1, d).transpose(1, 2)
+
+        def proj(lin, rows):
+            bias = None if lin.bias is None else lin.bias[rows]
+            return F.linear(hidden, lin.weight[rows], bias).view(b, t, -1, d).transpose(1, 2)
+
+        q, k, v = proj(module.q_proj, q_rows), proj(module.k_proj, kv_rows), proj(module.v_proj, kv_rows)
         cos, sin = position_embeddings
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
     @staticmethod
-    def output(module, ctx):
-        return module.o_proj(ctx)
+    def output(module, ctx, q_rows):
+        return F.linear(ctx, module.o_proj.weight[:, q_rows], module.o_proj.bias)
 
 
 class GPT2Ops:
@@ -112,14 +129,17 @@ class GPT2Ops:
         return module.num_heads, module.num_heads, module.head_dim
 
     @staticmethod
-    def qkv(module, hidden, position_embeddings):
+    def qkv(module, hidden, position_embeddings, q_rows, kv_rows):
         b, t, _ = hidden.shape
-        q, k, v = module.c_attn(hidden).split(module.split_size, dim=2)
-        return tuple(x.view(b, t, -1, module.head_dim).transpose(1, 2) for x in (q, k, v))
+        e = module.split_size
+        cols = torch.cat([q_rows, kv_rows + e, kv_rows + 2 * e])   # Conv1D weight is (in, out)
+        q, k, v = (hidden @ module.c_attn.weight[:, cols] + module.c_attn.bias[cols]).split(
+            [len(q_rows), len(kv_rows), len(kv_rows)], dim=2)
+        return tuple(x.reshape(b, t, -1, module.head_dim).transpose(1, 2) for x in (q, k, v))
 
     @staticmethod
-    def output(module, ctx):
-        return module.resid_dropout(module.c_proj(ctx))
+    def output(module, ctx, q_rows):
+        return module.resid_dropout(ctx @ module.c_proj.weight[q_rows] + module.c_proj.bias)
 
 
 # The adapter table: attention class name -> where its weights live.
@@ -136,6 +156,7 @@ class SpAttenDecoder:
         self.ops = DECODER_ADAPTERS[type(self.attn[0]).__name__]
         n = len(self.attn)
         self.schedule = keep_schedule(config.token_keep, n, math.ceil(config.token_start * n))
+        self.head_schedule = keep_schedule(config.head_keep, n, math.ceil(config.head_start * n))
         self.reset()
 
     def reset(self) -> None:
@@ -145,6 +166,9 @@ class SpAttenDecoder:
         self.importance = torch.zeros(0, dtype=torch.float64)
         self.layer_importance = [torch.zeros(0, dtype=torch.float64) for _ in range(n)]  # h2o
         self.positions: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(n)]
+        n_kv = self.ops.heads(self.attn[0])[1]
+        self.head_scores = torch.zeros(n_kv, dtype=torch.float64)   # accumulated per KV-head index
+        self.alive: list[torch.Tensor] = [torch.arange(n_kv) for _ in range(n)]
         self.stats: list[list[dict]] = []
         self._cache_id = None
 
@@ -167,10 +191,17 @@ class SpAttenDecoder:
         cfg = self.config
         n_q, n_kv, d = self.ops.heads(module)
         group = n_q // n_kv
-        q, k, v = self.ops.qkv(module, hidden_states, position_embeddings)
+        cache = past_key_values.layers[module.layer_idx] if len(past_key_values.layers) > module.layer_idx else None
+        self._prune_heads(layer, cache, n_kv)
+        alive = self.alive[layer]
+        kv_rows = (alive[:, None] * d + torch.arange(d)).reshape(-1)
+        q_heads = (alive[:, None] * group + torch.arange(group)).reshape(-1)
+        q_rows = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
+        q, k, v = self.ops.qkv(module, hidden_states, position_embeddings, q_rows, kv_rows)
         new = q.shape[2]
         keys, values = past_key_values.update(k, v, module.layer_idx)
         cache = past_key_values.layers[module.layer_idx]
+        n_kv, n_q = len(alive), len(q_heads)
         self.positions[layer] = torch.cat([self.positions[layer], torch.arange(self.seen - new, self.seen)])
         pos = self.positions[layer]
         q_pos = torch.arange(self.seen - new, self.seen)
@@ -187,9 +218,19 @@ class SpAttenDecoder:
             stat.update(rows_refetched=refetched, rows=new * n_q)
         else:
             probs = self._probs(q, kk, causal, d)
-        ctx = (probs.to(vv.dtype) @ vv).transpose(1, 2).reshape(1, new, n_q * d)
-        out = self.ops.output(module, ctx)
-
+        used = probs
+        if cfg.value_topk is not None and cfg.value_topk < 1.0:  # local value pruning, per query row
+            kv = max(1, math.ceil(cfg.value_topk * pos.numel()))
+            used = probs * local_value_mask(probs, kv)
+            stat["values_fetched_rows"] = kv * new * n_q
+        else:
+            stat["values_fetched_rows"] = pos.numel() * new * n_q
+        ctx_heads = used.to(vv.dtype) @ vv                           # (1, n_q, new, d)
+        # head importance, pooled over the query heads sharing a KV head: s_h += sum |E|
+        self.head_scores[alive] += head_importance(ctx_heads[0]).double().view(n_kv, group).sum(-1)
+        ctx = ctx_heads.transpose(1, 2).reshape(1, new, n_q * d)
+        out = self.ops.output(module, ctx, q_rows)
+        stat["heads"] = n_q
         # SpAtten cumulative token importance: s[t] += sum_h sum_q P[h, q, t]
         contrib = probs[0].sum(dim=(0, 1)).double()
         self.importance[pos] += contrib
@@ -244,6 +285,21 @@ class SpAttenDecoder:
         self.importance = torch.cat([self.importance, torch.zeros(grow, dtype=torch.float64)])
         self.layer_importance = [torch.cat([s, torch.zeros(grow, dtype=torch.float64)]) for s in self.layer_importance]
         self.stats.append([])
+
+    def _prune_heads(self, layer: int, cache, n_kv: int) -> None:
+        """Keep the KV heads with the largest accumulated output magnitude; cascade across layers."""
+        alive = self.alive[layer]
+        if layer > 0:
+            alive = alive[torch.isin(alive, self.alive[layer - 1])]
+        k = keep_count(n_kv, self.head_schedule[layer])
+        if len(alive) > k:
+            alive = alive[select_kept(self.head_scores[alive], k)]
+        if len(alive) < len(self.alive[layer]):
+            if cache is not None and getattr(cache, "keys", None) is not None and cache.keys.numel():
+                idx = torch.nonzero(torch.isin(self.alive[layer], alive)).squeeze(1)
+                cache.keys = cache.keys.index_select(1, idx)
+                cache.values = cache.values.index_select(1, idx)
+            self.alive[layer] = alive
 
     def _evict(self, layer: int, cache, new: int) -> None:
         cfg = self.config
