@@ -260,7 +260,8 @@ def cmd_generate(args):
         out = model.generate(**inputs, **kw)
         console.print(tok.decode(out[0], skip_special_tokens=True))
         return out
-    cfg = DecoderConfig(kv_budget=args.kv_budget, token_keep=args.token_keep, policy=args.policy,
+    cfg = DecoderConfig(kv_budget=args.kv_budget, token_keep=args.token_keep, head_keep=args.head_keep,
+                        value_topk=args.value_topk, policy=args.policy,
                         requant_threshold=args.threshold, **({"k_bits": 12} if args.quant else {}))
     with spatten_decoder(model, cfg) as rt:
         out = model.generate(**inputs, **kw)
@@ -381,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--spatten", action="store_true", help="prune the KV cache with SpAtten")
     s.add_argument("--kv-budget", type=int)
-    s.add_argument("--token-keep", type=float, default=1.0)
+    s.add_argument("--token-keep", type=float, default=1.0, help="fraction of seen tokens kept at the last layer")
+    s.add_argument("--head-keep", type=float, default=1.0, help="fraction of KV heads kept at the last layer")
+    s.add_argument("--value-topk", type=float, help="local value pruning: fraction of keys whose V rows are read")
     s.add_argument("--policy", default="cascade")
     s.add_argument("--quant", action="store_true", help="progressive quantization (K 8+4 bits, V 8 bits)")
     s.add_argument("--threshold", type=float, default=0.1)
