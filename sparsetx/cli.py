@@ -99,15 +99,13 @@ def cmd_prune(args):
         return result
     # one-shot
     from .data.sentiment import sentiment_splits
-    from .train import _collate, _encode
+    from .train import calibration_batches
 
     config = _layer_config(args, args.pattern)
     model, tok = load_model(args.model), load_tokenizer(args.model)
     calib = None
     if config.criterion == "activation":
-        texts = sentiment_splits()["train"].texts[: args.calibration_batches * 32]
-        ids = _encode(tok, texts, 128)
-        calib = [_collate(ids[i:i + 32], tok.pad_token_id) for i in range(0, len(ids), 32)]
+        calib = calibration_batches(tok, sentiment_splits()["train"].texts, args.calibration_batches)
     sparsify(model, config, calibration=calib)
     report = sparsity_report(model)
     console.print(_rows_table(f"one-shot {config.criterion} N:M", report))

@@ -18,7 +18,7 @@ from .evaluate import accuracy
 from .models import load_model, load_tokenizer
 from .nm.pattern import NMPattern, parse_series
 from .nm.prune import NMConfig, sparsify
-from .train import RunSpec, Stage, TrainConfig, _collate, _encode, run
+from .train import RunSpec, Stage, TrainConfig, calibration_batches, run
 
 console = Console(stderr=True)
 
@@ -54,8 +54,8 @@ def one_shot(dense: str, pattern: str, criterion: str, cfg: CompareConfig) -> di
     splits = sentiment_splits()
     calib = None
     if criterion == "activation":
-        ids = _encode(tok, splits["train"].texts[: cfg.calibration_batches * cfg.train.batch_size], cfg.train.max_length)
-        calib = [_collate(ids[i:i + cfg.train.batch_size], tok.pad_token_id) for i in range(0, len(ids), cfg.train.batch_size)]
+        calib = calibration_batches(tok, splits["train"].texts, cfg.calibration_batches, cfg.train.batch_size,
+                                    cfg.train.max_length)
     t = time.perf_counter()
     sparsify(model, NMConfig(pattern, criterion=criterion), calibration=calib)
     elapsed = time.perf_counter() - t

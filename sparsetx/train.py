@@ -185,6 +185,13 @@ def _collate(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention}
 
 
+def calibration_batches(tokenizer, texts: list[str], batches: int, batch_size: int = 32,
+                        max_length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """The first ``batches * batch_size`` texts as padded batches (activation-aware pruning)."""
+    ids = _encode(tokenizer, texts[: batches * batch_size], max_length)
+    return [_collate(ids[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(ids), batch_size)]
+
+
 def batch_indices(step: int, n: int, cfg: TrainConfig) -> list[int]:
     """Global batch of ``step``: epoch-wise permutations seeded by (seed, epoch), last partial batch dropped."""
     per_epoch = n // cfg.batch_size
