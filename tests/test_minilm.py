@@ -129,3 +129,16 @@ def test_demo_quick(tmp_path):
     assert set(rows["IDP series"]) == {"2:4", "2:8"}
     enc = summary["spatten"]["encoder"]
     assert [r["token_keep"] for r in enc] == [1.0, 0.5, 0.3, 1.0] and all(0 <= r["accuracy"] <= 1 for r in enc)
+
+
+@needs_sentiment
+def test_cli_activation_aware_prune(tmp_path):
+    """Wanda-style pruning from real calibration text differs from magnitude pruning, and is 2:4."""
+    assert main(["prune", "--pattern", "2:4", "--criterion", "activation", "--calibration-batches", "2",
+                 "--out", str(tmp_path / "act")]) == 0
+    assert main(["prune", "--pattern", "2:4", "--out", str(tmp_path / "mag")]) == 0
+    act, mag = load_packed(tmp_path / "act"), load_packed(tmp_path / "mag")
+    assert all(r["nm_ok"] for r in sparsity_report(act, recorded_patterns(act)))
+    name = "encoder.layer.0.intermediate.dense.weight"
+    differ = (act.state_dict()[name] != 0) != (mag.state_dict()[name] != 0)
+    assert 0.01 < differ.float().mean() < 0.6
