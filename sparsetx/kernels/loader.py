@@ -1,0 +1,72 @@
+"""Build the C kernel once per machine (gcc, cached across processes) and load it with ctypes.
+
+The shared object lands in ``$SPARSETX_CACHE`` (default ``~/.cache/sparsetx/kernels``), named by a
+hash of the source and the flags; it is written to a temporary file and renamed into place, so
+concurrent first calls are safe. Without gcc, or if the build fails, :func:`library` returns None
+and sparsetx uses its pure-PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("nm_cpu.c")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def compile_flags() -> list[str]:
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11"]
+    cpu = _cpu_flags()
+    if {"avx2", "fma"} <= cpu:
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPARSETX_CACHE", Path.home() / ".cache" / "sparsetx")) / "kernels"
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None when it cannot be built here (fallback: PyTorch)."""
+    if os.environ.get("SPARSETX_NO_KERNELS"):
+        return None
+    cc = shutil.which(os.environ.get("CC", "gcc"))
+    if cc is None:
+        return None
+    flags = compile_flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = cache_dir() / f"nm_cpu-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, target)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
+            Path(tmp).unlink(missing_ok=True)
+            return None
+    lib = ctypes.CDLL(str(target))
+    f, i, p = ctypes.c_int, ctypes.c_int, ctypes.c_void_p
+    lib.nm_linear_tokens.argtypes = [p, i, p, p, i, i, p, p, i]
+    lib.nm_linear_vector.argtypes = [p, p, p, i, i, p, p, i]
+    lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
+    del f
+    return lib

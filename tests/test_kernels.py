@@ -1,0 +1,98 @@
+"""The N:M CPU kernel: equal to the dense product of the unpacked weight, fast path and fallback."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetx.formats.packed import pack_nm
+from sparsetx.kernels.loader import library
+from sparsetx.kernels.nm_linear import KernelWeight, SparseLinear, nm_linear
+from sparsetx.nm.mask import apply_mask, nm_mask
+from sparsetx.nm.pattern import NMPattern
+
+needs_c = pytest.mark.skipif(library() is None, reason="C kernel could not be built here (no gcc?)")
+PATTERNS = [NMPattern(2, 4), NMPattern(1, 4), NMPattern(4, 8), NMPattern(2, 8), NMPattern(1, 8), NMPattern(1, 16),
+            NMPattern(3, 8), NMPattern(5, 16)]
+# Tolerance: fp32 sums of up to 256 products in a different order: |err| <= 1e-4 for O(1) inputs.
+ATOL = 1e-4
+
+
+def nm_weight(out, inp, pattern, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    return apply_mask(w, nm_mask(w.abs(), pattern))
+
+
+@needs_c
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("tokens", [1, 3, 31, 32, 33, 130])
+def test_every_pattern_and_odd_token_counts(pattern, tokens):
+    w = nm_weight(24, 64, pattern, seed=tokens)
+    b = torch.randn(24)
+    kw = KernelWeight.from_packed(pack_nm(w, pattern))
+    x = torch.randn(tokens, 64)
+    ref = nn.functional.linear(x, w, b)
+    fast = nm_linear(x, kw, b, backend="c")
+    slow = nm_linear(x, kw, b, backend="torch")
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(slow, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(fast, slow, atol=ATOL, rtol=0)
+
+
+@needs_c
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_output_batched_noncontiguous_threads(threads):
+    p = NMPattern(2, 8)
+    w = nm_weight(1, 32, p)  # one output row
+    kw = KernelWeight.from_packed(pack_nm(w, p))
+    x = torch.randn(3, 40, 64)[:, ::2, ::2]  # batched, non-contiguous view (3, 20, 32)
+    assert not x.is_contiguous()
+    torch.testing.assert_close(nm_linear(x, kw, threads=threads, backend="c"), x @ w.t(), atol=ATOL, rtol=0)
+    w2 = nm_weight(70, 96, p, seed=3)
+    kw2 = KernelWeight.from_packed(pack_nm(w2, p))
+    x2 = torch.randn(2, 50, 96)
+    torch.testing.assert_close(nm_linear(x2, kw2, threads=threads, backend="c"), x2 @ w2.t(), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_dense_through_the_same_engine(tokens):
+    """Dense x dense (N = M, e.g. Q K^T with K as the 'weight') runs through the same kernel."""
+    k = torch.randn(48, 64)
+    q = torch.randn(tokens, 64)
+    kw = KernelWeight.from_dense(k)
+    torch.testing.assert_close(nm_linear(q, kw), q @ k.t(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(nm_linear(q, kw, backend="torch"), q @ k.t(), atol=ATOL, rtol=0)
+
+
+def test_sparse_linear_from_linear_and_errors():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 10)
+    with torch.no_grad():
+        lin.weight.copy_(apply_mask(lin.weight, nm_mask(lin.weight.abs(), NMPattern(1, 4))))
+    sl = SparseLinear.from_linear(lin, "1:4")
+    x = torch.randn(4, 7, 64)
+    torch.testing.assert_close(sl(x), lin(x), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="expects 64"):
+        sl(torch.randn(2, 63))
+    with pytest.raises(ValueError, match="is not 1:4"):
+        SparseLinear.from_linear(nn.Linear(8, 2), "1:4")  # a dense weight is not 1:4
+
+
+def test_compiled_library_is_cached(tmp_path, monkeypatch):
+    import sparsetx.kernels.loader as loader
+
+    if library() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SPARSETX_CACHE", str(tmp_path))
+    loader.library.cache_clear()
+    try:
+        assert loader.library() is not None
+        built = list((tmp_path / "kernels").glob("nm_cpu-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        loader.library.cache_clear()
+        loader.library()  # a new process would find the same file and not rebuild
+        assert built[0].stat().st_mtime_ns == stamp
+    finally:
+        loader.library.cache_clear()
