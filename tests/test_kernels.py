@@ -96,3 +96,24 @@ def test_compiled_library_is_cached(tmp_path, monkeypatch):
         assert built[0].stat().st_mtime_ns == stamp
     finally:
         loader.library.cache_clear()
+
+
+def test_packed_folder_loads_as_fast_model(tmp_path):
+    """A model loaded from a packed folder with fast=True (SparseLinear layers) gives the same
+    outputs as the masked dense model."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sparsetx.formats.folder import load_packed, save_packed
+    from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=128)).eval()
+    sparsify(model, NMConfig("2:8", overrides={"intermediate": "1:8"}))
+    save_packed(model, tmp_path / "m", recorded_patterns(model), "float16")
+    dense = load_packed(tmp_path / "m")
+    fast = load_packed(tmp_path / "m", fast=True)
+    assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == 12
+    ids = torch.randint(0, 100, (3, 21))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-4, rtol=0)

@@ -176,10 +176,12 @@ def read_packed(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     return tensors, packed, header
 
 
-def load_packed(folder: str | os.PathLike, with_sparse: bool = False):
+def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool = False):
     """Rebuild the model of a packed folder with bit-identical (unpacked) weights, in eval mode.
 
-    The values are upcast to the model's fp32 weights (exact for fp16/bf16).
+    The values are upcast to the model's fp32 weights (exact for fp16/bf16). ``fast=True`` swaps
+    each packed layer for a :class:`sparsetx.kernels.nm_linear.SparseLinear` that computes from the
+    packed weights with the N:M CPU kernel (inference only).
     """
     from ..models import model_class  # models imports this module lazily; no cycle at import time
 
@@ -207,6 +209,13 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False):
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
+    if fast:
+        from ..kernels.nm_linear import SparseLinear  # kernels sit above formats: imported on demand
+
+        for name, p in packed.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, SparseLinear.from_packed(p, getattr(parent, child).bias))
     return (model, packed) if with_sparse else model
 
 
