@@ -1,0 +1,122 @@
+"""nm_linear vs torch.nn.functional.linear (dense weight) vs torch.sparse CSR, in one run.
+
+Shapes of BERT-base (768x768, 3072x768, 768x3072 as out x in) and MiniLM (384x384, 1536x384,
+384x1536); tokens T in {1, 16, 128, 512}; patterns 2:4, 4:8, 2:8, 1:8, 1:16; 1 and 2 threads.
+Each case: one warm-up, then --repeats rounds with the three methods interleaved; the median time
+of each. Prints a markdown table of speedups over F.linear with the ideal M/N beside them, writes
+JSON and a plot.  Usage: python benchmarks/nm_linear.py [--repeats 5] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsetx.formats.packed import pack_nm
+from sparsetx.kernels.loader import library
+from sparsetx.kernels.nm_linear import KernelWeight, nm_linear
+from sparsetx.nm.mask import apply_mask, nm_mask
+from sparsetx.nm.pattern import NMPattern
+
+SHAPES = {"bert 768x768": (768, 768), "bert 3072x768": (3072, 768), "bert 768x3072": (768, 3072),
+          "minilm 384x384": (384, 384), "minilm 1536x384": (1536, 384), "minilm 384x1536": (384, 1536)}
+PATTERNS = ("2:4", "4:8", "2:8", "1:8", "1:16")
+TOKENS = (1, 16, 128, 512)
+
+
+def _time(fn, repeats_inner: int) -> float:
+    t = time.perf_counter()
+    for _ in range(repeats_inner):
+        fn()
+    return (time.perf_counter() - t) / repeats_inner
+
+
+def bench_case(out, inp, pattern, tokens, threads, repeats):
+    torch.set_num_threads(threads)
+    p = NMPattern.parse(pattern)
+    w = torch.randn(out, inp)
+    w = apply_mask(w, nm_mask(w.abs(), p))
+    kw = KernelWeight.from_packed(pack_nm(w, p))
+    csr = w.to_sparse_csr()
+    x = torch.randn(tokens, inp)
+    ref = F.linear(x, w)
+    err = float((nm_linear(x, kw, threads=threads) - ref).abs().max())
+    fns = {"dense": lambda: F.linear(x, w), "nm": lambda: nm_linear(x, kw, threads=threads),
+           "csr": lambda: torch.sparse.mm(csr, x.t())}
+    inner = max(1, int(2e-3 / max(_time(fns["dense"], 1), 1e-6)))  # ~2 ms per timing sample
+    for fn in fns.values():
+        _time(fn, inner)
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            samples[k].append(_time(fn, inner))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"out": out, "in": inp, "pattern": pattern, "tokens": tokens, "threads": threads, "max_abs_err": err,
+            "median_s": med, "speedup_nm": med["dense"] / med["nm"], "speedup_csr": med["dense"] / med["csr"],
+            "ideal": p.m / p.n}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="MiniLM 384x1536, T 1 and 128, 1 thread")
+    ap.add_argument("--out", default="benchmarks/results/nm_linear")
+    args = ap.parse_args(argv)
+    if library() is None:
+        print("warning: the C kernel did not build; nm_linear runs its PyTorch fallback")
+    shapes = {"minilm 384x1536": SHAPES["minilm 384x1536"]} if args.quick else SHAPES
+    tokens = (1, 128) if args.quick else TOKENS
+    threads = (1,) if args.quick else (1, 2)
+    rows = []
+    for th in threads:
+        for name, (o, i) in shapes.items():
+            for t in tokens:
+                for pat in PATTERNS:
+                    r = bench_case(o, i, pat, t, th, args.repeats)
+                    r["shape"] = name
+                    rows.append(r)
+                    print(f"threads {th} {name:16s} T={t:4d} {pat:5s} nm x{r['speedup_nm']:.2f} "
+                          f"(ideal {r['ideal']:.0f}) csr x{r['speedup_csr']:.2f}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "nm_linear.json").write_text(json.dumps({"repeats": args.repeats, "torch": torch.__version__,
+                                                     "rows": rows}, indent=1))
+    lines = ["| threads | shape | T | " + " | ".join(PATTERNS) + " |", "|---" * (3 + len(PATTERNS)) + "|"]
+    for th in threads:
+        for name in shapes:
+            for t in tokens:
+                cells = [next(r for r in rows if r["threads"] == th and r["shape"] == name and r["tokens"] == t
+                              and r["pattern"] == p) for p in PATTERNS]
+                lines.append(f"| {th} | {name} | {t} | " + " | ".join(
+                    f"{c['speedup_nm']:.2f} (csr {c['speedup_csr']:.2f})" for c in cells) + " |")
+    table = "\n".join(lines)
+    (out / "nm_linear.md").write_text("Speedup over F.linear (ideal M/N: 2:4 2, 4:8 2, 2:8 4, 1:8 8, 1:16 16)\n\n"
+                                      + table + "\n")
+    print(table)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in tokens:
+        pts = [(r["ideal"], r["speedup_nm"]) for r in rows if r["tokens"] == t and r["threads"] == threads[0]]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=f"T={t}", s=14)
+    ax.plot([1, 16], [1, 16], "k--", lw=0.8, label="ideal M/N")
+    ax.axhline(1, color="gray", lw=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("ideal speedup M/N")
+    ax.set_ylabel("measured speedup over F.linear")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "nm_linear.png", dpi=120)
+    print(f"wrote {out}/nm_linear.json, nm_linear.md, nm_linear.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
