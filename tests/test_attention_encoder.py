@@ -156,3 +156,10 @@ def test_attention_eval_command(tiny_bert, tmp_path):
     assert rows[("cascade", 1.0, 1.0)]["accuracy"] == result["dense_accuracy"]
     assert rows[("cascade", 0.3, 1.0)]["embedding_cosine"] < 0.999
     assert (out / "encoder_eval.png").stat().st_size > 10_000
+
+
+def test_topk_larger_than_sequence_is_an_error():
+    with pytest.raises(ValueError, match="cannot keep 5 of 3"):
+        select_kept(torch.rand(3), 5)
+    with pytest.raises(ValueError, match="protected tokens do not fit"):
+        select_kept(torch.rand(4), 1, protected=torch.tensor([True, False, False, True]))
