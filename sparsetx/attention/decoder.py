@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .importance import (head_importance, join_msb_lsb, keep_count, keep_schedule, local_value_mask, msb_value,
-                         quantize, select_kept, split_msb_lsb)
+from .importance import (check_ratios, head_importance, join_msb_lsb, keep_count, keep_schedule,
+                         local_value_mask, msb_value, quantize, select_kept, split_msb_lsb)
 
 DECODER_POLICIES = ("cascade", "h2o", "window", "sink")
 
@@ -71,13 +71,8 @@ class DecoderConfig:
             raise ValueError(f"unknown policy {self.policy!r}; valid: {', '.join(DECODER_POLICIES)}")
         if self.kv_budget is not None and self.kv_budget < 2:
             raise ValueError(f"kv_budget {self.kv_budget} must be >= 2 tokens")
-        for name in ("token_keep", "head_keep"):
-            v = getattr(self, name)
-            for r in v if isinstance(v, (list, tuple)) else [v]:
-                if not 0.0 < float(r) <= 1.0:
-                    raise ValueError(f"{name} ratio {r} is outside (0, 1]")
-        if self.value_topk is not None and not 0.0 < self.value_topk <= 1.0:
-            raise ValueError(f"value_topk {self.value_topk} is outside (0, 1]")
+        for name in ("token_keep", "head_keep", "value_topk"):
+            check_ratios(name, getattr(self, name))
         if self.k_bits is not None and not 0 < self.lsb_bits < self.k_bits:
             raise ValueError(f"lsb_bits {self.lsb_bits} must be in (0, k_bits={self.k_bits})")
         if not 0.0 <= self.requant_threshold <= 1.0:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from .importance import (head_importance, keep_count, keep_schedule, local_value_mask, select_kept,
-                         token_importance)
+from .importance import (check_ratios, head_importance, keep_count, keep_schedule, local_value_mask,
+                         select_kept, token_importance)
 
 TOKEN_POLICIES = ("cascade", "local", "random", "first")
 
@@ -45,13 +45,8 @@ class SpAttenConfig:
     def __post_init__(self) -> None:
         if self.token_policy not in TOKEN_POLICIES:
             raise ValueError(f"unknown token policy {self.token_policy!r}; valid: {', '.join(TOKEN_POLICIES)}")
-        if self.value_topk is not None and not 0.0 < self.value_topk <= 1.0:
-            raise ValueError(f"value_topk {self.value_topk} is outside (0, 1]")
-        for name in ("token_keep", "head_keep"):
-            v = getattr(self, name)
-            for r in v if isinstance(v, (list, tuple)) else [v]:
-                if not 0.0 < float(r) <= 1.0:
-                    raise ValueError(f"{name} ratio {r} is outside (0, 1]")
+        for name in ("token_keep", "head_keep", "value_topk"):
+            check_ratios(name, getattr(self, name))
 
 
 @dataclass

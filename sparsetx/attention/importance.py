@@ -26,6 +26,15 @@ def keep_count(length: int, ratio: float, minimum: int = 1) -> int:
     return min(length, max(minimum, math.floor(length * ratio + 1e-9)))
 
 
+def check_ratios(name: str, value: float | list[float] | None) -> None:
+    """Every keep ratio (one, or one per layer) must lie in (0, 1]; None means 'off'."""
+    if value is None:
+        return
+    for r in value if isinstance(value, (list, tuple)) else [value]:
+        if not 0.0 < float(r) <= 1.0:
+            raise ValueError(f"{name} ratio {r} is outside (0, 1]")
+
+
 def keep_schedule(ratio: float | list[float], layers: int, start: int) -> list[float]:
     """Fraction of the original tokens (or heads) entering each layer.
 

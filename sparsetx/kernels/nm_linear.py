@@ -26,7 +26,7 @@ class KernelWeight:
     @classmethod
     def from_packed(cls, packed: PackedNM) -> KernelWeight:
         out, inp = packed.shape
-        m, n = packed.pattern.m, packed.pattern.n
+        m = packed.pattern.m
         base = (torch.arange(inp // m) * m).view(1, -1, 1)
         absolute = (packed.positions() + base).reshape(out, -1).to(torch.int32).contiguous()
         return cls(packed.values.float().contiguous(), absolute, inp, packed.pattern)
