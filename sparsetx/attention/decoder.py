@@ -103,6 +103,8 @@ class LlamaOps:
         d = module.head_dim
 
         def proj(lin, rows):
+            if rows is None:  # every head kept: the module itself, no copy of its weight
+                return lin(hidden).view(b, t, -1, d).transpose(1, 2)
             bias = None if lin.bias is None else lin.bias[rows]
             return F.linear(hidden, lin.weight[rows], bias).view(b, t, -1, d).transpose(1, 2)
 
@@ -113,6 +115,8 @@ class LlamaOps:
 
     @staticmethod
     def output(module, ctx, q_rows):
+        if q_rows is None:
+            return module.o_proj(ctx)
         return F.linear(ctx, module.o_proj.weight[:, q_rows], module.o_proj.bias)
 
 
@@ -127,6 +131,9 @@ class GPT2Ops:
     def qkv(module, hidden, position_embeddings, q_rows, kv_rows):
         b, t, _ = hidden.shape
         e = module.split_size
+        if q_rows is None:
+            q, k, v = module.c_attn(hidden).split(e, dim=2)
+            return tuple(x.reshape(b, t, -1, module.head_dim).transpose(1, 2) for x in (q, k, v))
         cols = torch.cat([q_rows, kv_rows + e, kv_rows + 2 * e])   # Conv1D weight is (in, out)
         q, k, v = (hidden @ module.c_attn.weight[:, cols] + module.c_attn.bias[cols]).split(
             [len(q_rows), len(kv_rows), len(kv_rows)], dim=2)
@@ -134,6 +141,8 @@ class GPT2Ops:
 
     @staticmethod
     def output(module, ctx, q_rows):
+        if q_rows is None:
+            return module.resid_dropout(module.c_proj(ctx))
         return module.resid_dropout(ctx @ module.c_proj.weight[q_rows] + module.c_proj.bias)
 
 
@@ -192,7 +201,9 @@ class SpAttenDecoder:
         kv_rows = (alive[:, None] * d + torch.arange(d)).reshape(-1)
         q_heads = (alive[:, None] * group + torch.arange(group)).reshape(-1)
         q_rows = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
-        q, k, v = self.ops.qkv(module, hidden_states, position_embeddings, q_rows, kv_rows)
+        full = len(alive) == n_kv
+        q, k, v = self.ops.qkv(module, hidden_states, position_embeddings,
+                               None if full else q_rows, None if full else kv_rows)
         new = q.shape[2]
         keys, values = past_key_values.update(k, v, module.layer_idx)
         cache = past_key_values.layers[module.layer_idx]
@@ -224,7 +235,7 @@ class SpAttenDecoder:
         # head importance, pooled over the query heads sharing a KV head: s_h += sum |E|
         self.head_scores[alive] += head_importance(ctx_heads[0]).double().view(n_kv, group).sum(-1)
         ctx = ctx_heads.transpose(1, 2).reshape(1, new, n_q * d)
-        out = self.ops.output(module, ctx, q_rows)
+        out = self.ops.output(module, ctx, None if full else q_rows)
         stat["heads"] = n_q
         # SpAtten cumulative token importance: s[t] += sum_h sum_q P[h, q, t]
         contrib = probs[0].sum(dim=(0, 1)).double()

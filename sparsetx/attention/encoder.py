@@ -130,10 +130,14 @@ class SpAttenEncoder:
                 topk_calls.append({"unit": "head", "n": int(heads.shape[0]), "k": k_head})
                 heads = heads[keep]
             tokens = h.shape[0]
+            full = len(heads) == self.heads  # every head kept: use the modules, no weight copies
             rows = (heads[:, None] * d + torch.arange(d)).reshape(-1)
-            q = F.linear(h, blk.q.weight[rows], blk.q.bias[rows]).view(tokens, -1, d).transpose(0, 1)
-            k = F.linear(h, blk.k.weight[rows], blk.k.bias[rows]).view(tokens, -1, d).transpose(0, 1)
-            v = F.linear(h, blk.v.weight[rows], blk.v.bias[rows]).view(tokens, -1, d).transpose(0, 1)
+
+            def proj(lin):
+                y = lin(h) if full else F.linear(h, lin.weight[rows], lin.bias[rows])
+                return y.view(tokens, -1, d).transpose(0, 1)
+
+            q, k, v = proj(blk.q), proj(blk.k), proj(blk.v)
             probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)  # (heads, T, T)
             used = probs
             values_fetched = tokens * tokens * len(heads)
@@ -147,7 +151,8 @@ class SpAttenEncoder:
             layer_scores = token_importance(probs).double()
             tok_scores = layer_scores if cfg.token_policy == "local" else tok_scores + layer_scores
             head_scores[heads] += head_importance(ctx).double()
-            attn = F.linear(ctx.transpose(0, 1).reshape(tokens, -1), blk.o.weight[:, rows], blk.o.bias)
+            merged = ctx.transpose(0, 1).reshape(tokens, -1)
+            attn = blk.o(merged) if full else F.linear(merged, blk.o.weight[:, rows], blk.o.bias)
             h = blk.ln_attn(attn + h)
             h = blk.ln_ffn(blk.ffn_out(blk.act(blk.ffn_in(h))) + h)
             stats.append({"layer": i, "tokens": tokens, "heads": int(len(heads)), "keys_fetched": tokens * len(heads),
