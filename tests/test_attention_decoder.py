@@ -176,3 +176,28 @@ def test_local_value_pruning_in_decoder(llama):
     s = rt.stats[0][1]
     assert s["values_fetched_rows"] == 5 * 20 * 4   # ceil(0.25 * 20) rows x 20 queries x 4 query heads
     assert 0 < (got - ref).abs().max() < 5.0        # an approximation, not the same model
+
+
+def test_long_prompt_is_chunked_and_exact():
+    """A prompt longer than the query chunk (128) gives the same logits and importance as one chunk."""
+    import sparsetx.attention.decoder as dec
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with spatten_decoder(model, DecoderConfig()) as rt:
+            got = model(input_ids=ids, use_cache=True).logits
+        chunked = rt.importance.clone()
+        old, dec.QUERY_CHUNK = dec.QUERY_CHUNK, 1024
+        try:
+            with spatten_decoder(model, DecoderConfig()) as rt:
+                model(input_ids=ids, use_cache=True)
+        finally:
+            dec.QUERY_CHUNK = old
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # fp32 column sums taken per chunk vs at once: summation order only (~1e-7 relative)
+    torch.testing.assert_close(chunked, rt.importance, atol=1e-5, rtol=1e-6)

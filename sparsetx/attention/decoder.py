@@ -44,6 +44,7 @@ from .importance import (check_ratios, head_importance, join_msb_lsb, keep_count
                          local_value_mask, msb_value, quantize, select_kept, split_msb_lsb)
 
 DECODER_POLICIES = ("cascade", "h2o", "window", "sink")
+QUERY_CHUNK = 128
 
 
 @dataclass
@@ -217,58 +218,59 @@ class SpAttenDecoder:
         vv = values.repeat_interleave(group, dim=1)
         stat = {"layer": layer, "tokens": int(pos.numel()), "queries": new, "kv_heads": n_kv, "head_dim": d}
         self._scaling = float(module.scaling)
-        if cfg.k_bits is not None:
-            probs, refetched = self._quantized_probs(q, kk, causal, d, group)
+        if cfg.k_bits is not None:  # K as MSB and LSB planes, V at v_bits (progressive quantization)
+            kq, kscale = quantize(kk.float(), cfg.k_bits)
+            msb, lsb = split_msb_lsb(kq, cfg.k_bits, cfg.lsb_bits)
+            coarse = msb_value(msb, cfg.lsb_bits).float() * kscale
+            fine = join_msb_lsb(msb, lsb, cfg.lsb_bits).float() * kscale
             vq, vs = quantize(vv.float(), cfg.v_bits)
             vv = (vq.float() * vs).to(vv.dtype)
+        kv_top = max(1, math.ceil(cfg.value_topk * pos.numel())) if cfg.value_topk and cfg.value_topk < 1.0 else None
+        contrib = torch.zeros(pos.numel(), dtype=torch.float64)
+        flat_heads = torch.zeros(n_q, dtype=torch.bool)
+        refetched, parts = 0, []
+        # Query chunks keep the probabilities small enough to stay in cache (a 1024-token prompt would
+        # otherwise materialise heads x 1024 x 1024 floats per layer).
+        for s0 in range(0, new, QUERY_CHUNK):
+            qc, cc = q[:, :, s0:s0 + QUERY_CHUNK], causal[s0:s0 + QUERY_CHUNK]
+            if cfg.k_bits is not None:
+                probs = self._probs(qc.float(), coarse, cc)
+                flat = probs.amax(dim=-1) < cfg.requant_threshold      # (1, n_q, chunk)
+                if flat.any():
+                    probs = torch.where(flat[..., None], self._probs(qc.float(), fine, cc), probs)
+                refetched += int(flat.sum())
+                flat_heads |= flat[0].any(dim=-1)
+            else:
+                probs = self._probs(qc, kk, cc)
+            # SpAtten cumulative token importance: s[t] += sum_h sum_q P[h, q, t]
+            contrib += probs[0].sum(dim=(0, 1)).double()
+            if kv_top is not None:  # local value pruning, per query row
+                probs = probs * local_value_mask(probs, kv_top)
+            parts.append(probs.to(vv.dtype) @ vv)
+        ctx_heads = torch.cat(parts, dim=2)                         # (1, n_q, new, d)
+        if cfg.k_bits is not None:
             stat.update(rows_refetched=refetched, rows=new * n_q)
-        else:
-            probs = self._probs(q, kk, causal, d)
-        used = probs
-        if cfg.value_topk is not None and cfg.value_topk < 1.0:  # local value pruning, per query row
-            kv = max(1, math.ceil(cfg.value_topk * pos.numel()))
-            used = probs * local_value_mask(probs, kv)
-            stat["values_fetched_rows"] = kv * new * n_q
-        else:
-            stat["values_fetched_rows"] = pos.numel() * new * n_q
-        ctx_heads = used.to(vv.dtype) @ vv                           # (1, n_q, new, d)
+        stat["values_fetched_rows"] = (kv_top or pos.numel()) * new * n_q
         # head importance, pooled over the query heads sharing a KV head: s_h += sum |E|
         self.head_scores[alive] += head_importance(ctx_heads[0]).double().view(n_kv, group).sum(-1)
         ctx = ctx_heads.transpose(1, 2).reshape(1, new, n_q * d)
         out = self.ops.output(module, ctx, None if full else q_rows)
         stat["heads"] = n_q
-        # SpAtten cumulative token importance: s[t] += sum_h sum_q P[h, q, t]
-        contrib = probs[0].sum(dim=(0, 1)).double()
         self.importance[pos] += contrib
         self.layer_importance[layer][pos] += contrib
-        self._fetch_stats(stat, pos.numel(), n_kv, d, new)
+        self._fetch_stats(stat, pos.numel(), n_kv, d, flat_heads.view(n_kv, group).any(dim=-1))
         self._evict(layer, cache, new)
         stat["tokens_after"] = int(self.positions[layer].numel())
         self.stats[-1].append(stat)
         return out, None
 
-    def _probs(self, q, kk, causal, d):
+    def _probs(self, q, kk, causal):
         scores = (q @ kk.transpose(-1, -2)).float() * self._scaling  # 1/sqrt(d) (GPT-2 may add 1/layer)
         return torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
 
-    def _quantized_probs(self, q, kk, causal, d, group):
-        """Progressive quantization: MSB keys first, MSB + LSB for rows whose max probability < tau."""
-        cfg = self.config
-        kq, scale = quantize(kk.float(), cfg.k_bits)
-        msb, lsb = split_msb_lsb(kq, cfg.k_bits, cfg.lsb_bits)
-        coarse = msb_value(msb, cfg.lsb_bits).float() * scale
-        probs = self._probs(q.float(), coarse, causal, d)
-        flat = probs.amax(dim=-1) < cfg.requant_threshold            # (1, n_q, new)
-        refetched = int(flat.sum())
-        if refetched:
-            fine = join_msb_lsb(msb, lsb, cfg.lsb_bits).float() * scale
-            exact = self._probs(q.float(), fine, causal, d)
-            probs = torch.where(flat[..., None], exact, probs)
-        self._flat_rows = flat
-        return probs, refetched
-
-    def _fetch_stats(self, stat, tokens, n_kv, d, new):
-        """Bytes a memory system reads for this layer's K and V (fp16 baseline: 2 bytes a value)."""
+    def _fetch_stats(self, stat, tokens, n_kv, d, flat_kv):
+        """Bytes a memory system reads for this layer's K and V (fp16 baseline: 2 bytes a value).
+        flat_kv: (kv heads,) True where a query row of the head refetched its LSBs."""
         cfg = self.config
         per_head = tokens * d
         stat["kv_bytes_fp16"] = 2 * 2 * n_kv * per_head
@@ -276,7 +278,7 @@ class SpAttenDecoder:
             return
         msb_bits = cfg.k_bits - cfg.lsb_bits
         # LSBs are fetched per KV head when any of its query rows is flat (the hardware refetches keys only)
-        flat = self._flat_rows[0].reshape(n_kv, -1).any(dim=-1)
+        flat = flat_kv
         stat["k_bytes_msb"] = n_kv * per_head * msb_bits / 8
         stat["k_bytes_lsb_refetch"] = int(flat.sum()) * per_head * cfg.lsb_bits / 8
         stat["v_bytes"] = n_kv * per_head * cfg.v_bits / 8
