@@ -104,42 +104,36 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
     return result
 
 
-def comparison_table(result: dict) -> Table:
+def table_rows(result: dict) -> list[list[str]]:
+    """[method, accuracy per pattern..., train steps, train time] for every method."""
     patterns = list(result["config"]["patterns"])
-    table = Table(title="Held-out test accuracy (Rotten Tomatoes) and training time")
-    table.add_column("method")
-    for p in patterns:
-        table.add_column(p, justify="right")
-    table.add_column("train steps", justify="right")
-    table.add_column("train time", justify="right")
+    rows = []
     for method, cells in result["rows"].items():
         if method == "dense":
             d = cells["dense"]
-            table.add_row("dense (fine-tuned)", *[f"{d['test_acc']:.4f}"] * len(patterns), str(d.get("steps", "-")),
-                          f"{d.get('train_seconds', 0):.0f} s")
+            rows.append(["dense (fine-tuned)", *[f"{d['test_acc']:.4f}"] * len(patterns), str(d.get("steps", "-")),
+                         f"{d.get('train_seconds', 0):.0f} s"])
             continue
         steps = sum(c.get("steps", 0) for c in cells.values())
         secs = sum(c.get("train_seconds", 0) for c in cells.values())
-        table.add_row(method, *[f"{cells[p]['test_acc']:.4f}" if p in cells else "-" for p in patterns],
-                      str(steps), f"{secs:.0f} s")
+        rows.append([method, *[f"{cells[p]['test_acc']:.4f}" if p in cells else "-" for p in patterns],
+                     str(steps), f"{secs:.0f} s"])
+    return rows
+
+
+def comparison_table(result: dict) -> Table:
+    table = Table(title="Held-out test accuracy (Rotten Tomatoes) and training time")
+    for col in ["method", *result["config"]["patterns"], "train steps", "train time"]:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row in table_rows(result):
+        table.add_row(*row)
     return table
 
 
 def table_markdown(result: dict) -> str:
-    patterns = list(result["config"]["patterns"])
-    lines = ["| method | " + " | ".join(patterns) + " | train steps | train time |",
-             "|---" * (len(patterns) + 3) + "|"]
-    for method, cells in result["rows"].items():
-        if method == "dense":
-            d = cells["dense"]
-            lines.append("| dense (fine-tuned) | " + " | ".join(f"{d['test_acc']:.4f}" for _ in patterns)
-                         + f" | {d.get('steps', '-')} | {d.get('train_seconds', 0):.0f} s |")
-        else:
-            steps = sum(c.get("steps", 0) for c in cells.values())
-            secs = sum(c.get("train_seconds", 0) for c in cells.values())
-            lines.append(f"| {method} | " + " | ".join(f"{cells[p]['test_acc']:.4f}" if p in cells else "-" for p in patterns)
-                         + f" | {steps} | {secs:.0f} s |")
-    return "\n".join(lines)
+    header = ["method", *result["config"]["patterns"], "train steps", "train time"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table_rows(result)])
 
 
 def plot_comparison(result: dict, path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from sparsetx.formats import folder as folder_mod
 from sparsetx.formats.folder import WEIGHTS, load_packed, read_packed, save_packed
@@ -90,15 +89,6 @@ def test_corrupted_index_codes_are_detected():
 
 
 # --- folders -----------------------------------------------------------------------------------
-
-class Tiny(nn.Module):
-    """Minimal stand-in with a config, to test the folder format without transformers."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(16, 8)
-        self.b = nn.Linear(8, 4)
-
 
 @pytest.fixture
 def pruned_bert(tiny_bert):

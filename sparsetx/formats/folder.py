@@ -213,9 +213,7 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
         from ..kernels.nm_linear import SparseLinear  # kernels sit above formats: imported on demand
 
         for name, p in packed.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, SparseLinear.from_packed(p, getattr(parent, child).bias))
+            model.set_submodule(name, SparseLinear.from_packed(p, model.get_submodule(name).bias))
     return (model, packed) if with_sparse else model
 
 

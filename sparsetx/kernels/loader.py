@@ -64,9 +64,8 @@ def library() -> ctypes.CDLL | None:
             Path(tmp).unlink(missing_ok=True)
             return None
     lib = ctypes.CDLL(str(target))
-    f, i, p = ctypes.c_int, ctypes.c_int, ctypes.c_void_p
+    i, p = ctypes.c_int, ctypes.c_void_p
     lib.nm_linear_tokens.argtypes = [p, i, p, p, i, i, p, p, i]
     lib.nm_linear_vector.argtypes = [p, p, p, i, i, p, p, i]
     lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
-    del f
     return lib

@@ -80,13 +80,11 @@ def attach_srste(model: nn.Module, patterns: dict[str, NMPattern], lambda_w: flo
     """Swap each named Linear for an SRSTELinear sharing its Parameters (optimizers stay valid)."""
     layers = {}
     for name, pattern in patterns.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"layer {name} is {type(linear).__name__}, not nn.Linear")
         layers[name] = SRSTELinear(linear, pattern, lambda_w)
-        setattr(parent, child, layers[name])
+        model.set_submodule(name, layers[name])
     return layers
 
 
@@ -104,13 +102,11 @@ def detach_srste(model: nn.Module) -> dict[str, torch.Tensor]:
     """Replace each SRSTELinear by a plain nn.Linear holding W * E; returns the masks."""
     masks = {}
     for name, layer in srste_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device=layer.weight.device, dtype=layer.weight.dtype)
         linear.weight.copy_(layer.masked_weight())
         if layer.bias is not None:
             linear.bias.copy_(layer.bias)
-        setattr(parent, child, linear)
+        model.set_submodule(name, linear)
         masks[name] = layer.mask.clone()
     return masks
