@@ -202,14 +202,16 @@ def batch_indices(step: int, n: int, cfg: TrainConfig) -> list[int]:
     return perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
 
 
-def candidate(model: nn.Module, patterns: dict[str, NMPattern] | None) -> nn.Module:
-    """A deployable copy: SR-STE layers replaced by Linears holding W * E (masks refreshed first)."""
+def candidate(model: nn.Module) -> tuple[nn.Module, dict[str, NMPattern]]:
+    """A deployable copy: SR-STE layers replaced by Linears holding W * E (masks refreshed first),
+    and the patterns those layers had (empty for a dense model)."""
     model = copy.deepcopy(model)
+    patterns = {n: layer.pattern for n, layer in srste_layers(model).items()}
     if patterns:
         refresh_masks(model)
         detach_srste(model)
         record_patterns(model, {n: str(p) for n, p in patterns.items()})
-    return model.eval()
+    return model.eval(), patterns
 
 
 def run(spec: RunSpec, progress: bool = True) -> dict:
@@ -229,21 +231,18 @@ def run(spec: RunSpec, progress: bool = True) -> dict:
     train_ids = _encode(tokenizer, train.texts, cfg.max_length)
     labels = torch.tensor(train.labels)
 
-    patterns = None
     first = spec.stages[0]
-    if first.pattern is not None:
-        patterns = dataclasses.replace(spec.layers, pattern=first.pattern).layers(model)
-        attach_srste(model, patterns, cfg.lambda_w)
+    sparse = first.pattern is not None
+    if sparse:
+        attach_srste(model, dataclasses.replace(spec.layers, pattern=first.pattern).layers(model), cfg.lambda_w)
     opt = _optimizer(model, cfg)
 
     step, history = 0, []
     ckpt = out / "checkpoint"
     if ckpt.exists():
         resume_stage = spec.stage_at(json.loads((ckpt / "trainer.json").read_text())["step"])
-        if patterns is not None:
-            for layer in srste_layers(model).values():
-                layer.pattern = NMPattern.parse(spec.stages[resume_stage].pattern)
-            patterns = {n: NMPattern.parse(spec.stages[resume_stage].pattern) for n in patterns}
+        for layer in srste_layers(model).values():  # masks and parents come with the state dict
+            layer.pattern = NMPattern.parse(spec.stages[resume_stage].pattern)
         step, history = load_checkpoint(ckpt, model, opt)
         if rank == 0:
             console.print(f"resumed {out} at step {step}/{spec.total_steps}")
@@ -261,7 +260,7 @@ def run(spec: RunSpec, progress: bool = True) -> dict:
             s = spec.stage_at(step)
             stage = spec.stages[s]
             start = spec.stage_start(s)
-            flips = refresh_masks(model) if patterns and step % cfg.mask_every == 0 else 0
+            flips = refresh_masks(model) if sparse and step % cfg.mask_every == 0 else 0
             for group in opt.param_groups:
                 group["lr"] = lr_at(step - start, stage.steps, cfg)
             idx = batch_indices(step, len(train), cfg)[rank::world]
@@ -277,7 +276,7 @@ def run(spec: RunSpec, progress: bool = True) -> dict:
             if stage_end:  # evaluate, save the candidate, inherit
                 elapsed = time.perf_counter() - stage_time
                 if rank == 0:
-                    cand = candidate(model, patterns)
+                    cand, patterns = candidate(model)
                     folder = out / f"candidate-{stage.name}"
                     metrics = {"stage": stage.name, "pattern": stage.pattern, "steps": stage.steps,
                                "train_seconds": round(elapsed, 1), "end_step": step,
@@ -296,7 +295,6 @@ def run(spec: RunSpec, progress: bool = True) -> dict:
                     inside = [layer.inherit(nxt, nested=cfg.nested) for layer in srste_layers(model).values()]
                     if rank == 0:
                         history[-1]["next_mask_inside"] = sum(inside) / len(inside)
-                    patterns = {n: nxt for n in patterns}
                 stage_time = time.perf_counter()
             if stage_end or step % cfg.checkpoint_every == 0:
                 if rank == 0:
