@@ -64,7 +64,32 @@ def test_runtime_stats_document(tmp_path):
     assert back["sequences"][0]["layers"][1]["values_fetched_rows"] == 4 * 8 * 4  # ceil(0.5 * 8) rows x 8 queries x 4 heads
     rows = encoder_trace_rows(back["sequences"][0]["layers"], head_dim=8)
     assert len(rows) == 3 * 4 and rows[4].key_fetch_num == 8 and rows[4].value_fetch_num == 4
+    del doc["sequences"][0]["layers"][0]["topk"]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(TraceError, match=r"sequence 0 layer 0 lacks \['topk'\]"):
+        read_stats(tmp_path / "bad.json")
     doc["version"] = 7
     (tmp_path / "v7.json").write_text(json.dumps(doc))
     with pytest.raises(TraceError, match="v7"):
         read_stats(tmp_path / "v7.json")
+
+
+def test_decoder_stats_document(tmp_path):
+    """A decoder run's document has 'steps', validated against its own required keys."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsetx.attention.decoder import DecoderConfig, spatten_decoder
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=48)).eval()
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=4)) as rt:
+        llama.generate(input_ids=torch.randint(0, 64, (1, 8)), max_new_tokens=3, do_sample=False)
+    write_stats(tmp_path / "d.json", rt.stats_document())
+    doc = read_stats(tmp_path / "d.json")
+    assert doc["model"]["kv_heads"] == 2 and len(doc["steps"]) == 3  # prompt + 2 decode forwards
+    assert [s["tokens_after"] for s in doc["steps"][-1]] == [4, 4]
+    del doc["steps"][1][0]["kv_heads"]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(TraceError, match=r"step 1 layer 0 lacks \['kv_heads'\]"):
+        read_stats(tmp_path / "bad.json")

@@ -153,7 +153,7 @@ DECODER_ADAPTERS = {"LlamaAttention": LlamaOps, "GPT2Attention": GPT2Ops}
 
 class SpAttenDecoder:
     def __init__(self, model: nn.Module, config: DecoderConfig) -> None:
-        self.model, self.config = model, config
+        self.config = config
         self.attn = [m for m in model.modules() if type(m).__name__ in DECODER_ADAPTERS]
         if not self.attn:
             raise ValueError(f"SpAtten decoder runtime does not understand the attention of {type(model).__name__}; "
@@ -278,9 +278,8 @@ class SpAttenDecoder:
             return
         msb_bits = cfg.k_bits - cfg.lsb_bits
         # LSBs are fetched per KV head when any of its query rows is flat (the hardware refetches keys only)
-        flat = flat_kv
         stat["k_bytes_msb"] = n_kv * per_head * msb_bits / 8
-        stat["k_bytes_lsb_refetch"] = int(flat.sum()) * per_head * cfg.lsb_bits / 8
+        stat["k_bytes_lsb_refetch"] = int(flat_kv.sum()) * per_head * cfg.lsb_bits / 8
         stat["v_bytes"] = n_kv * per_head * cfg.v_bits / 8
         stat["kv_bytes_quantized"] = stat["k_bytes_msb"] + stat["k_bytes_lsb_refetch"] + stat["v_bytes"]
 
@@ -337,13 +336,13 @@ class SpAttenDecoder:
             self.positions[layer] = pos[idx]
 
     def stats_document(self) -> dict:
-        from .trace import STATS_SCHEMA, STATS_VERSION
+        """The run's statistics in the versioned trace schema (see :mod:`sparsetx.attention.trace`)."""
+        from .trace import stats_document
 
         n_q, n_kv, d = self.ops.heads(self.attn[0])
-        return {"schema": STATS_SCHEMA, "version": STATS_VERSION,
-                "model": {"layers": len(self.attn), "heads": n_q, "kv_heads": n_kv, "head_dim": d,
-                          "family": type(self.attn[0]).__name__},
-                "config": asdict(self.config), "steps": self.stats}
+        shape = {"layers": len(self.attn), "heads": n_q, "kv_heads": n_kv, "head_dim": d,
+                 "family": type(self.attn[0]).__name__}
+        return stats_document(shape, asdict(self.config), steps=self.stats)
 
 
 @contextmanager

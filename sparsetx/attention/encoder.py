@@ -167,7 +167,7 @@ class SpAttenEncoder:
         """The run's statistics in the versioned trace schema (see :mod:`sparsetx.attention.trace`)."""
         from .trace import stats_document
 
-        return stats_document(self.model_shape(), asdict(self.config), self.stats)
+        return stats_document(self.model_shape(), asdict(self.config), sequences=self.stats)
 
     def _policy_scores(self, cumulative: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         policy = self.config.token_policy

@@ -10,6 +10,17 @@
            "values_fetched_rows": rows of V read by P V, "topk": [{"unit": "token"|"head"|"value",
            "n": candidates, "k": kept, "calls": how many (default 1)}]}]}]}
 
+   A decoder run has "steps" instead of "sequences": one list per forward pass (the prompt, then
+   one per generated token), each holding one entry per layer::
+
+      {"layer": i, "tokens": keys attended, "tokens_after": cache size after eviction,
+       "queries": new tokens, "heads": query heads computed, "kv_heads": KV heads kept,
+       "head_dim": D, "values_fetched_rows": rows of V read, "kv_bytes_fp16": K+V bytes at fp16,
+       and with progressive quantization "rows", "rows_refetched", "k_bytes_msb",
+       "k_bytes_lsb_refetch", "v_bytes", "kv_bytes_quantized"}
+
+   and its "model" adds "kv_heads" (grouped-query attention).
+
 2. The official SpAtten workload trace CSV (mit-han-lab/spatten, MIT licence): one row per
    (generation step, layer, head) with the columns of :data:`CSV_COLUMNS`, and a trailing line
    naming the run's config. :func:`read_spatten_csv` and :func:`write_spatten_csv` read and write
@@ -113,9 +124,25 @@ def write_spatten_csv(path: str | os.PathLike, rows: list[TraceRow], config: str
     os.replace(tmp, path)
 
 
-def stats_document(model_shape: dict, config: dict, sequences: list[list[dict]]) -> dict:
-    return {"schema": STATS_SCHEMA, "version": STATS_VERSION, "model": model_shape, "config": config,
-            "sequences": [{"length": seq[0]["tokens"] if seq else 0, "layers": seq} for seq in sequences]}
+# The keys every layer entry must hold, per form of the document.
+REQUIRED = {
+    "sequences": {"layer", "tokens", "heads", "keys_fetched", "values_fetched_rows", "topk"},
+    "steps": {"layer", "tokens", "tokens_after", "queries", "heads", "kv_heads", "head_dim",
+              "values_fetched_rows", "kv_bytes_fp16"},
+}
+
+
+def stats_document(model_shape: dict, config: dict, sequences: list[list[dict]] | None = None,
+                   steps: list[list[dict]] | None = None) -> dict:
+    """The versioned document: encoder ``sequences`` or decoder ``steps`` (exactly one)."""
+    if (sequences is None) == (steps is None):
+        raise ValueError("a stats document holds either encoder sequences or decoder steps")
+    doc = {"schema": STATS_SCHEMA, "version": STATS_VERSION, "model": model_shape, "config": config}
+    if sequences is not None:
+        doc["sequences"] = [{"length": seq[0]["tokens"] if seq else 0, "layers": seq} for seq in sequences]
+    else:
+        doc["steps"] = steps
+    return doc
 
 
 def write_stats(path: str | os.PathLike, document: dict) -> None:
@@ -129,11 +156,16 @@ def read_stats(path: str | os.PathLike) -> dict:
     doc = json.loads(Path(path).read_text())
     if doc.get("schema") != STATS_SCHEMA or doc.get("version") != STATS_VERSION:
         raise TraceError(f"{path}: schema {doc.get('schema')!r} v{doc.get('version')!r}; expected {STATS_SCHEMA!r} v{STATS_VERSION}")
-    for s, seq in enumerate(doc.get("sequences", [])):
-        for layer in seq.get("layers", []):
-            missing = {"layer", "tokens", "heads", "keys_fetched", "values_fetched_rows", "topk"} - set(layer)
+    forms = [f for f in REQUIRED if f in doc]
+    if len(forms) != 1:
+        raise TraceError(f"{path}: expected exactly one of {sorted(REQUIRED)}, found {forms}")
+    form = forms[0]
+    groups = [seq.get("layers", []) for seq in doc["sequences"]] if form == "sequences" else doc["steps"]
+    for s, layers in enumerate(groups):
+        for layer in layers:
+            missing = REQUIRED[form] - set(layer)
             if missing:
-                raise TraceError(f"{path}: sequence {s} layer {layer.get('layer')} lacks {sorted(missing)}")
+                raise TraceError(f"{path}: {form[:-1]} {s} layer {layer.get('layer')} lacks {sorted(missing)}")
     return doc
 
 
