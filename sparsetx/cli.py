@@ -150,18 +150,14 @@ def cmd_eval(args):
 def cmd_pack(args):
     from .formats.folder import save_packed
     from .models import load_model, load_tokenizer
-    from .nm.pattern import NMPattern
-    from .nm.prune import recorded_patterns
+    from .nm.prune import NMConfig, recorded_patterns
 
     model = load_model(args.model)
-    patterns = recorded_patterns(model)
-    if args.pattern:
-        from .nm.prune import NMConfig
-        patterns = NMConfig(args.pattern).layers(model)
+    patterns = NMConfig(args.pattern).layers(model) if args.pattern else recorded_patterns(model)
     if not patterns:
         raise ValueError(f"{args.model} records no N:M patterns; pass --pattern N:M")
-    save_packed(model, args.out, {n: NMPattern.parse(p) for n, p in patterns.items()}, args.value_dtype,
-                args.encoding, tokenizer=load_tokenizer(args.model), overwrite=args.overwrite)
+    save_packed(model, args.out, patterns, args.value_dtype, args.encoding, tokenizer=load_tokenizer(args.model),
+                overwrite=args.overwrite)
     return cmd_info(argparse.Namespace(folder=args.out, json=None))
 
 

@@ -3,6 +3,7 @@ head keep ratios, for SpAtten's cascade and same-budget baselines."""
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,18 +33,9 @@ class EncoderEvalConfig:
     out: str = "runs/attention-eval"
 
 
-def _accuracy(model, tok, data, cfg: SpAttenConfig | None) -> float:
-    if cfg is None:
-        return accuracy(model, tok, data, progress=False, max_length=128)
-    with spatten(model, cfg):
-        return accuracy(model, tok, data, progress=False, max_length=128)
-
-
-def _cosine(model, reference, tok, texts, cfg: SpAttenConfig | None) -> float:
-    if cfg is None:
-        return embedding_similarity(model, reference, tok, texts)
-    with spatten(model, cfg):
-        return embedding_similarity(model, reference, tok, texts)
+def _pruned(model, cfg: SpAttenConfig | None):
+    """The SpAtten runtime for ``cfg``, or nothing (the unpruned model) when cfg is None."""
+    return nullcontext() if cfg is None else spatten(model, cfg)
 
 
 def encoder_eval(cfg: EncoderEvalConfig) -> dict:
@@ -58,13 +50,15 @@ def encoder_eval(cfg: EncoderEvalConfig) -> dict:
     clf = load_model(cfg.classifier) if cfg.classifier else None
     clf_tok = load_tokenizer(cfg.classifier) if cfg.classifier else None
     data = sentiment_splits()["test"].subset(cfg.examples)
-    dense_acc = _accuracy(clf, clf_tok, data, None) if clf is not None else None
+    dense_acc = accuracy(clf, clf_tok, data, progress=False, max_length=128) if clf is not None else None
     for policy, keep, head in track(grid, description="attention-eval", console=console):
         sp = SpAttenConfig(token_keep=keep, head_keep=head, token_policy=policy)
-        row = {"method": policy, "token_keep": keep, "head_keep": head,
-               "embedding_cosine": _cosine(encoder, reference, enc_tok, texts, sp)}
+        with _pruned(encoder, sp):
+            row = {"method": policy, "token_keep": keep, "head_keep": head,
+                   "embedding_cosine": embedding_similarity(encoder, reference, enc_tok, texts)}
         if clf is not None:
-            row["accuracy"] = _accuracy(clf, clf_tok, data, sp)
+            with _pruned(clf, sp):
+                row["accuracy"] = accuracy(clf, clf_tok, data, progress=False, max_length=128)
         rows.append(row)
     result = {"config": cfg.__dict__, "dense_accuracy": dense_acc, "rows": rows,
               "data": {"accuracy": f"Rotten Tomatoes test, first {len(data)} examples",
