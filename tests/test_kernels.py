@@ -13,7 +13,7 @@ from sparsetx.nm.pattern import NMPattern
 
 needs_c = pytest.mark.skipif(library() is None, reason="C kernel could not be built here (no gcc?)")
 PATTERNS = [NMPattern(2, 4), NMPattern(1, 4), NMPattern(4, 8), NMPattern(2, 8), NMPattern(1, 8), NMPattern(1, 16),
-            NMPattern(3, 8), NMPattern(5, 16)]
+            NMPattern(3, 8), NMPattern(5, 16), NMPattern(3, 5), NMPattern(7, 12), NMPattern(2, 32)]
 # Tolerance: fp32 sums of up to 256 products in a different order: |err| <= 1e-4 for O(1) inputs.
 ATOL = 1e-4
 
@@ -26,12 +26,15 @@ def nm_weight(out, inp, pattern, seed=0):
 
 @needs_c
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
-@pytest.mark.parametrize("tokens", [1, 3, 31, 32, 33, 130])
+@pytest.mark.parametrize("tokens", [1, 3, 12, 31, 32, 33, 130])
 def test_every_pattern_and_odd_token_counts(pattern, tokens):
-    w = nm_weight(24, 64, pattern, seed=tokens)
+    """Every tile width (8, 16, 32 tokens), partial tiles, the one-token lane path (vpermps for
+    M <= 8, two registers for M <= 16, a gather beyond), M not a power of two, and N = M."""
+    inp = 64 if 64 % pattern.m == 0 else pattern.m * 12
+    w = nm_weight(24, inp, pattern, seed=tokens)
     b = torch.randn(24)
     kw = KernelWeight.from_packed(pack_nm(w, pattern))
-    x = torch.randn(tokens, 64)
+    x = torch.randn(tokens, inp)
     ref = nn.functional.linear(x, w, b)
     fast = nm_linear(x, kw, b, backend="c")
     slow = nm_linear(x, kw, b, backend="torch")

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.attention import fused_attention
 from .importance import (check_ratios, head_importance, join_msb_lsb, keep_count, keep_schedule,
                          local_value_mask, msb_value, quantize, select_kept, split_msb_lsb)
 
@@ -214,10 +215,41 @@ class SpAttenDecoder:
         q_pos = torch.arange(self.seen - new, self.seen)
         causal = pos[None, :] <= q_pos[:, None]                      # (new, T)
 
-        kk = keys.repeat_interleave(group, dim=1)                    # (1, n_q, T, d)
-        vv = values.repeat_interleave(group, dim=1)
         stat = {"layer": layer, "tokens": int(pos.numel()), "queries": new, "kv_heads": n_kv, "head_dim": d}
         self._scaling = float(module.scaling)
+        kv_top = max(1, math.ceil(cfg.value_topk * pos.numel())) if cfg.value_topk and cfg.value_topk < 1.0 else None
+        flat_heads = torch.zeros(n_q, dtype=torch.bool)
+        refetched = 0
+        if cfg.k_bits is None and kv_top is None:
+            # Fused: online softmax over key blocks, received probabilities from a recompute pass
+            out, contrib = fused_attention(q[0].float(), keys[0].float(), values[0].float(), self._scaling,
+                                           q_pos, pos, importance=True)
+            ctx_heads = out[None].to(values.dtype)
+        else:
+            ctx_heads, contrib, refetched, flat_heads = self._chunked(q, keys, values, causal, group, kv_top)
+        if cfg.k_bits is not None:
+            stat.update(rows_refetched=refetched, rows=new * n_q)
+        stat["values_fetched_rows"] = (kv_top or pos.numel()) * new * n_q
+        # head importance, pooled over the query heads sharing a KV head: s_h += sum |E|
+        self.head_scores[alive] += head_importance(ctx_heads[0]).double().view(n_kv, group).sum(-1)
+        ctx = ctx_heads.transpose(1, 2).reshape(1, new, n_q * d)
+        out = self.ops.output(module, ctx, None if full else q_rows)
+        stat["heads"] = n_q
+        self.importance[pos] += contrib
+        self.layer_importance[layer][pos] += contrib
+        self._fetch_stats(stat, pos.numel(), n_kv, d, flat_heads.view(n_kv, group).any(dim=-1))
+        self._evict(layer, cache, new)
+        stat["tokens_after"] = int(self.positions[layer].numel())
+        self.stats[-1].append(stat)
+        return out, None
+
+    def _chunked(self, q, keys, values, causal, group, kv_top):
+        """Materialised softmax per query chunk: progressive quantization needs each row's max
+        probability before the LSB refetch, local value pruning each row's top-k."""
+        cfg = self.config
+        n_q, new = q.shape[1], q.shape[2]
+        kk = keys.repeat_interleave(group, dim=1)                    # (1, n_q, T, d)
+        vv = values.repeat_interleave(group, dim=1)
         if cfg.k_bits is not None:  # K as MSB and LSB planes, V at v_bits (progressive quantization)
             kq, kscale = quantize(kk.float(), cfg.k_bits)
             msb, lsb = split_msb_lsb(kq, cfg.k_bits, cfg.lsb_bits)
@@ -225,8 +257,7 @@ class SpAttenDecoder:
             fine = join_msb_lsb(msb, lsb, cfg.lsb_bits).float() * kscale
             vq, vs = quantize(vv.float(), cfg.v_bits)
             vv = (vq.float() * vs).to(vv.dtype)
-        kv_top = max(1, math.ceil(cfg.value_topk * pos.numel())) if cfg.value_topk and cfg.value_topk < 1.0 else None
-        contrib = torch.zeros(pos.numel(), dtype=torch.float64)
+        contrib = torch.zeros(kk.shape[2], dtype=torch.float64)
         flat_heads = torch.zeros(n_q, dtype=torch.bool)
         refetched, parts = 0, []
         # Query chunks keep the probabilities small enough to stay in cache (a 1024-token prompt would
@@ -247,22 +278,7 @@ class SpAttenDecoder:
             if kv_top is not None:  # local value pruning, per query row
                 probs = probs * local_value_mask(probs, kv_top)
             parts.append(probs.to(vv.dtype) @ vv)
-        ctx_heads = torch.cat(parts, dim=2)                         # (1, n_q, new, d)
-        if cfg.k_bits is not None:
-            stat.update(rows_refetched=refetched, rows=new * n_q)
-        stat["values_fetched_rows"] = (kv_top or pos.numel()) * new * n_q
-        # head importance, pooled over the query heads sharing a KV head: s_h += sum |E|
-        self.head_scores[alive] += head_importance(ctx_heads[0]).double().view(n_kv, group).sum(-1)
-        ctx = ctx_heads.transpose(1, 2).reshape(1, new, n_q * d)
-        out = self.ops.output(module, ctx, None if full else q_rows)
-        stat["heads"] = n_q
-        self.importance[pos] += contrib
-        self.layer_importance[layer][pos] += contrib
-        self._fetch_stats(stat, pos.numel(), n_kv, d, flat_heads.view(n_kv, group).any(dim=-1))
-        self._evict(layer, cache, new)
-        stat["tokens_after"] = int(self.positions[layer].numel())
-        self.stats[-1].append(stat)
-        return out, None
+        return torch.cat(parts, dim=2), contrib, refetched, flat_heads
 
     def _probs(self, q, kk, causal):
         scores = (q @ kk.transpose(-1, -2)).float() * self._scaling  # 1/sqrt(d) (GPT-2 may add 1/layer)

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..kernels.topk import topk_indices
+
 
 def token_importance(probs: torch.Tensor) -> torch.Tensor:
     """Attention probability each key token receives, summed over heads and queries.
@@ -68,8 +70,7 @@ def select_kept(scores: torch.Tensor, k: int, protected: torch.Tensor | None = N
         if int(protected.sum()) > k:
             raise ValueError(f"{int(protected.sum())} protected tokens do not fit in a budget of {k}")
         key[protected] = math.inf
-    order = torch.sort(-key, stable=True).indices
-    return order[:k].sort().values
+    return topk_indices(key, k)  # quick-select (SpAtten's top-k engine), same as a stable sort
 
 
 def local_value_mask(probs: torch.Tensor, k: int) -> torch.Tensor:

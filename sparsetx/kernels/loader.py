@@ -64,8 +64,10 @@ def library() -> ctypes.CDLL | None:
             Path(tmp).unlink(missing_ok=True)
             return None
     lib = ctypes.CDLL(str(target))
-    i, p = ctypes.c_int, ctypes.c_void_p
-    lib.nm_linear_tokens.argtypes = [p, i, p, p, i, i, p, p, i]
-    lib.nm_linear_vector.argtypes = [p, p, p, i, i, p, p, i]
+    i, i64, p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    lib.nm_linear_tokens.argtypes = [p, i64, i, i, p, p, i, i, i, i, i, p, p, i]
+    lib.nm_linear_vector.argtypes = [p, p, p, i, i, i, i, p, p, i]
     lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
+    lib.topk_select.argtypes = [p, i, i, p, p]
+    lib.topk_select.restype = ctypes.c_double
     return lib

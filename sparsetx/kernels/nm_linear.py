@@ -3,8 +3,11 @@ the drop-in module that holds one. The C kernel runs where it builds; PyTorch ot
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -12,11 +15,16 @@ from ..formats.packed import PackedNM
 from ..nm.pattern import NMPattern
 from .loader import library
 
+K_BLOCK = int(os.environ.get("SPARSETX_K_BLOCK", 256))  # columns per K block: a 32-token x tile of 32 KiB
+
 
 @dataclass
 class KernelWeight:
-    """A packed N:M weight in the kernel's layout: fp32 values and absolute int32 input indices,
-    (out, kn) each, kn = in / M * N, row-major in the order the kernel reads them."""
+    """A packed N:M weight ready for the kernels. ``values`` and ``indices`` ((out, kn) each,
+    kn = in / M * N; fp32 values and absolute int32 input indices, ascending per row) are the
+    canonical form the PyTorch fallback uses; the C kernels read two layouts made from it once, on
+    first use, in the order they read them (see nm_cpu.c): pairs of rows by K blocks for many tokens,
+    octets of rows in SIMD lanes for one token."""
 
     values: torch.Tensor
     indices: torch.Tensor
@@ -42,9 +50,51 @@ class KernelWeight:
     def out_features(self) -> int:
         return self.values.shape[0]
 
+    @property
+    def nm(self) -> tuple[int, int]:
+        """(N, M) as the kernels see it; dense weights run as 8:8 (1:1 when in % 8 != 0)."""
+        if self.pattern is not None:
+            return self.pattern.n, self.pattern.m
+        return (8, 8) if self.in_features % 8 == 0 else (1, 1)
+
     def dense(self) -> torch.Tensor:
         w = torch.zeros(self.out_features, self.in_features)
         return w.scatter_(1, self.indices.long(), self.values)
+
+    @property
+    def k_block(self) -> int:
+        """Columns per K block of the many-token kernel: a multiple of M near K_BLOCK."""
+        m = self.nm[1]
+        return max(1, K_BLOCK // m) * m
+
+    @cached_property
+    def pair_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, uint16 block-relative column x 32), pair p / kept slot j / row r at p*2*kn + 2*j + r.
+        The x 32 is the kernel's tile stride (32 tokens per column), so a code is a ready offset."""
+        kb = self.k_block
+        vals, cols = _pad_rows(self.values, 2), _pad_rows(self.indices, 2)
+        p, kn = vals.shape[0] // 2, vals.shape[1]
+        order = (p, 2, kn)
+        v = vals.view(order).permute(0, 2, 1).contiguous()
+        c = ((cols.view(order).permute(0, 2, 1) % kb) * 32).to(torch.int32).contiguous().numpy().astype(np.uint16)
+        return v, torch.from_numpy(c)  # < 2**16 for K_BLOCK <= 2048
+        return v, c
+
+    @cached_property
+    def lane_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, uint8 in-group positions), octet q / group g / slot s / lane at ((q*G+g)*N+s)*8+lane."""
+        n, m = self.nm
+        vals, cols = _pad_rows(self.values, 8), _pad_rows(self.indices, 8)
+        q, g = vals.shape[0] // 8, self.in_features // m
+        group_start = torch.arange(g, dtype=torch.int32).repeat_interleave(n) * m
+        pos = (cols - group_start).to(torch.uint8)
+        v = vals.view(q, 8, g, n).permute(0, 2, 3, 1).contiguous()
+        return v, pos.view(q, 8, g, n).permute(0, 2, 3, 1).contiguous()
+
+
+def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -t.shape[0] % multiple
+    return t if extra == 0 else torch.cat([t, torch.zeros(extra, t.shape[1], dtype=t.dtype)])
 
 
 def _ptr(t: torch.Tensor | None):
@@ -56,27 +106,38 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     """x: (..., in) fp32 -> (..., out). backend: "auto" (C kernel if it built), "c", "torch"."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.in_features}")
+    if backend not in ("auto", "c", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; valid: auto, c, torch")
     lib = library() if backend in ("auto", "c") else None
     if backend == "c" and lib is None:
         raise RuntimeError("the C kernel is not available on this machine (no gcc, or the build failed)")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, weight.in_features).float()
-    if lib is None or x.requires_grad:
+    k, o = weight.in_features, weight.out_features
+    x2 = x.reshape(-1, k).float()
+    if lib is None or x.requires_grad or x2.shape[0] == 0:
         # Fallback: gather each row's kept inputs and reduce (same arithmetic, no dense weight).
         y = torch.einsum("tok,ok->to", x2[:, weight.indices.long()], weight.values)
-        return (y + bias if bias is not None else y).reshape(*lead, -1)
+        return (y + bias if bias is not None else y).reshape(*lead, o)
     threads = threads or torch.get_num_threads()
-    t, o, kn = x2.shape[0], weight.out_features, weight.values.shape[1]
+    t = x2.shape[0]
+    n, m = weight.nm
     b = None if bias is None else bias.detach().float().contiguous()
     if t == 1:
-        xv = x2.reshape(-1).contiguous()
-        y = torch.empty(o)
-        lib.nm_linear_vector(_ptr(xv), _ptr(weight.values), _ptr(weight.indices), o, kn, _ptr(b), _ptr(y), threads)
-        return y.reshape(*lead, o)
-    xT = x2.t().contiguous()
-    yT = torch.empty(o, t)
-    lib.nm_linear_tokens(_ptr(xT), t, _ptr(weight.values), _ptr(weight.indices), o, kn, _ptr(b), _ptr(yT), threads)
-    return yT.t().reshape(*lead, o)
+        xv = torch.zeros(k + 16)
+        xv[:k] = x2[0]
+        lv, lp = weight.lane_layout
+        o8 = lv.shape[0] * 8
+        bp = None if b is None else _pad_rows(b.view(-1, 1), 8).view(-1)
+        y = torch.empty(o8)
+        lib.nm_linear_vector(_ptr(xv), _ptr(lv), _ptr(lp), o8, k, n, m, _ptr(bp), _ptr(y), threads)
+        return y[:o].reshape(*lead, o)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    pv, pc = weight.pair_layout
+    y = torch.empty(t, o)
+    lib.nm_linear_tokens(_ptr(x2), x2.stride(0), t, k, _ptr(pv), _ptr(pc), o, pv.shape[1], n, m, weight.k_block, _ptr(b), _ptr(y),
+                         threads)
+    return y.reshape(*lead, o)
 
 
 class SparseLinear(nn.Module):

@@ -1,0 +1,50 @@
+"""Top-k for the SpAtten runtime: which k of n importance scores to keep (n = the tokens or heads
+alive, a few to a few thousand). Two routes, the same answer (the k largest, ties to the earlier
+index, returned in ascending index order, as :func:`sparsetx.attention.importance.select_kept`):
+
+* ``"select"``: the C quick-select of nm_cpu.c, SpAtten's top-k engine in software (one pass of
+  partitioning per round on a shrinking candidate set, no full sort);
+* ``"torch"``: ``torch.topk`` on the scores, with ties made stable by a tiny index-dependent key.
+
+``benchmarks/topk.py`` measured both against a stable sort; ``topk_indices`` uses the faster one at
+the runtime's sizes (see the benchmark's JSON), falling back to torch where the kernel did not build.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .loader import library
+
+# From benchmarks/topk.py on this machine: the quick-select wins up to SELECT_MAX scores.
+SELECT_MAX = 4096
+
+
+def topk_indices(scores: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
+    """Ascending int64 indices of the k largest ``scores`` (1-D); ties go to the earlier index."""
+    if scores.dim() != 1:
+        raise ValueError(f"top-k takes a 1-D score vector, got shape {tuple(scores.shape)}")
+    n = scores.numel()
+    if not 0 < k <= n:
+        raise ValueError(f"cannot keep {k} of {n}")
+    if torch.isnan(scores).any():
+        raise ValueError("top-k scores contain NaN")
+    if backend not in ("auto", "select", "torch"):
+        raise ValueError(f"unknown top-k backend {backend!r}; valid: auto, select, torch")
+    lib = library() if backend in ("auto", "select") else None
+    if backend == "select" and lib is None:
+        raise RuntimeError("the C top-k is not available on this machine (no gcc, or the build failed)")
+    if lib is not None and (backend == "select" or n <= SELECT_MAX):
+        s = scores.detach().to(torch.float64).contiguous()
+        work = torch.empty(2 * n, dtype=torch.float64)
+        out = torch.empty(k, dtype=torch.int64)
+        lib.topk_select(ctypes.c_void_p(s.data_ptr()), n, k, ctypes.c_void_p(work.data_ptr()),
+                        ctypes.c_void_p(out.data_ptr()))
+        return out
+    # torch.topk does not promise an order among ties: rank by (score, -index) exactly instead
+    s = scores.detach().to(torch.float64)
+    thr = s.topk(k).values[-1]
+    above = (s > thr).nonzero().squeeze(1)
+    ties = (s == thr).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
