@@ -69,5 +69,5 @@ def library() -> ctypes.CDLL | None:
     lib.nm_linear_vector.argtypes = [p, p, p, i, i, i, i, p, p, i]
     lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
     lib.topk_select.argtypes = [p, i, i, p, p]
-    lib.topk_select.restype = ctypes.c_double
+    lib.topk_select.restype = ctypes.c_int
     return lib

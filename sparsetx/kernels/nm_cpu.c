@@ -194,11 +194,14 @@ void nm_linear_vector(const float *x, const float *lvals, const uint8_t *lpos, i
 
 /* Top-k by quick-select (the software twin of SpAtten's top-k engine, sparsetx/hw/topk.py): writes
  * the indices of the k largest of s[0..n) to out in ascending index order; ties at the threshold go
- * to the earlier index (the same choice as a stable sort). s must hold no NaN. work: 2 * n doubles.
- * Returns the threshold (the k-th largest value). */
-double topk_select(const double *s, int n, int k, double *work, int64_t *out) {
+ * to the earlier index (the same choice as a stable sort). work: 2 * n doubles. Returns 0, or -1
+ * (and writes nothing) when s holds a NaN. */
+int topk_select(const double *s, int n, int k, double *work, int64_t *out) {
     double *a = work, *b = work + n, thr;
-    memcpy(a, s, sizeof(double) * n);
+    for (int i = 0; i < n; i++) {
+        if (s[i] != s[i]) return -1;
+        a[i] = s[i];
+    }
     int len = n, need = k;  /* the need-th largest of a[0..len) is the threshold */
     while (1) {
         double pivot = a[len / 2];
@@ -225,5 +228,5 @@ double topk_select(const double *s, int n, int k, double *work, int64_t *out) {
         if (s[i] > thr) out[w++] = i;
         else if (s[i] == thr && ties > 0) { out[w++] = i; ties--; }
     }
-    return thr;
+    return 0;
 }
