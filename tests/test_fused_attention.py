@@ -64,3 +64,53 @@ def test_topk_errors():
         topk_indices(torch.tensor([1.0, float("nan")]), 1)
     with pytest.raises(ValueError, match="1-D"):
         topk_indices(torch.ones(2, 2), 1)
+
+
+def _sparse_twin(model, pattern="2:8"):
+    """(masked dense model, the same with SparseLinear layers)."""
+    import copy
+
+    from sparsetx.kernels.nm_linear import SparseLinear, to_sparse_linear
+    from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
+
+    sparsify(model, NMConfig(pattern))
+    fast = to_sparse_linear(copy.deepcopy(model), recorded_patterns(model))
+    assert any(isinstance(m, SparseLinear) for m in fast.modules())
+    return model, fast
+
+
+def test_spatten_runtimes_run_on_sparse_linear_models_with_head_pruning():
+    """Token and head pruning on N:M SparseLinear layers give what they give on the masked dense
+    model (pruned heads' rows and columns handled without touching the packed weights)."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    from sparsetx.attention.decoder import DecoderConfig, spatten_decoder
+    from sparsetx.attention.encoder import SpAttenConfig, spatten
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                intermediate_size=128)).eval()
+    dense, fast = _sparse_twin(bert)
+    cfg = SpAttenConfig(token_keep=[1, 1, 0.5, 0.5], head_keep=[1, 1, 0.5, 0.5])
+    ids = torch.randint(5, 200, (1, 24))
+    with torch.no_grad():
+        with spatten(dense, cfg):
+            ref = dense(input_ids=ids).last_hidden_state
+        with spatten(fast, cfg):
+            out = fast(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=96)).eval()
+    dense, fast = _sparse_twin(llama)
+    dcfg = DecoderConfig(kv_budget=12, head_keep=[1.0, 1.0, 0.5, 0.5])
+    prompt = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with spatten_decoder(dense, dcfg):
+            ref = dense.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        with spatten_decoder(fast, dcfg):
+            out = fast.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=1e-4, rtol=0)

@@ -37,10 +37,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.attention import fused_attention
+from ..kernels.nm_linear import linear_cols, linear_rows
 from .importance import (check_ratios, head_importance, join_msb_lsb, keep_count, keep_schedule,
                          local_value_mask, msb_value, quantize, select_kept, split_msb_lsb)
 
@@ -107,8 +107,7 @@ class LlamaOps:
         def proj(lin, rows):
             if rows is None:  # every head kept: the module itself, no copy of its weight
                 return lin(hidden).view(b, t, -1, d).transpose(1, 2)
-            bias = None if lin.bias is None else lin.bias[rows]
-            return F.linear(hidden, lin.weight[rows], bias).view(b, t, -1, d).transpose(1, 2)
+            return linear_rows(lin, hidden, rows).view(b, t, -1, d).transpose(1, 2)
 
         q, k, v = proj(module.q_proj, q_rows), proj(module.k_proj, kv_rows), proj(module.v_proj, kv_rows)
         cos, sin = position_embeddings
@@ -119,7 +118,7 @@ class LlamaOps:
     def output(module, ctx, q_rows):
         if q_rows is None:
             return module.o_proj(ctx)
-        return F.linear(ctx, module.o_proj.weight[:, q_rows], module.o_proj.bias)
+        return linear_cols(module.o_proj, ctx, q_rows)
 
 
 class GPT2Ops:

@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
+from ..kernels.nm_linear import linear_cols, linear_rows
 from .importance import (check_ratios, head_importance, keep_count, keep_schedule, local_value_mask,
                          select_kept, token_importance)
 
@@ -134,7 +134,7 @@ class SpAttenEncoder:
             rows = (heads[:, None] * d + torch.arange(d)).reshape(-1)
 
             def proj(lin):
-                y = lin(h) if full else F.linear(h, lin.weight[rows], lin.bias[rows])
+                y = lin(h) if full else linear_rows(lin, h, rows)
                 return y.view(tokens, -1, d).transpose(0, 1)
 
             q, k, v = proj(blk.q), proj(blk.k), proj(blk.v)
@@ -152,7 +152,7 @@ class SpAttenEncoder:
             tok_scores = layer_scores if cfg.token_policy == "local" else tok_scores + layer_scores
             head_scores[heads] += head_importance(ctx).double()
             merged = ctx.transpose(0, 1).reshape(tokens, -1)
-            attn = blk.o(merged) if full else F.linear(merged, blk.o.weight[:, rows], blk.o.bias)
+            attn = blk.o(merged) if full else linear_cols(blk.o, merged, rows)
             h = blk.ln_attn(attn + h)
             h = blk.ln_ffn(blk.ffn_out(blk.act(blk.ffn_in(h))) + h)
             stats.append({"layer": i, "tokens": tokens, "heads": int(len(heads)), "keys_fetched": tokens * len(heads),

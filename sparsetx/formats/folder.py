@@ -212,7 +212,7 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     if fast:
         from ..kernels.nm_linear import SparseLinear  # kernels sit above formats: imported on demand
 
-        for name, p in packed.items():
+        for name, p in packed.items():  # from the packed values as stored: no repacking of the masked weight
             model.set_submodule(name, SparseLinear.from_packed(p, model.get_submodule(name).bias))
     return (model, packed) if with_sparse else model
 

@@ -9,6 +9,7 @@ from functools import cached_property
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..formats.packed import PackedNM
@@ -166,3 +167,28 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, pattern={self.weight_nm.pattern}"
+
+
+def to_sparse_linear(model: nn.Module, patterns: dict[str, NMPattern]) -> nn.Module:
+    """Swap each named N:M-masked nn.Linear of ``model`` for a :class:`SparseLinear` (in place)."""
+    for name, pattern in patterns.items():
+        model.set_submodule(name, SparseLinear.from_linear(model.get_submodule(name), pattern))
+    return model
+
+
+def linear_rows(lin: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The output features ``rows`` of ``lin(x)`` (pruned heads' Q/K/V). An nn.Linear computes only
+    those rows; a SparseLinear computes all and keeps those (its packed rows stay packed)."""
+    if isinstance(lin, nn.Linear):
+        return F.linear(x, lin.weight[rows], None if lin.bias is None else lin.bias[rows])
+    return lin(x)[..., rows]
+
+
+def linear_cols(lin: nn.Module, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``lin`` applied to an input that is zero outside the input features ``cols`` (the output
+    projection after head pruning); x holds only those features."""
+    if isinstance(lin, nn.Linear):
+        return F.linear(x, lin.weight[:, cols], lin.bias)
+    full = x.new_zeros(*x.shape[:-1], lin.in_features)
+    full[..., cols] = x
+    return lin(full)
