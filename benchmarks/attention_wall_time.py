@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,22 +22,7 @@ from sparsetx.attention.decoder import DecoderConfig, spatten_decoder
 from sparsetx.attention.encoder import SpAttenConfig, spatten
 from sparsetx.data.text import shakespeare_plays
 from sparsetx.models import load_model, load_tokenizer
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def interleaved(cases: dict, repeats: int) -> dict[str, float]:
-    for fn in cases.values():  # warm-up
-        fn()
-    times = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            times[name].append(timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+from timing import interleaved
 
 
 def text() -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -22,18 +20,12 @@ from sparsetx.kernels.loader import library
 from sparsetx.kernels.nm_linear import KernelWeight, nm_linear
 from sparsetx.nm.mask import apply_mask, nm_mask
 from sparsetx.nm.pattern import NMPattern
+from timing import interleaved, per_call
 
 SHAPES = {"bert 768x768": (768, 768), "bert 3072x768": (3072, 768), "bert 768x3072": (768, 3072),
           "minilm 384x384": (384, 384), "minilm 1536x384": (1536, 384), "minilm 384x1536": (384, 1536)}
 PATTERNS = ("2:4", "4:8", "2:8", "1:8", "1:16")
 TOKENS = (1, 16, 128, 512)
-
-
-def _time(fn, repeats_inner: int) -> float:
-    t = time.perf_counter()
-    for _ in range(repeats_inner):
-        fn()
-    return (time.perf_counter() - t) / repeats_inner
 
 
 def bench_case(out, inp, pattern, tokens, threads, repeats):
@@ -48,14 +40,8 @@ def bench_case(out, inp, pattern, tokens, threads, repeats):
     err = float((nm_linear(x, kw, threads=threads) - ref).abs().max())
     fns = {"dense": lambda: F.linear(x, w), "nm": lambda: nm_linear(x, kw, threads=threads),
            "csr": lambda: torch.sparse.mm(csr, x.t())}
-    inner = max(1, int(2e-3 / max(_time(fns["dense"], 1), 1e-6)))  # ~2 ms per timing sample
-    for fn in fns.values():
-        _time(fn, inner)
-    samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            samples[k].append(_time(fn, inner))
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    inner = max(1, int(2e-3 / max(per_call(fns["dense"]), 1e-6)))  # ~2 ms per timing sample
+    med = interleaved(fns, repeats, inner)
     # T = 1 is memory-bound: its target is the byte ratio of the fp32 dense weight to the packed one
     byte_ratio = out * inp * 4 / packed_bytes((out, inp), p, value_bits=32)
     return {"out": out, "in": inp, "pattern": pattern, "tokens": tokens, "threads": threads, "max_abs_err": err,

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from sparsetx.kernels.topk import topk_indices
+from timing import interleaved, per_call
 
 SIZES = (16, 64, 256, 1024, 4096, 16384)
-
-
-def _time(fn, inner):
-    t = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t) / inner
 
 
 def main(argv=None):
@@ -37,14 +29,8 @@ def main(argv=None):
         fns = {"select": lambda: topk_indices(s, k, "select"), "torch": lambda: topk_indices(s, k, "torch"),
                "sort": lambda: torch.sort(-s, stable=True).indices[:k].sort().values,
                "raw_topk": lambda: s.topk(k)}  # no tie guarantee, not ascending: a lower bound
-        inner = max(1, int(2e-3 / max(_time(fns["torch"], 3), 1e-7)))
-        samples = {name: [] for name in fns}
-        for fn in fns.values():
-            _time(fn, inner)
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
-                samples[name].append(_time(fn, inner))
-        med = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+        inner = max(1, int(2e-3 / max(per_call(fns["torch"], 3), 1e-7)))
+        med = {name: t * 1e6 for name, t in interleaved(fns, args.repeats, inner).items()}
         rows.append({"n": n, "k": k, "median_us": med})
         print(f"| {n} | {k} | {med['select']:.1f} | {med['torch']:.1f} | {med['sort']:.1f} | {med['raw_topk']:.1f} | "
               f"x{med['torch'] / med['select']:.2f} |")

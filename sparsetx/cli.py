@@ -273,6 +273,82 @@ def cmd_generate(args):
     return out
 
 
+def _print_tables(tables) -> None:
+    for title, rows in tables:
+        if rows:
+            console.print(_rows_table(title, rows))
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_sim_run(args):
+    from .hw.run import SimConfig, plot, report_tables, run, write_json
+
+    cfg = SimConfig(arch=args.arch, model=args.model, tokens=args.tokens, pattern=args.pattern,
+                    token_keep=args.token_keep, head_keep=args.head_keep, value_keep=args.value_keep,
+                    trace=args.trace, stats=args.stats, arch_config=args.arch_config, measure=args.measure)
+    with console.status("simulating"):
+        result = run(cfg)
+    _print_tables(report_tables(result))
+    if args.json:
+        write_json(result, args.json)
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        plot(result, args.plot)
+        console.print(f"wrote {args.plot}")
+
+
+def cmd_sim_validate(args):
+    from .hw.run import write_json
+    from .hw.validate import reproduce
+
+    with console.status("reproducing the papers' figures") as status:
+        rows = reproduce(progress=lambda msg: status.update(f"simulating: {msg}"))
+    table = Table(title="simulators vs the papers (goal: within the tolerance; n/a = cannot be reproduced here)")
+    for col in ("#", "figure", "paper", "ours", "ratio", "status"):
+        table.add_column(col, overflow="fold")
+    for i, r in enumerate(rows, 1):
+        ours = "-" if r["ours"] is None else f"{r['ours']:.4g}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        color = {"ok": "green", "off": "yellow", "n/a": "dim"}[r["status"]]
+        table.add_row(str(i), f"{r['paper']}: {r['what']}", f"{r['value']:g} {r['unit']}", ours, ratio,
+                      f"[{color}]{r['status']}[/{color}]")
+    console.print(table)
+    console.print("how each figure was computed, or why it cannot be:")
+    for i, r in enumerate(rows, 1):
+        console.print(f"  {i:2d}. {r['how']} (paper: {r['source']})", highlight=False, markup=False)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "off", "n/a")}
+    console.print(f"{counts['ok']} within tolerance, {counts['off']} outside, {counts['n/a']} not reproducible here")
+    if args.json:
+        write_json(rows, args.json)
+        console.print(f"wrote {args.json}")
+
+
+def cmd_sim_sweep(args):
+    from rich.progress import Progress
+
+    from .hw.run import write_json
+    from .hw.sweep import plot_pareto, sweep
+
+    patterns = [None if p == "dense" else p for p in args.patterns.split(",")]
+    with Progress(console=console) as progress:
+        task = progress.add_task("sweep", total=None)
+        rows = sweep(args.model, args.tokens, patterns, _floats(args.token_keep), _floats(args.head_keep),
+                     [int(x) for x in _floats(args.pe)], args.nm_results, args.attention_results,
+                     progress=lambda i, n: progress.update(task, completed=i, total=n))
+    console.print(_rows_table(f"co-design sweep: {args.model}, {args.tokens} tokens (STA engine + SpAtten pruning)",
+                              [r for r in rows if r["pareto"]] if args.pareto_only else rows))
+    out = Path(args.out)
+    write_json(rows, out / "sweep.json")
+    plot_pareto(rows, out / "pareto.png")
+    console.print(f"wrote {out}/sweep.json and {out}/pareto.png ({sum(r['pareto'] for r in rows)} Pareto points)")
+
+
 def cmd_demo(args):
     from .demo import demo
 
@@ -385,6 +461,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stats", help="write the per-layer statistics JSON here")
     s.add_argument("--trace", help="write the official SpAtten trace CSV here")
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("sim", help="cycle-level simulators of the STA and SpAtten accelerators")
+    simsub = s.add_subparsers(dest="sim_command", required=True)
+    r = simsub.add_parser("run", help="simulate one workload and print the report")
+    r.add_argument("--arch", choices=["sta", "spatten"], default="sta")
+    r.add_argument("--model", default="bert-base",
+                   help="preset (bert-base, bert-large, gpt2, gpt2-medium, vit-base, deit-small, minilm), a "
+                        "config.json or a model folder")
+    r.add_argument("--tokens", type=int, default=128)
+    r.add_argument("--pattern", help="N:M of the linear layers (sta)")
+    r.add_argument("--token-keep", type=float, default=1.0, help="token keep ratio at the last layer (cascade ramp)")
+    r.add_argument("--head-keep", type=float, default=1.0)
+    r.add_argument("--value-keep", type=float, default=1.0, help="local value pruning (spatten)")
+    r.add_argument("--trace", help="official SpAtten trace CSV (spatten)")
+    r.add_argument("--stats", help="stats JSON written by attention-eval/generate --stats (spatten)")
+    r.add_argument("--arch-config", help="YAML/JSON file overriding architecture parameters")
+    r.add_argument("--measure", action="store_true", help="also time the workload on this CPU")
+    r.add_argument("--json", help="write the full result here")
+    r.add_argument("--plot", help="write latency / DRAM / speedup plots here (.png)")
+    r.set_defaults(fn=cmd_sim_run)
+    v = simsub.add_parser("validate", help="the papers' headline figures next to the simulators'")
+    v.add_argument("--json", help="write the rows here")
+    v.set_defaults(fn=cmd_sim_validate)
+    w = simsub.add_parser("sweep", help="N:M x token keep x head keep x PE array, with accuracy, Pareto plot")
+    w.add_argument("--model", default="minilm")
+    w.add_argument("--tokens", type=int, default=128)
+    w.add_argument("--patterns", default="dense,2:4,4:8,2:8,1:8")
+    w.add_argument("--token-keep", default="1.0,0.75,0.5,0.25")
+    w.add_argument("--head-keep", default="1.0,0.75")
+    w.add_argument("--pe", default="8,16,32", help="PE array sides (an 8 means 8x8)")
+    w.add_argument("--nm-results", default="runs/compare/results.json", help="sparsetx compare's results.json")
+    w.add_argument("--attention-results", default="runs/attention-eval/encoder_eval.json",
+                   help="sparsetx attention-eval's JSON")
+    w.add_argument("--pareto-only", action="store_true", help="print only the Pareto points")
+    w.add_argument("--out", default="runs/sweep")
+    w.set_defaults(fn=cmd_sim_sweep)
 
     s = sub.add_parser("demo", help="a few minutes end to end on the embedded MiniLM")
     s.add_argument("--out", default="runs/demo")

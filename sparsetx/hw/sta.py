@@ -1,0 +1,186 @@
+"""STA's unified engine: N:M sparse x dense and dense x dense products on one PE array, with the
+scalable softmax streaming behind Q K^T so the score matrix never goes to DRAM.
+
+The engine (our reconstruction, SEEDS.md): pe_rows x pe_cols PEs, output-stationary, one output
+feature x token per PE. A PE has ``lanes`` multipliers; each kept weight carries its in-group index,
+which drives an M:1 multiplexer over the group's M activations (index-driven operand selection).
+A PE consumes min(lanes, act_width * N / M) kept weights a cycle, so an N:M product of X (T x K) by
+W^T (K x O) takes ceil(O / pe_rows) x ceil(T / pe_cols) output tiles of ceil(K * N / M / rate)
+cycles each (plus an adder-tree drain). A dense operand (Q K^T, P V, a dense layer) is N = M: each
+group of M enters as M / lanes sub-groups with identity indices, so utilisation stays high in both
+modes.
+
+Memory: weights stream from DRAM in row blocks (pe_rows output features x K, packed: values plus
+ceil(log2 M)-bit indices), double-buffered against compute; activations stay on chip when a
+layer's fit in the activation buffer, else they stream in per row block and out per tile.
+Attention runs per head: Q K^T tiles feed the softmax unit; with ``onchip_softmax=False`` the scores
+are written to DRAM and read back (the baseline STA avoids).
+"""
+from __future__ import annotations
+
+import math
+
+from ..formats.packed import index_bits
+from ..nm.pattern import NMPattern
+from .arch import STAArch
+from .energy import EXP_PJ, dram_pj_per_byte, mac_pj, sram_pj_per_byte
+from .events import Stage, buffer_deps, simulate
+from .workload import ModelShape, Op, model_ops
+
+
+def tile_cycles(arch: STAArch, k: int, n: int, m: int) -> int:
+    """Cycles for one output tile: the K reduction at the PE's kept-weight rate, plus the drain of
+    a log2(lanes)-deep adder tree."""
+    rate = arch.kept_per_cycle(n, m)
+    return math.ceil(k * n / m / rate) + max(1, math.ceil(math.log2(arch.lanes)))
+
+
+def buffer_reads(macs: int, act_per_mac: float, weight_bytes: float, act_bytes: float,
+                 arch: STAArch) -> tuple[float, float]:
+    """On-chip bytes read (activations, weights): a PE column's activations (M per N kept weights)
+    are broadcast to the pe_rows PEs of the column, a PE row's weights to its pe_cols PEs."""
+    return macs * act_per_mac * act_bytes / arch.pe_rows, macs * weight_bytes / arch.pe_cols
+
+
+def bank_bytes(buffer_bytes: int, bits_per_cycle: float) -> float:
+    """A buffer that must deliver ``bits_per_cycle`` is banked in 64-bit banks (assumed); access
+    energy follows one bank's size."""
+    return buffer_bytes / max(1, math.ceil(bits_per_cycle / 64))
+
+
+def op_jobs(op: Op, arch: STAArch, act_resident: bool) -> list[list[Stage]]:
+    """Jobs for one operation: weight row blocks (linear layers) or heads (attention)."""
+    vb = arch.value_bits / 8
+    if op.kind == "sparse_dense":
+        n, m = (NMPattern.parse(op.pattern).n, NMPattern.parse(op.pattern).m) if op.pattern else (1, 1)
+        if op.pattern:
+            arch.check_pattern(n, m)
+        bits = arch.value_bits + (index_bits(NMPattern(n, m)) if op.pattern else 0)
+        blocks = math.ceil(op.n / arch.pe_rows)
+        block_bytes = arch.pe_rows * op.k * n / m * bits / 8
+        if block_bytes > arch.weight_buffer_bytes / 2:
+            raise ValueError(f"sta: a weight row block of {op.name} ({block_bytes:.0f} bytes) does not fit half "
+                             f"the weight buffer ({arch.weight_buffer_bytes} bytes, double-buffered)")
+        col_tiles = math.ceil(op.m / arch.pe_cols)
+        per_tile = tile_cycles(arch, op.k, n, m)
+        act_in = 0.0 if act_resident else op.m * op.k * vb       # re-streamed per row block
+        act_out = 0.0 if act_resident else arch.pe_rows * op.m * vb
+        jobs = [[Stage("dram", (block_bytes + act_in) / arch.dram_bytes_per_cycle, "fetch_w"),
+                 Stage("engine", col_tiles * per_tile, op.name),
+                 Stage("dram", act_out / arch.dram_bytes_per_cycle, "write_act")] for _ in range(blocks)]
+        buffer_deps(jobs, fetch=0, frees=1)
+        return jobs
+    if op.name == "qk":   # per head: Q (T x d) x K^T; scores stream into the softmax unit
+        per_head = math.ceil(op.n / arch.pe_rows) * math.ceil(op.m / arch.pe_cols) * tile_cycles(arch, op.k, 1, 1)
+        scores = op.m * op.n * vb
+        spill = 0.0 if arch.onchip_softmax else 2 * scores        # write + read back
+        sm = math.ceil(op.m * op.n / arch.softmax_per_cycle)
+        return [[Stage("engine", per_head, "qk"),
+                 Stage("dram", spill / 2 / arch.dram_bytes_per_cycle, "scores_to_dram"),
+                 Stage("softmax", sm, "softmax", latency=arch.softmax_latency),
+                 Stage("dram", spill / 2 / arch.dram_bytes_per_cycle, "scores_from_dram")]
+                for _ in range(op.count)]
+    if op.name == "pv":   # per head: P (T x T) x V (T x d)
+        per_head = math.ceil(op.n / arch.pe_rows) * math.ceil(op.m / arch.pe_cols) * tile_cycles(arch, op.k, 1, 1)
+        return [[Stage("engine", per_head, "pv")] for _ in range(op.count)]
+    return []            # the softmax op is timed inside qk's jobs
+
+
+def simulate_sta(ops: list[Op], arch: STAArch | None = None, shape: ModelShape | None = None) -> dict:
+    """Cycles, DRAM bytes by tensor, energy and per-op/per-layer breakdowns for a list of ops."""
+    arch = arch or STAArch()
+    arch.validate()
+    if not ops:
+        raise ValueError("empty STA workload")
+    jobs: list[list[Stage]] = []
+    owner: list[Op] = []
+    last_compute: tuple[int, int] | None = None
+    widest = max(max(o.k, o.n) for o in ops if o.kind == "sparse_dense") if any(
+        o.kind == "sparse_dense" for o in ops) else 0
+    tokens = max(o.m for o in ops)
+    act_resident = 2 * tokens * widest * arch.value_bits / 8 <= arch.act_buffer_bytes  # input + output
+    for op in ops:
+        new = op_jobs(op, arch, act_resident)
+        if not new:
+            continue
+        first = len(jobs)
+        for job in new:                       # op_jobs numbers its jobs from 0: move them into place
+            for st in job:
+                st.after = [(j + first, s) for j, s in st.after]
+        compute_stage = 1 if op.kind == "sparse_dense" else 0
+        if last_compute is not None:          # data dependency: an op starts after the previous one
+            new[0][compute_stage].after.append(last_compute)
+        jobs += new
+        owner += [op] * len(new)
+        last_compute = (first + len(new) - 1, compute_stage if op.name != "qk" else 2)
+    sched = simulate(jobs)
+    dram = {"weights": 0.0, "activations": 0.0, "scores": 0.0}
+    macs = {"sparse_dense": 0, "dense_dense": 0}
+    exps = 0
+    sram = [0.0, 0.0]   # activation buffer, weight buffer
+    layer_end: dict[int, float] = {}
+    op_cycles: dict[str, float] = {}
+    for j, (op, job) in enumerate(zip(owner, jobs)):
+        layer_end[op.layer] = max(layer_end.get(op.layer, 0.0), sched.end[j][-1])
+        for s, st in enumerate(job):
+            op_cycles[st.op] = op_cycles.get(st.op, 0.0) + st.cycles
+    vb = arch.value_bits / 8
+    for op in ops:
+        if op.kind == "sparse_dense":
+            p = NMPattern.parse(op.pattern) if op.pattern else None
+            bits = arch.value_bits + (index_bits(p) if p else 0)
+            dens = p.n / p.m if p else 1.0
+            dram["weights"] += op.n * op.k * dens * bits / 8
+            if not act_resident:
+                dram["activations"] += math.ceil(op.n / arch.pe_rows) * op.m * op.k * vb + op.m * op.n * vb
+            macs["sparse_dense"] += op.macs
+            sram = [a + b for a, b in zip(sram, buffer_reads(op.macs, 1 / dens, bits / 8, vb, arch))]
+        elif op.kind == "dense_dense":
+            macs["dense_dense"] += op.macs
+            sram = [a + b for a, b in zip(sram, buffer_reads(op.macs, 1.0, vb, vb, arch))]
+        elif op.kind == "softmax":
+            exps += op.m * op.k * op.count
+            if not arch.onchip_softmax:
+                dram["scores"] += 2 * op.m * op.k * op.count * vb
+    dram_total = sum(dram.values())
+    energy = {"engine": (macs["sparse_dense"] + macs["dense_dense"]) * mac_pj(arch.value_bits),
+              "softmax": exps * EXP_PJ,
+              "sram": sram[0] * sram_pj_per_byte(bank_bytes(arch.act_buffer_bytes, arch.pe_cols * arch.act_width
+                                                            * arch.value_bits))
+              + sram[1] * sram_pj_per_byte(bank_bytes(arch.weight_buffer_bytes, arch.pe_rows * arch.lanes
+                                                      * (arch.value_bits + 5))),
+              "dram": dram_total * dram_pj_per_byte(arch.dram)}
+    seconds = sched.makespan / (arch.clock_ghz * 1e9)
+    peak = arch.pes * arch.lanes
+    return {
+        "arch": arch.name, "cycles": sched.makespan, "seconds": seconds, "cycles_by_op": op_cycles,
+        "utilisation": {u: sched.utilisation(u) for u in ("dram", "engine", "softmax")},
+        "engine_mac_utilisation": (macs["sparse_dense"] + macs["dense_dense"]) / (sched.makespan * peak)
+        if sched.makespan else 0.0,
+        "dram_bytes": dram, "dram_bytes_total": dram_total, "activations_on_chip": act_resident,
+        "macs": macs, "dense_equivalent_macs": sum(o.m * o.k * o.n * o.count for o in ops if o.kind != "softmax"),
+        "sram_bytes": {"activations": sram[0], "weights": sram[1]}, "energy_pj": energy, "energy_j": sum(energy.values()) * 1e-12,
+        "layer_end_cycles": dict(sorted(layer_end.items())),
+    }
+
+
+def sta_workload(shape: ModelShape, tokens: int, pattern: str | None = None,
+                 token_keep: list[float] | None = None, head_keep: list[float] | None = None) -> list[Op]:
+    """Model ops for STA; with head_keep the attention products cover the kept heads only (and the
+    projections the kept heads' rows; the combination neither paper evaluates)."""
+    ops = model_ops(shape, tokens, pattern, token_keep)
+    if head_keep is None:
+        return ops
+    if len(head_keep) != shape.layers:
+        raise ValueError(f"head_keep has {len(head_keep)} ratios for {shape.layers} layers")
+    out = []
+    for op in ops:
+        heads = max(1, int(shape.heads * head_keep[op.layer]))
+        if op.kind in ("dense_dense", "softmax"):
+            op = Op(op.layer, op.name, op.kind, op.m, op.k, op.n, op.pattern, heads)
+        elif op.name in ("q", "k", "v"):
+            op = Op(op.layer, op.name, op.kind, op.m, op.k, heads * shape.head_dim, op.pattern)
+        elif op.name == "o":
+            op = Op(op.layer, op.name, op.kind, op.m, heads * shape.head_dim, op.n, op.pattern)
+        out.append(op)
+    return out

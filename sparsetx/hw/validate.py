@@ -1,0 +1,126 @@
+"""``sparsetx sim validate``: the papers' headline figures next to the simulators' own, with the
+ratio, or the reason a figure cannot be reproduced here."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..formats.packed import packed_bytes
+from ..nm.pattern import NMPattern
+from .arch import SpAttenArch, STAArch
+from .baselines import PLATFORMS, implied_efficiency
+from .spatten import simulate_spatten, topk_cycles, work_from_shape, work_from_trace
+from .sta import simulate_sta, sta_workload
+from .workload import ModelShape
+
+FIGURES = Path(__file__).with_name("paper_figures.json")
+TRACES = {"gpt2-small": "summary-gpt2-small-wikitext2-per8.csv",
+          "gpt2-medium": "summary-gpt2-medium-wikitext2-per0-hp-step5+dedic+glob_p+local_p+hp+topk+quant.csv"}
+
+
+def traces_dir() -> Path | None:
+    """The official SpAtten traces: $SPARSETX_TRACES, or shared/spatten-traces beside the checkout."""
+    env = os.environ.get("SPARSETX_TRACES")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "spatten-traces")
+    return next((c for c in candidates if (c / TRACES["gpt2-small"]).exists()), None)
+
+
+def _unquantized(work):
+    """The same pruned workload fetched at fp32 (isolates pruning from quantization)."""
+    from dataclasses import replace
+
+    return [replace(w, key_bits=32, value_bits=32, query_bits=32, requant=False) for w in work]
+
+
+def reproduce(progress=None) -> list[dict]:
+    """Every figure of paper_figures.json with ours, the ratio and a status."""
+    figures = json.loads(FIGURES.read_text())["figures"]
+    ours: dict[str, tuple[float | None, str]] = {}
+    tick = progress or (lambda msg: None)
+
+    # --- SpAtten ------------------------------------------------------------------------------
+    tick("top-k engine")
+    ours["spatten.topk_cycles"] = (topk_cycles(1024, 512, 16, 3), "quick-select rounds, mean of 24 random inputs")
+    sp = SpAttenArch()
+    tdir = traces_dir()
+    runs = {}
+    if tdir is None:
+        reason = "official traces not found (set SPARSETX_TRACES or place shared/spatten-traces beside the checkout)"
+        for k in ("key_fetch_fraction", "lsb_refetch", "pruning_dram_reduction", "quant_dram_reduction",
+                  "dram_reduction", "gpt2_tflops", "speedup_titan_xp", "speedup_xeon"):
+            ours[f"spatten.{k}"] = (None, reason)
+    else:
+        for name, file in TRACES.items():
+            tick(f"SpAtten on the {name} trace")
+            work, _ = work_from_trace(tdir / file, sp)
+            runs[name] = (work, simulate_spatten(work, sp), simulate_spatten(_unquantized(work), sp))
+        small = runs["gpt2-small"][1]
+        ours["spatten.key_fetch_fraction"] = (small["key_fetch_fraction"], "GPT-2 small trace, summed over steps and layers")
+        ours["spatten.lsb_refetch"] = (small["requant_fraction"], "GPT-2 small trace, heads with if_requant")
+        # K and V fetches only (Q is produced by the FC layers, which run off SpAtten)
+        prune = [r[2]["kv_reduction"] for r in runs.values()]
+        small_q, small_f = runs["gpt2-small"][1], runs["gpt2-small"][2]
+        quant = (small_f["dram_bytes_total"] - small_f["dram_bytes"]["q"]) / (small_q["dram_bytes_total"] - small_q["dram_bytes"]["q"])
+        medium_quant = runs["gpt2-medium"][1]["kv_reduction"] / runs["gpt2-medium"][2]["kv_reduction"]
+        total = [r[1]["kv_reduction"] for r in runs.values()]
+        ours["spatten.pruning_dram_reduction"] = (sum(prune) / 2, "K/V fetches, mean of the two GPT-2 traces (small {:.2f}x, "
+                                                  "medium {:.2f}x), pruned at fp32 vs dense fp32".format(*prune))
+        ours["spatten.quant_dram_reduction"] = (quant, f"the GPT-2-small trace (K 6 MSB + 4 LSB bits on refetch, V 6) vs "
+                                                f"fp32; the medium trace quantizes statically (K 12, V 8 bits: "
+                                                f"{medium_quant:.2f}x) without progressive refetch")
+        ours["spatten.dram_reduction"] = (sum(total) / 2, "K/V, GPT-2 traces only (small {:.1f}x, medium {:.1f}x): the "
+                                          "paper's figure averages 30 benchmarks, 22 of them BERT runs without "
+                                          "progressive quantization, so ours is higher".format(*total))
+        gen = [r[1]["generation"]["tflops"] for r in runs.values()]
+        whole = [r[1]["tflops"] for r in runs.values()]
+        ours["spatten.gpt2_tflops"] = (sum(gen) / 2, "generation steps (one query a step; SpAtten's GPT-2 focus), mean of "
+                                       "the traces (small {:.2f}, medium {:.2f}); with the 993-token prompt stage "
+                                       "counted: {:.2f} / {:.2f}".format(*gen, *whole))
+        for key, plat, speedup in (("speedup_titan_xp", "titan-xp", 162), ("speedup_xeon", "xeon-e5-2640v4", 347)):
+            eff = _attention_implied(runs["gpt2-small"][0], small["seconds"], speedup, PLATFORMS[plat])
+            ours[f"spatten.{key}"] = (None, f"baseline latency was measured on the platform, not given; if {speedup}x held "
+                                            f"over our GPT-2-small latency, the {PLATFORMS[plat].name} would run at "
+                                            f"{eff:.1%} of its roofline ({'consistent' if eff <= 1 else 'INCONSISTENT'})")
+    tick("SpAtten on BERT-base")
+    bert = ModelShape.from_config("bert-base")
+    b = simulate_spatten(work_from_shape(bert, 384, arch=sp), sp)
+    ours["spatten.bert_tflops"] = (b["tflops"], "BERT-base, 384 tokens, no pruning; our pipeline keeps the Q x K and "
+                                   "P x V arrays ~97 % busy (the RTL's 79 % includes stalls we do not model)")
+    for key in ("speedup_a3", "speedup_mnnfast"):
+        ours[f"spatten.{key}"] = (None, "no model of A3 or MNNFast here (their designs' parameters are not in SEEDS.md/HW.md)")
+
+    # --- STA ----------------------------------------------------------------------------------
+    for pat, key in (("2:4", "2_4"), ("2:8", "2_8"), ("1:8", "1_8")):
+        p = NMPattern.parse(pat)
+        ours[f"sta.compression_{key}"] = (768 * 768 * 2 / packed_bytes((768, 768), p, 16), "16-bit values + ceil(log2 M)-bit indices")
+    tick("STA on BERT-base")
+    sta = STAArch()
+    dense = simulate_sta(sta_workload(bert, 128, None), sta)
+    sparse = simulate_sta(sta_workload(bert, 128, "2:8"), sta)
+    linear = lambda r: sum(v for k, v in r["cycles_by_op"].items() if k in ("q", "k", "v", "o", "ffn_in", "ffn_out"))  # noqa: E731
+    ours["sta.sparse_speedup_2_8"] = (linear(dense) / linear(sparse), "engine cycles of the linear layers, BERT-base, 128 tokens")
+    ops = sta_workload(bert, 128, None)
+    for key, plat, speedup in (("speedup_i9", "i9-9900x", 14.47), ("speedup_2080ti", "rtx2080ti", 11.33)):
+        eff = implied_efficiency(sparse["seconds"], speedup, ops, PLATFORMS[plat])
+        ours[f"sta.{key}"] = (None, f"FPGA part, clock, DSPs and the benchmark are not in the text we could read; with our "
+                                    f"assumed STA (2:8, BERT-base, 128 tokens: {sparse['seconds'] * 1e3:.2f} ms) the "
+                                    f"{PLATFORMS[plat].name} would run at {eff:.1%} of its roofline")
+    ours["sta.speedup_fpga"] = (None, "the compared FPGA accelerators' configurations are not known here")
+
+    rows = []
+    for f in figures:
+        value, how = ours.get(f["id"], (None, "not computed"))
+        ratio = value / f["value"] if value is not None else None
+        status = "n/a" if ratio is None else ("ok" if abs(ratio - 1) <= f["tolerance"] else "off")
+        rows.append({**f, "ours": value, "ratio": ratio, "status": status, "how": how})
+    return rows
+
+
+def _attention_implied(work, seconds, speedup, platform) -> float:
+    """Implied roofline fraction of a baseline running the trace's attention densely at fp32."""
+    flops = sum(2 * w.queries * w.length * w.head_dim * 2 for w in work)
+    traffic = sum((2 * w.length + w.queries) * w.head_dim * 4 for w in work)
+    roof = max(flops / platform.peak_flops, traffic / platform.bandwidth)
+    return roof / (seconds * speedup)
