@@ -336,6 +336,13 @@ def cmd_sim_sweep(args):
     from .hw.sweep import plot_pareto, sweep
 
     patterns = [None if p == "dense" else p for p in args.patterns.split(",")]
+    defaults = {"nm_results": "runs/compare/results.json", "attention_results": "runs/attention-eval/encoder_eval.json"}
+    for key, path in defaults.items():
+        if getattr(args, key) is None and Path(path).exists():
+            setattr(args, key, path)
+    if args.nm_results is None or args.attention_results is None:
+        console.print("note: without both accuracy files (run `sparsetx compare` and `sparsetx attention-eval`), "
+                      "points lack an accuracy and the Pareto front covers only those that have one")
     with Progress(console=console) as progress:
         task = progress.add_task("sweep", total=None)
         rows = sweep(args.model, args.tokens, patterns, _floats(args.token_keep), _floats(args.head_keep),
@@ -491,9 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--token-keep", default="1.0,0.75,0.5,0.25")
     w.add_argument("--head-keep", default="1.0,0.75")
     w.add_argument("--pe", default="8,16,32", help="PE array sides (an 8 means 8x8)")
-    w.add_argument("--nm-results", default="runs/compare/results.json", help="sparsetx compare's results.json")
-    w.add_argument("--attention-results", default="runs/attention-eval/encoder_eval.json",
-                   help="sparsetx attention-eval's JSON")
+    w.add_argument("--nm-results", help="sparsetx compare's results.json (default: runs/compare/results.json if present)")
+    w.add_argument("--attention-results",
+                   help="sparsetx attention-eval's JSON (default: runs/attention-eval/encoder_eval.json if present)")
     w.add_argument("--pareto-only", action="store_true", help="print only the Pareto points")
     w.add_argument("--out", default="runs/sweep")
     w.set_defaults(fn=cmd_sim_sweep)

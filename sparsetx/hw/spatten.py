@@ -254,16 +254,21 @@ def work_from_stats(path, arch: SpAttenArch | None = None) -> list[HeadWork]:
                                          arch.datapath_bits, arch.query_bits, False, 0,
                                          tok["k"] if tok and h == 0 else None, tok["n"] if tok and h == 0 else 0))
         return work
+    # Decoder steps: one job per KV head, its query heads' rows folded in (grouped-query attention
+    # shares one K/V fetch among them; SpAtten itself predates GQA).
     cfg = doc.get("config", {})
     k_bits, lsb = cfg.get("k_bits"), cfg.get("lsb_bits") or 0
+    seen = 0
     for s, step in enumerate(doc["steps"]):
+        seen += step[0]["queries"] if step else 0          # the sequence length so far (the dense baseline's)
         for layer in step:
-            q, t, heads = layer["queries"], layer["tokens"], layer["heads"]
+            q, t, heads, kv = layer["queries"], layer["tokens"], layer["heads"], layer["kv_heads"]
             values = max(1, layer["values_fetched_rows"] // max(q * heads, 1))
-            refetch = layer.get("rows_refetched", 0)
-            for h in range(heads):
-                requant = k_bits is not None and refetch > 0 and h < math.ceil(heads * refetch / max(layer.get("rows", 1), 1))
-                work.append(HeadWork(s, layer["layer"], h, d, t, q, t, min(values, t),
+            flat_rows = layer.get("rows_refetched", 0)
+            for h in range(kv):
+                # the runtime counts refetched rows per layer; spread them over the first KV heads
+                requant = k_bits is not None and h < math.ceil(kv * flat_rows / max(layer.get("rows", 1), 1))
+                work.append(HeadWork(s, layer["layer"], h, d, seen, q * heads // kv, t, min(values, t),
                                      (k_bits - lsb) if k_bits else arch.datapath_bits,
                                      cfg.get("v_bits") or arch.datapath_bits, arch.query_bits, bool(requant), lsb))
     return work

@@ -1,0 +1,189 @@
+"""The accelerator simulators: hand-computed cycles and bytes, identities, monotonicity, errors, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparsetx.cli import main
+from sparsetx.hw.arch import SpAttenArch, STAArch, load_arch
+from sparsetx.hw.events import Stage, buffer_deps, simulate
+from sparsetx.hw.spatten import HeadWork, simulate_spatten, work_from_shape, work_from_stats, work_from_trace
+from sparsetx.hw.sta import simulate_sta, sta_workload, tile_cycles
+from sparsetx.hw.workload import ModelShape, Op
+
+from conftest import SHARED
+
+TRACE = SHARED / "spatten-traces" / "summary-gpt2-small-wikitext2-per8.csv"
+needs_traces = pytest.mark.skipif(not TRACE.exists(), reason="../shared/spatten-traces not present")
+
+
+def test_event_schedule_double_and_single_buffering_by_hand():
+    def jobs():
+        return [[Stage("dram", 10, "fetch"), Stage("engine", 5, "compute")] for _ in range(3)]
+
+    double = jobs()
+    buffer_deps(double, fetch=0, frees=1, depth=2)
+    s = simulate(double)
+    # fetches back to back 0-10, 10-20, 20-30 (the third waits for compute 0, done at 15);
+    # computes 10-15, 20-25, 30-35
+    assert [e[1] for e in s.end] == [15, 25, 35] and s.makespan == 35
+    assert s.busy == {"dram": 30, "engine": 15} and s.utilisation("engine") == pytest.approx(15 / 35)
+    single = jobs()
+    buffer_deps(single, fetch=0, frees=1, depth=1)
+    # fetch 1 waits for compute 0 (15): 15-25, compute 25-30; fetch 2 30-40, compute 40-45
+    assert simulate(single).makespan == 45
+
+
+def test_event_latency_and_errors():
+    s = simulate([[Stage("softmax", 4, latency=10), Stage("pv", 2)], [Stage("softmax", 4, latency=10)]])
+    assert s.start[1][0] == 4          # the pipelined unit takes the next job after 4 cycles
+    assert s.start[0][1] == 14 and s.makespan == 18
+    with pytest.raises(ValueError, match="deadlocked"):
+        simulate([[Stage("a", 1, after=[(1, 0)])], [Stage("b", 1, after=[(0, 0)])]])
+    with pytest.raises(ValueError, match="negative cycles"):
+        simulate([[Stage("a", -1)]])
+
+
+def test_spatten_one_head_by_hand():
+    arch = SpAttenArch()
+    w = HeadWork(0, 0, 0, 64, 128, 1, 128, 128, 12, 12, 16, False, 0)
+    r = simulate_spatten([w], arch)
+    # fetch Q (64 x 16 bits = 128 B) + K (128 x 64 x 12 bits = 12288 B) at 512 B/cycle = 24.25;
+    # Q x K ceil(128 * 64 / 512) = 16; softmax ceil(128 / 8) = 16 + 87 latency; no refetch, no top-k;
+    # fetch V 12288 / 512 = 24; P x V 16
+    assert r["cycles"] == pytest.approx(24.25 + 16 + 16 + 87 + 24 + 16)
+    assert r["dram_bytes"] == {"q": 128, "k_msb": 12288, "k_lsb": 0, "v": 12288}
+    assert r["macs"] == {"qk": 128 * 64, "pv": 128 * 64}
+    # progressive quantization: 6 MSB bits first, 4 LSB bits refetched, Q x K and softmax recomputed
+    q = HeadWork(0, 0, 0, 64, 128, 1, 128, 32, 6, 6, 16, True, 4)
+    rq = simulate_spatten([q], arch)
+    assert rq["dram_bytes"]["k_msb"] == 128 * 64 * 6 / 8 and rq["dram_bytes"]["k_lsb"] == 128 * 64 * 4 / 8
+    assert rq["macs"]["qk"] == 2 * 128 * 64 and rq["cycles_by_op"]["qk_requant"] == 16
+    assert rq["cycles_by_op"]["topk"] > 0  # local value pruning: 32 of 128 values
+
+
+def test_sta_one_op_by_hand():
+    arch = STAArch()  # 16 x 16 PEs, 4 lanes, act_width 32, 16-bit values, 96 B/cycle
+    op = Op(0, "ffn_in", "sparse_dense", m=32, k=64, n=32, pattern="2:8")
+    # rate = min(4, 32 * 2 / 8) = 4 kept weights a cycle: 64 * 2 / 8 / 4 = 4 cycles + 2 (adder tree)
+    assert tile_cycles(arch, 64, 2, 8) == 6
+    r = simulate_sta([op], arch)
+    # 2 row blocks x 2 token tiles; block fetch 16 x 16 kept x (16 + 3) bits = 608 B = 6.33 cycles
+    # fetch0 0-6.33, compute0 6.33-18.33 (2 tiles x 6), fetch1 6.33-12.67, compute1 18.33-30.33
+    assert r["cycles"] == pytest.approx(608 / 96 + 24)
+    assert r["dram_bytes"]["weights"] == 32 * 64 / 4 * 19 / 8
+    assert r["macs"]["sparse_dense"] == 32 * 64 * 32 // 4
+
+
+def test_dense_equals_sparse_at_n_equals_m_and_keep_one():
+    arch = STAArch()
+    for m in (2, 4, 8, 16):  # a dense operand enters as N = M: same cycles as the dense mode
+        assert tile_cycles(arch, 768, m, m) == tile_cycles(arch, 768, 1, 1)
+    shape = ModelShape.from_config("minilm")
+    ones = [1.0] * shape.layers
+    a = simulate_sta(sta_workload(shape, 64, "2:8"), arch)
+    b = simulate_sta(sta_workload(shape, 64, "2:8", ones, ones), arch)
+    assert a["cycles"] == b["cycles"] and a["dram_bytes"] == b["dram_bytes"]
+    s1 = simulate_spatten(work_from_shape(shape, 64))
+    s2 = simulate_spatten(work_from_shape(shape, 64, ones, ones, 1.0))
+    assert s1["cycles"] == s2["cycles"] and s1["dram_bytes"] == s2["dram_bytes"]
+
+
+def test_more_pruning_never_more_dram_or_cycles():
+    shape = ModelShape.from_config("bert-base")
+    sta = [simulate_sta(sta_workload(shape, 128, p)) for p in (None, "4:8", "2:8", "1:8")]
+    for a, b in zip(sta, sta[1:]):
+        assert b["dram_bytes_total"] <= a["dram_bytes_total"] and b["cycles"] <= a["cycles"]
+    sp = [simulate_spatten(work_from_shape(shape, 256, [1.0] * 3 + [k] * 9, value_keep=v))
+          for k, v in ((1.0, 1.0), (0.75, 1.0), (0.5, 1.0), (0.5, 0.5), (0.25, 0.5))]
+    for a, b in zip(sp, sp[1:]):
+        assert b["dram_bytes_total"] <= a["dram_bytes_total"] and b["cycles"] <= a["cycles"]
+    on = simulate_sta(sta_workload(shape, 128, "2:8"))
+    off = simulate_sta(sta_workload(shape, 128, "2:8"), STAArch(onchip_softmax=False))
+    # the scalable softmax keeps 2 x heads x T^2 x 2 bytes a layer off DRAM
+    assert off["dram_bytes"]["scores"] == 12 * 2 * 12 * 128 * 128 * 2 and on["dram_bytes"]["scores"] == 0
+    assert off["cycles"] >= on["cycles"]
+
+
+def test_bad_architectures_and_workloads(tmp_path):
+    with pytest.raises(ValueError, match="pe_rows must be positive"):
+        load_arch("sta", pe_rows=0)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        load_arch("spatten", multipliers=3)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        load_arch("tpu")
+    with pytest.raises(ValueError, match="smaller than one double-buffered key row"):
+        load_arch("spatten", kv_buffer_bytes=64)
+    with pytest.raises(ValueError, match="does not fit half the weight buffer"):
+        simulate_sta(sta_workload(ModelShape.from_config("bert-base"), 16, "2:8"), STAArch(weight_buffer_bytes=4096))
+    with pytest.raises(ValueError, match="M=32 exceeds the multiplexer width"):
+        simulate_sta([Op(0, "q", "sparse_dense", 16, 64, 16, "1:32")], STAArch(act_width=16))
+    with pytest.raises(ValueError, match="max_context"):
+        simulate_spatten([HeadWork(0, 0, 0, 64, 2048, 1, 2048, 2048, 12, 12, 16, False, 0)])
+    cfg = tmp_path / "arch.yaml"
+    cfg.write_text("pe_rows: 8\npe_cols: 8\n")
+    assert load_arch("sta", cfg).pes == 64
+    cfg.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_arch("sta", cfg)
+
+
+def test_runtime_stats_drive_the_simulator(tmp_path):
+    """Our SpAtten runtime's stats JSON (a real pruned run) as the simulator's workload."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from sparsetx.attention.encoder import SpAttenConfig, spatten
+    from sparsetx.attention.trace import write_stats
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=64)).eval()
+    with torch.no_grad(), spatten(model, SpAttenConfig(token_keep=[1, 0.5, 0.5], value_topk=0.5)) as rt:
+        model(input_ids=torch.randint(0, 100, (1, 32)))
+    write_stats(tmp_path / "s.json", rt.stats_document())
+    work = work_from_stats(tmp_path / "s.json")
+    assert len(work) == 3 * 4 and [w.keys for w in work[::4]] == [32, 16, 16]
+    assert work[4].token_topk == 16 and work[4].topk_n == 32 and work[4].values == 8
+    r = simulate_spatten(work)
+    assert r["macs"]["qk"] == 4 * 16 * (32 * 32 + 2 * 16 * 16)  # head_dim 16, queries = keys per layer
+
+
+@needs_traces
+def test_official_trace_counts():
+    work, config = work_from_trace(TRACE)
+    assert len(work) == 32 * 12 * 12 and "gpt2" in config
+    r = simulate_spatten(work)
+    assert r["key_fetch_fraction"] == pytest.approx(0.276, abs=0.001)   # SEEDS.md [trace] 27.6 %
+    assert r["requant_fraction"] == pytest.approx(0.070, abs=0.001)     # 7.0 % of heads refetch LSBs
+    assert r["generation"]["steps"] == 31
+
+
+def test_cli_sim_run_and_sweep(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["sim", "run", "--arch", "sta", "--model", "minilm", "--pattern", "2:8", "--tokens", "64",
+                 "--token-keep", "0.5", "--json", str(out), "--plot", str(tmp_path / "r.png")]) == 0
+    r = json.loads(out.read_text())
+    assert r["config"]["pattern"] == "2:8" and r["cycles"] > 0 and (tmp_path / "r.png").stat().st_size > 0
+    assert "DRAM traffic by tensor" in capsys.readouterr().out
+    assert main(["sim", "run", "--arch", "spatten", "--pattern", "2:8"]) == 2   # N:M is STA's
+    assert main(["sim", "run", "--arch", "sta", "--model", "nope.json"]) == 2
+    assert main(["sim", "sweep", "--model", "minilm", "--tokens", "32", "--patterns", "dense,2:8",
+                 "--token-keep", "1.0,0.5", "--head-keep", "1.0", "--pe", "8", "--out", str(tmp_path / "sw")]) == 0
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert len(rows) == 4 and (tmp_path / "sw" / "pareto.png").exists()
+    fast = min(rows, key=lambda r: r["latency_ms"])
+    assert fast["pattern"] == "2:8" and fast["token_keep"] == 0.5
+
+
+@needs_traces
+def test_sim_validate_reports_every_figure(tmp_path, capsys):
+    assert main(["sim", "validate", "--json", str(tmp_path / "v.json")]) == 0
+    rows = {r["id"]: r for r in json.loads((tmp_path / "v.json").read_text())}
+    assert len(rows) == len(json.loads((__import__("sparsetx.hw.validate", fromlist=["FIGURES"]).FIGURES).read_text())["figures"])
+    for key in ("spatten.topk_cycles", "spatten.key_fetch_fraction", "spatten.lsb_refetch", "sta.compression_2_8"):
+        assert rows[key]["status"] == "ok", rows[key]
+    assert rows["spatten.speedup_a3"]["status"] == "n/a" and "A3" in rows["spatten.speedup_a3"]["how"]
+    assert all(r["how"] for r in rows.values())   # every figure says how it was computed or why not
+    assert "not reproducible here" in capsys.readouterr().out
