@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
+from ..kernels.attention import fused_attention
 from ..kernels.nm_linear import linear_cols, linear_rows
 from .importance import (check_ratios, head_importance, keep_count, keep_schedule, local_value_mask,
                          select_kept, token_importance)
@@ -138,17 +139,17 @@ class SpAttenEncoder:
                 return y.view(tokens, -1, d).transpose(0, 1)
 
             q, k, v = proj(blk.q), proj(blk.k), proj(blk.v)
-            probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)  # (heads, T, T)
-            used = probs
             values_fetched = tokens * tokens * len(heads)
             if cfg.value_topk is not None and cfg.value_topk < 1.0:
+                probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)  # (heads, T, T)
                 kv = max(1, math.ceil(cfg.value_topk * tokens))
-                used = probs * local_value_mask(probs, kv)
                 values_fetched = kv * tokens * len(heads)
                 topk_calls.append({"unit": "value", "n": tokens, "k": kv, "calls": tokens * len(heads)})
-            ctx = used @ v  # (heads, T, d)
+                ctx = (probs * local_value_mask(probs, kv)) @ v  # (heads, T, d)
+                layer_scores = token_importance(probs).double()
+            else:  # online softmax over key blocks; the received probabilities from a second pass
+                ctx, layer_scores = fused_attention(q, k, v, 1 / math.sqrt(d), importance=True)
             # SpAtten's cumulative importance: s[j] += sum_h sum_i P[h, i, j]; s_h += sum |E_h|
-            layer_scores = token_importance(probs).double()
             tok_scores = layer_scores if cfg.token_policy == "local" else tok_scores + layer_scores
             head_scores[heads] += head_importance(ctx).double()
             merged = ctx.transpose(0, 1).reshape(tokens, -1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 KEY_BLOCK = 128
+STRIP = 1 << 16  # score elements (heads x rows x keys) small enough to take in one block: a decode step
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -32,7 +33,15 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         raise ValueError("give both query_pos and key_pos, or neither")
     group = hq // hkv
     qg = q.reshape(hkv, group * lq, d)                   # query heads folded into rows
+    if query_pos is not None and key_pos.numel() and int(key_pos.max()) <= int(query_pos.min()):
+        query_pos = key_pos = None                       # every key precedes every query: no mask needed
     qp = None if query_pos is None else query_pos.repeat(group)
+    if hq * lq * lk <= STRIP:
+        # One block holds every score (a decoding step's single row per head): the online softmax
+        # is the plain one, and the received probabilities need no second pass.
+        p = torch.softmax(_scores(qg, k, scale, qp, key_pos, 0, lk), dim=-1)
+        out = (p @ v).reshape(hq, lq, d)
+        return out, (p.sum(dim=(0, 1)).double() if importance else None)
     m = torch.full((hkv, group * lq, 1), -torch.inf, dtype=q.dtype)   # running max
     s = torch.zeros(hkv, group * lq, 1, dtype=q.dtype)                # running sum of exp
     acc = torch.zeros(hkv, group * lq, d, dtype=q.dtype)
