@@ -120,3 +120,18 @@ def test_packed_folder_loads_as_fast_model(tmp_path):
     ids = torch.randint(0, 100, (3, 21))
     with torch.no_grad():
         torch.testing.assert_close(fast(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+@needs_c
+@pytest.mark.parametrize("pattern", [NMPattern(2, 8), NMPattern(3, 16), NMPattern(1, 32)], ids=str)
+def test_fp16_values_one_token_path_is_exact(pattern):
+    """Packed fp16 values reach the one-token kernel as fp16 (F16C converts them in registers):
+    the same numbers as the fp32 path, since fp16 -> fp32 is exact."""
+    w = nm_weight(40, 128, pattern, seed=5).half().float()
+    packed = pack_nm(w, pattern, torch.float16)
+    kw16 = KernelWeight.from_packed(packed)
+    assert kw16.half
+    kw32 = KernelWeight(kw16.values, kw16.indices, 128, pattern)
+    x, b = torch.randn(1, 128), torch.randn(40)
+    torch.testing.assert_close(nm_linear(x, kw16, b), nm_linear(x, kw32, b), atol=0, rtol=0)
+    torch.testing.assert_close(nm_linear(x, kw16, b), x @ w.t() + b, atol=ATOL, rtol=0)

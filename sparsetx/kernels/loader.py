@@ -35,6 +35,8 @@ def compile_flags() -> list[str]:
     cpu = _cpu_flags()
     if {"avx2", "fma"} <= cpu:
         flags += ["-mavx2", "-mfma"]
+        if "f16c" in cpu:
+            flags.append("-mf16c")
     return flags
 
 
@@ -66,7 +68,8 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     i, i64, p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.nm_linear_tokens.argtypes = [p, i64, i, i, p, p, i, i, i, i, i, p, p, i]
-    lib.nm_linear_vector.argtypes = [p, p, p, i, i, i, i, p, p, i]
+    lib.nm_linear_vector.argtypes = [p, p, p, i, i, i, i, i, p, p, i, i]
+    lib.has_f16c.argtypes, lib.has_f16c.restype = [], i
     lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
     lib.topk_select.argtypes = [p, i, i, p, p]
     lib.topk_select.restype = ctypes.c_int

@@ -16,7 +16,7 @@
  *
  * 2. Lane layout (one token, decoding). Rows in octets (O padded to a multiple of 8); octet q,
  *    group g, slot s: 8 values (one per row) and 8 in-group positions (uint8):
- *        lvals[((q * G + g) * N + s) * 8 + lane], lpos[same], G = K / M.
+ *        lvals[((q * ROWG + g) * N + s) * 8 + lane], lpos[same], ROWG = K / M.
  *    The M inputs of group g sit in one or two registers; vpermps picks each row's input by its
  *    position: no memory gather. STA's operand multiplexer, in-register. M > 16 uses a gather.
  *
@@ -45,17 +45,21 @@ static void pack_tile(const float *x, int64_t ldx, int t0, int nt, int c0, int n
 
 /* Accumulate R rows (R / 2 consecutive pairs) x NV vectors over one K block: acc[r][v] kept in
  * registers by the constant bounds after inlining. part holds each row's TW partial sums. */
+#ifndef ROWG
+#define ROWG 3  /* rows a group interleaves in the weight layout (ROW_GROUP in nm_linear.py) */
+#endif
+
 static inline __attribute__((always_inline)) void block_rows(
     const float *tile, const float *v, const uint16_t *ix, int64_t pair_stride, int kbn,
     float *part, const int R, const int NV) {
     const int TW = NV * 8, SHIFT = NV == 4 ? 0 : (NV == 2 ? 1 : 2);  /* idx holds column * 32 */
 #ifdef __AVX2__
-    __m256 acc[8][4];
+    __m256 acc[4 * ROWG][4];
     for (int r = 0; r < R; r++)
         for (int u = 0; u < NV; u++) acc[r][u] = _mm256_loadu_ps(part + r * TW + u * 8);
     for (int j = 0; j < kbn; j++) {
         for (int r = 0; r < R; r++) {
-            int64_t o = (r >> 1) * pair_stride + 2 * j + (r & 1);
+            int64_t o = (r / ROWG) * pair_stride + ROWG * j + (r % ROWG);
             const float *p = tile + ((size_t)ix[o] >> SHIFT);
             __m256 w = _mm256_broadcast_ss(v + o);
             for (int u = 0; u < NV; u++) acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + u * 8), acc[r][u]);
@@ -66,7 +70,7 @@ static inline __attribute__((always_inline)) void block_rows(
 #else
     for (int j = 0; j < kbn; j++)
         for (int r = 0; r < R; r++) {
-            int64_t o = (r >> 1) * pair_stride + 2 * j + (r & 1);
+            int64_t o = (r / ROWG) * pair_stride + ROWG * j + (r % ROWG);
             const float *p = tile + ((size_t)ix[o] >> SHIFT);
             float w = v[o];
             for (int t = 0; t < TW; t++) part[r * TW + t] += w * p[t];
@@ -77,10 +81,10 @@ static inline __attribute__((always_inline)) void block_rows(
 /* Many tokens. x: T rows of K floats, row stride ldx. y: T x O (row stride O). Op2 = padded rows. */
 void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const float *vals, const uint16_t *idx,
                       int O, int kn, int N, int M, int KB, const float *bias, float *y, int threads) {
-    const int P = (O + 1) / 2;                      /* row pairs */
+    const int P = (O + ROWG - 1) / ROWG;                  /* row groups */
     const int TW = T > 16 ? 32 : (T > 8 ? 16 : 8);  /* tokens per tile */
-    const int NV = TW / 8, R = 8 / NV;              /* rows per step: 8 FMA chains */
-    const int64_t ps = 2 * (int64_t)kn;             /* floats per pair */
+    const int NV = TW / 8, R = 4 * ROWG / NV;          /* rows per step: 4 ROWG FMA chains */
+    const int64_t ps = ROWG * (int64_t)kn;             /* floats per group */
     #pragma omp parallel num_threads(threads)
     {
         int nth = 1, me = 0;
@@ -88,36 +92,35 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const float *va
         nth = omp_get_num_threads(); me = omp_get_thread_num();
 #endif
         /* this thread's pairs, in whole steps of R / 2 pairs */
-        int steps = (P + R / 2 - 1) / (R / 2);
+        int steps = (P + R / ROWG - 1) / (R / ROWG);
         int s0 = (int)((int64_t)steps * me / nth), s1 = (int)((int64_t)steps * (me + 1) / nth);
-        int p0 = s0 * (R / 2), p1 = s1 * (R / 2) < P ? s1 * (R / 2) : P;
+        int p0 = s0 * (R / ROWG), p1 = s1 * (R / ROWG) < P ? s1 * (R / ROWG) : P;
         float *tile = aligned_alloc(64, sizeof(float) * (size_t)KB * MAXTW);
-        float *part = aligned_alloc(64, sizeof(float) * (size_t)(p1 - p0 + R) * 2 * MAXTW + 64);
+        float *part = aligned_alloc(64, sizeof(float) * (size_t)(p1 - p0 + R) * ROWG * MAXTW + 64);
         for (int t0 = 0; t0 < T && p0 < p1; t0 += TW) {
             int nt = T - t0 < TW ? T - t0 : TW;
             for (int p = p0; p < p1; p++)
-                for (int r = 0; r < 2; r++) {
-                    int o = 2 * p + r;
+                for (int r = 0; r < ROWG; r++) {
+                    int o = ROWG * p + r;
                     float b = (bias && o < O) ? bias[o] : 0.0f;
-                    for (int t = 0; t < TW; t++) part[((p - p0) * 2 + r) * TW + t] = b;
+                    for (int t = 0; t < TW; t++) part[((p - p0) * ROWG + r) * TW + t] = b;
                 }
             for (int c0 = 0, jb = 0; c0 < K; c0 += KB) {
                 int nc = K - c0 < KB ? K - c0 : KB;
                 int kbn = nc / M * N;
                 pack_tile(x, ldx, t0, nt, c0, nc, TW, tile);
-                for (int p = p0; p < p1; p += R / 2) {
-                    const float *v = vals + p * ps + 2 * jb;
-                    const uint16_t *ix = idx + p * ps + 2 * jb;
-                    float *pp = part + (p - p0) * 2 * TW;
-                    if (p + R / 2 <= p1) {
-                        if (NV == 4) block_rows(tile, v, ix, ps, kbn, pp, 2, 4);
-                        else if (NV == 2) block_rows(tile, v, ix, ps, kbn, pp, 4, 2);
-                        else block_rows(tile, v, ix, ps, kbn, pp, 8, 1);
-                    } else {  /* the last pairs of this thread, one at a time */
+                for (int p = p0; p < p1; p += R / ROWG) {
+                    const float *v = vals + p * ps + ROWG * jb;
+                    const uint16_t *ix = idx + p * ps + ROWG * jb;
+                    float *pp = part + (p - p0) * ROWG * TW;
+                    if (p + R / ROWG <= p1) {
+                        if (NV == 4) block_rows(tile, v, ix, ps, kbn, pp, ROWG, 4);
+                        else if (NV == 2) block_rows(tile, v, ix, ps, kbn, pp, 2 * ROWG, 2);
+                        else block_rows(tile, v, ix, ps, kbn, pp, 4 * ROWG, 1);
+                    } else {  /* the last groups of this thread, one at a time */
                         for (int q = 0; q < p1 - p; q++) {
-                            if (NV == 4) block_rows(tile, v + q * ps, ix + q * ps, ps, kbn, pp + q * 2 * TW, 2, 4);
-                            else if (NV == 2) block_rows(tile, v + q * ps, ix + q * ps, ps, kbn, pp + q * 2 * TW, 2, 2);
-                            else block_rows(tile, v + q * ps, ix + q * ps, ps, kbn, pp + q * 2 * TW, 2, 1);
+                            if (NV == 2) block_rows(tile, v + q * ps, ix + q * ps, ps, kbn, pp + q * ROWG * TW, ROWG, 2);
+                            else block_rows(tile, v + q * ps, ix + q * ps, ps, kbn, pp + q * ROWG * TW, ROWG, 1);
                         }
                     }
                 }
@@ -125,10 +128,8 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const float *va
             }
             for (int t = 0; t < nt; t++) {
                 float *yr = y + (int64_t)(t0 + t) * O;
-                for (int p = p0; p < p1; p++) {
-                    yr[2 * p] = part[((p - p0) * 2) * TW + t];
-                    if (2 * p + 1 < O) yr[2 * p + 1] = part[((p - p0) * 2 + 1) * TW + t];
-                }
+                for (int p = p0; p < p1; p++)
+                    for (int r = 0; r < ROWG && ROWG * p + r < O; r++) yr[ROWG * p + r] = part[((p - p0) * ROWG + r) * TW + t];
             }
         }
         free(tile);
@@ -136,60 +137,120 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const float *va
     }
 }
 
-/* One token. x padded with >= 16 floats past K. y: O8 = 8 * octets floats (padded rows dropped by
- * the caller). */
-void nm_linear_vector(const float *x, const float *lvals, const uint8_t *lpos, int O8, int K, int N, int M,
-                      const float *bias, float *y, int threads) {
+#if defined(__AVX2__) && defined(__F16C__)
+/* The N kept weights of group g for 8 rows: each row's input picked from the group's M inputs by
+ * its position (vpermps: STA's operand multiplexer, in-register), alternating two accumulators. */
+static inline __attribute__((always_inline)) void group_fma(
+    const float *x, const void *lvals, const uint8_t *lpos, int64_t e, int g, int N, int M,
+    __m256 *A, __m256 *B, const int half, const int mode) {
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    if (mode < 2) lo = _mm256_loadu_ps(x + g * M);
+    if (mode == 1) hi = _mm256_loadu_ps(x + g * M + 8);
+    for (int s = 0; s < N; s++, e += 8) {
+        __m256i sel = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(lpos + e)));
+        __m256 xs;
+        if (mode == 0) {
+            xs = _mm256_permutevar8x32_ps(lo, sel);
+        } else if (mode == 1) {
+            __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(sel, _mm256_set1_epi32(7)));
+            xs = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, sel), _mm256_permutevar8x32_ps(hi, sel), upper);
+        } else {
+            xs = _mm256_i32gather_ps(x, _mm256_add_epi32(_mm256_set1_epi32(g * M), sel), 4);
+        }
+        __m256 w = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)lvals + e)))
+                        : _mm256_loadu_ps((const float *)lvals + e);
+        if (s & 1) *B = _mm256_fmadd_ps(w, xs, *B);
+        else *A = _mm256_fmadd_ps(w, xs, *A);
+    }
+}
+
+/* One octet of rows, groups four at a time into eight accumulators (8 independent FMA chains,
+ * whatever N is: one chain would wait out the FMA latency on every kept weight). */
+static inline __attribute__((always_inline)) void octet_body(
+    const float *x, const void *lvals, const uint8_t *lpos, int q, int G, int N, int M,
+    const float *bias, float *y, const int half, const int mode) {
+    int64_t e = (int64_t)q * G * N * 8, step = (int64_t)N * 8;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    int g = 0;
+    for (; g + 4 <= G; g += 4, e += 4 * step) {
+        group_fma(x, lvals, lpos, e, g, N, M, &a0, &a1, half, mode);
+        group_fma(x, lvals, lpos, e + step, g + 1, N, M, &a2, &a3, half, mode);
+        group_fma(x, lvals, lpos, e + 2 * step, g + 2, N, M, &a4, &a5, half, mode);
+        group_fma(x, lvals, lpos, e + 3 * step, g + 3, N, M, &a6, &a7, half, mode);
+    }
+    for (; g < G; g++, e += step) group_fma(x, lvals, lpos, e, g, N, M, &a0, &a1, half, mode);
+    __m256 acc = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                               _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    if (bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(bias + 8 * q));
+    _mm256_storeu_ps(y + 8 * q, acc);
+}
+#endif
+
+/* One token, one octet of rows: y[8q .. 8q+7]. Values fp32, or fp16 (half = 1: half the bytes of
+ * a memory-bound pass, converted in registers by F16C). */
+static void octet(const float *x, const void *lvals, const uint8_t *lpos, int q, int G, int N, int M,
+                  const float *bias, float *y, int half) {
+#if defined(__AVX2__) && defined(__F16C__)
+    /* constant N = 1, 2 (the common sparse patterns) let the compiler unroll the slot loop */
+#define BODY(H, MODE) \
+    do { \
+        if (N == 1) octet_body(x, lvals, lpos, q, G, 1, M, bias, y, H, MODE); \
+        else if (N == 2) octet_body(x, lvals, lpos, q, G, 2, M, bias, y, H, MODE); \
+        else octet_body(x, lvals, lpos, q, G, N, M, bias, y, H, MODE); \
+    } while (0)
+    const int mode = M <= 8 ? 0 : (M <= 16 ? 1 : 2);
+    if (half) {
+        if (mode == 0) BODY(1, 0);
+        else if (mode == 1) BODY(1, 1);
+        else BODY(1, 2);
+    } else {
+        if (mode == 0) BODY(0, 0);
+        else if (mode == 1) BODY(0, 1);
+        else BODY(0, 2);
+    }
+#undef BODY
+#else
+    (void)half;  /* the Python side only asks for fp16 where F16C built */
+    int64_t e = (int64_t)q * G * N * 8;
+    const float *v = (const float *)lvals;
+    float acc[8] = {0};
+    for (int g = 0; g < G; g++)
+        for (int s = 0; s < N; s++, e += 8)
+            for (int l = 0; l < 8; l++) acc[l] += v[e + l] * x[g * M + lpos[e + l]];
+    for (int l = 0; l < 8; l++) y[8 * q + l] = acc[l] + (bias ? bias[8 * q + l] : 0.0f);
+#endif
+}
+
+/* One token. x: K floats; y: O8 = 8 * octets floats (the padded rows' outputs are dropped by the
+ * caller); bias: O floats or NULL; half: lvals holds fp16. */
+void nm_linear_vector(const float *x_in, const void *lvals, const uint8_t *lpos, int O, int O8, int K, int N,
+                      int M, const float *bias_in, float *y, int half, int threads) {
     const int G = K / M, Q = O8 / 8;
+    /* the M-wide group loads read up to 16 floats past the last group: a zero-padded copy */
+    float *x = aligned_alloc(64, sizeof(float) * (size_t)((K + 16 + 15) / 16 * 16));
+    memcpy(x, x_in, sizeof(float) * K);
+    memset(x + K, 0, sizeof(float) * 16);
+    float *bias = NULL;
+    if (bias_in) {
+        bias = aligned_alloc(64, sizeof(float) * (size_t)((O8 + 15) / 16 * 16));
+        memcpy(bias, bias_in, sizeof(float) * O);
+        memset(bias + O, 0, sizeof(float) * (O8 - O));
+    }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int q = 0; q < Q; q++) {
-        const float *v = lvals + (int64_t)q * G * N * 8;
-        const uint8_t *ps = lpos + (int64_t)q * G * N * 8;
-#ifdef __AVX2__
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        if (M <= 8) {
-            for (int g = 0; g < G; g++) {
-                __m256 xg = _mm256_loadu_ps(x + g * M);
-                for (int s = 0; s < N; s++, v += 8, ps += 8) {
-                    __m256i sel = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)ps));
-                    __m256 xs = _mm256_permutevar8x32_ps(xg, sel);
-                    if (s & 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v), xs, a1);
-                    else a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v), xs, a0);
-                }
-            }
-        } else if (M <= 16) {
-            const __m256i seven = _mm256_set1_epi32(7);
-            for (int g = 0; g < G; g++) {
-                __m256 lo = _mm256_loadu_ps(x + g * M), hi = _mm256_loadu_ps(x + g * M + 8);
-                for (int s = 0; s < N; s++, v += 8, ps += 8) {
-                    __m256i sel = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)ps));
-                    __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(sel, seven));
-                    __m256 xs = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, sel),
-                                                 _mm256_permutevar8x32_ps(hi, sel), upper);
-                    if (s & 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v), xs, a1);
-                    else a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v), xs, a0);
-                }
-            }
-        } else {
-            for (int g = 0; g < G; g++) {
-                __m256i base = _mm256_set1_epi32(g * M);
-                for (int s = 0; s < N; s++, v += 8, ps += 8) {
-                    __m256i sel = _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)ps)));
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v), _mm256_i32gather_ps(x, sel, 4), a0);
-                }
-            }
-        }
-        __m256 acc = _mm256_add_ps(a0, a1);
-        if (bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(bias + 8 * q));
-        _mm256_storeu_ps(y + 8 * q, acc);
-#else
-        float acc[8] = {0};
-        for (int g = 0; g < G; g++)
-            for (int s = 0; s < N; s++, v += 8, ps += 8)
-                for (int l = 0; l < 8; l++) acc[l] += v[l] * x[g * M + ps[l]];
-        for (int l = 0; l < 8; l++) y[8 * q + l] = acc[l] + (bias ? bias[8 * q + l] : 0.0f);
-#endif
+        octet(x, lvals, lpos, q, G, N, M, bias, y, half);
     }
+    free(x);
+    free(bias);
+}
+
+/* 1 when this build converts fp16 values in registers (F16C), else 0. */
+int has_f16c(void) {
+#if defined(__AVX2__) && defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* Top-k by quick-select (the software twin of SpAtten's top-k engine, sparsetx/hw/topk.py): writes

@@ -16,7 +16,8 @@ from ..formats.packed import PackedNM
 from ..nm.pattern import NMPattern
 from .loader import library
 
-K_BLOCK = int(os.environ.get("SPARSETX_K_BLOCK", 256))  # columns per K block: a 32-token x tile of 32 KiB
+ROW_GROUP = 3  # rows interleaved in the many-token layout (G in nm_cpu.c)
+K_BLOCK = int(os.environ.get("SPARSETX_K_BLOCK", 128))  # columns per K block: a 32-token x tile of 16 KiB
 
 
 @dataclass
@@ -31,6 +32,7 @@ class KernelWeight:
     indices: torch.Tensor
     in_features: int
     pattern: NMPattern | None  # None: dense (N = M)
+    half: bool = False         # the values are exact in fp16: the one-token kernel may read them as fp16
 
     @classmethod
     def from_packed(cls, packed: PackedNM) -> KernelWeight:
@@ -38,7 +40,8 @@ class KernelWeight:
         m = packed.pattern.m
         base = (torch.arange(inp // m) * m).view(1, -1, 1)
         absolute = (packed.positions() + base).reshape(out, -1).to(torch.int32).contiguous()
-        return cls(packed.values.float().contiguous(), absolute, inp, packed.pattern)
+        return cls(packed.values.float().contiguous(), absolute, inp, packed.pattern,
+                   half=packed.values.dtype == torch.float16)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor) -> KernelWeight:
@@ -64,18 +67,20 @@ class KernelWeight:
 
     @property
     def k_block(self) -> int:
-        """Columns per K block of the many-token kernel: a multiple of M near K_BLOCK."""
-        m = self.nm[1]
-        return max(1, K_BLOCK // m) * m
+        """Columns per K block of the many-token kernel, a multiple of M: K_BLOCK, or twice that for
+        patterns sparser than 1:4 (fewer kept weights a column; measured best on this CPU)."""
+        n, m = self.nm
+        target = K_BLOCK if 4 * n >= m else 2 * K_BLOCK
+        return max(1, target // m) * m
 
     @cached_property
     def pair_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, uint16 block-relative column x 32), pair p / kept slot j / row r at p*2*kn + 2*j + r.
         The x 32 is the kernel's tile stride (32 tokens per column), so a code is a ready offset."""
         kb = self.k_block
-        vals, cols = _pad_rows(self.values, 2), _pad_rows(self.indices, 2)
-        p, kn = vals.shape[0] // 2, vals.shape[1]
-        order = (p, 2, kn)
+        vals, cols = _pad_rows(self.values, ROW_GROUP), _pad_rows(self.indices, ROW_GROUP)
+        p, kn = vals.shape[0] // ROW_GROUP, vals.shape[1]
+        order = (p, ROW_GROUP, kn)
         v = vals.view(order).permute(0, 2, 1).contiguous()
         c = ((cols.view(order).permute(0, 2, 1) % kb) * 32).to(torch.int32).contiguous().numpy().astype(np.uint16)
         return v, torch.from_numpy(c)  # < 2**16 for K_BLOCK <= 2048
@@ -91,6 +96,18 @@ class KernelWeight:
         pos = (cols - group_start).to(torch.uint8)
         v = vals.view(q, 8, g, n).permute(0, 2, 3, 1).contiguous()
         return v, pos.view(q, 8, g, n).permute(0, 2, 3, 1).contiguous()
+
+    @cached_property
+    def lane_args(self) -> tuple:
+        """(values pointer, positions pointer, padded rows, fp16 flag) for the one-token kernel. fp16
+        values (exact when ``half``) halve the bytes of that memory-bound pass where F16C built."""
+        vals, pos = self.lane_layout
+        lib = library()
+        half = bool(self.half and lib is not None and lib.has_f16c())
+        if half:
+            vals = vals.half()
+        self._lane_keep = (vals, pos)  # the pointers below point into these
+        return _ptr(vals), _ptr(pos), vals.shape[0] * 8, int(half)
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -122,16 +139,13 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     threads = threads or torch.get_num_threads()
     t = x2.shape[0]
     n, m = weight.nm
-    b = None if bias is None else bias.detach().float().contiguous()
-    if t == 1:
-        xv = torch.zeros(k + 16)
-        xv[:k] = x2[0]
-        lv, lp = weight.lane_layout
-        o8 = lv.shape[0] * 8
-        bp = None if b is None else _pad_rows(b.view(-1, 1), 8).view(-1)
+    b = bias if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()) else bias.float().contiguous()
+    if t == 1:  # decoding: per-call Python work kept small, it is the same order as the kernel here
+        xv = x2 if x2.is_contiguous() else x2.contiguous()
+        vals, pos, o8, half = weight.lane_args
         y = torch.empty(o8)
-        lib.nm_linear_vector(_ptr(xv), _ptr(lv), _ptr(lp), o8, k, n, m, _ptr(bp), _ptr(y), threads)
-        return y[:o].reshape(*lead, o)
+        lib.nm_linear_vector(_ptr(xv), vals, pos, o, o8, k, n, m, _ptr(b), _ptr(y), half, threads)
+        return (y if o8 == o else y[:o]).view(*lead, o)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     pv, pc = weight.pair_layout
