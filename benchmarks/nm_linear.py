@@ -43,7 +43,7 @@ def bench_case(out, inp, pattern, tokens, threads, repeats):
     if tokens == 1:  # memory-bound: fp16 values (F16C) halve the bytes the kernel streams
         kw16 = KernelWeight.from_packed(pack_nm(w, p, torch.float16))
         fns["nm_fp16"] = lambda: nm_linear(x, kw16, threads=threads)
-    inner = max(1, int(2e-3 / max(per_call(fns["dense"]), 1e-6)))  # ~2 ms per timing sample
+    inner = max(1, int(1e-2 / max(per_call(fns["dense"]), 1e-6)))  # ~10 ms of dense calls per timing sample
     med = interleaved(fns, repeats, inner)
     # T = 1 is memory-bound: its target is the byte ratio of the fp32 dense weight to the packed one
     byte_ratio = out * inp * 4 / packed_bytes((out, inp), p, value_bits=32)

@@ -131,8 +131,9 @@ def plot(result: dict, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     ops = {k: v for k, v in result["cycles_by_op"].items() if v}
     axes[0].barh(list(ops), [v / 1e3 for v in ops.values()])
     axes[0].set_xlabel("kilocycles (unit busy time)")
@@ -149,6 +150,11 @@ def plot(result: dict, path: str | Path) -> None:
         vals.append(result["this_cpu"]["speedup"])
     axes[2].barh(names, vals)
     axes[2].set_xscale("log")
+    axes[2].xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[2].axvline(1.0, color="gray", lw=0.8)
+    for y, v in enumerate(vals):
+        axes[2].annotate(f"{v:.3g}x", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     axes[2].set_xlabel("speedup of the accelerator")
     axes[2].set_title("vs baselines (roofline bounds)")
     fig.suptitle(f"{result['arch']}: {result['seconds'] * 1e3:.3f} ms")

@@ -86,16 +86,18 @@ def plot_pareto(rows: list[dict], path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = [r for r in rows if r["accuracy"] is not None]
-    for pattern in sorted({r["pattern"] for r in pts}):
-        sel = [r for r in pts if r["pattern"] == pattern]
-        ax.scatter([r["latency_ms"] for r in sel], [r["accuracy"] for r in sel], s=16, label=pattern,
-                   marker="o" if sel[0]["accuracy_source"] == "measured" else "x")
+    for i, pattern in enumerate(sorted({r["pattern"] for r in pts})):
+        for source, marker in (("measured", "o"), ("estimated", "x")):
+            sel = [r for r in pts if r["pattern"] == pattern and r["accuracy_source"] == source]
+            if sel:
+                ax.scatter([r["latency_ms"] for r in sel], [r["accuracy"] for r in sel], s=18, color=f"C{i}",
+                           marker=marker, label=pattern if source == "measured" else None)
     front = sorted((r for r in pts if r["pareto"]), key=lambda r: r["latency_ms"])
     ax.plot([r["latency_ms"] for r in front], [r["accuracy"] for r in front], "k-", lw=1, label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("simulated latency (ms)")
     ax.set_ylabel("test accuracy (sentiment)")
-    ax.set_title("N:M x token/head pruning on one accelerator model (x = estimated accuracy)")
+    ax.set_title("N:M x token/head pruning x PE array (x: estimated accuracy)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     _atomic_savefig(fig, path)
