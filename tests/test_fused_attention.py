@@ -12,16 +12,20 @@ from sparsetx.kernels.topk import topk_indices
 ATOL = 1e-5
 
 
-@pytest.mark.parametrize("block", [16, 128])
+BACKENDS = ["torch", pytest.param("c", marks=pytest.mark.skipif(library() is None, reason="no C kernel here"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [16, 128])
 @pytest.mark.parametrize("lq", [1, 7, 40])
-def test_fused_equals_reference_with_pruned_cache_and_gqa(block, lq):
+def test_fused_equals_reference_with_pruned_cache_and_gqa(rows, lq, backend):
     g = torch.Generator().manual_seed(lq)
-    hq, hkv, lk, d = 6, 2, 53, 16
+    hq, hkv, lk, d = 6, 2, 153, 20  # d not a multiple of 8, keys across several blocks of 64
     q, k, v = (torch.randn(h, n, d, generator=g) for h, n in ((hq, lq), (hkv, lk), (hkv, lk)))
     # a KV cache after cascade pruning: kept positions with gaps; queries are the newest positions
-    key_pos = torch.sort(torch.randperm(80, generator=g)[:lk]).values
+    key_pos = torch.sort(torch.randperm(240, generator=g)[:lk]).values
     query_pos = key_pos[-lq:]
-    out, received = fused_attention(q, k, v, 0.25, query_pos, key_pos, importance=True, block=block)
+    out, received = fused_attention(q, k, v, 0.25, query_pos, key_pos, importance=True, rows=rows, backend=backend)
     ref_out, ref_received = reference_attention(q, k, v, 0.25, query_pos, key_pos)
     torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=0)
     torch.testing.assert_close(received, ref_received, atol=ATOL, rtol=0)
@@ -29,11 +33,19 @@ def test_fused_equals_reference_with_pruned_cache_and_gqa(block, lq):
     assert received.sum().item() == pytest.approx(hq * lq, rel=1e-5)
 
 
-def test_fused_without_mask_and_without_importance():
-    q, k, v = torch.randn(4, 9, 8), torch.randn(4, 300, 8), torch.randn(4, 300, 8)
-    out, received = fused_attention(q, k, v, 8 ** -0.5)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_without_mask_and_without_importance(backend):
+    q, k, v = torch.randn(4, 9, 8), torch.randn(4, 300, 8), 3 * torch.randn(4, 300, 8)
+    out, received = fused_attention(q, k, v, 8 ** -0.5, backend=backend)
     assert received is None
     torch.testing.assert_close(out, reference_attention(q, k, v, 8 ** -0.5)[0], atol=ATOL, rtol=0)
+    # a later block with a much larger score rescales what the earlier blocks accumulated
+    k2 = k.clone()
+    k2[:, 250] = 40 * q[:, 0].mean(0)
+    out, rec = fused_attention(q, k2, v, 8 ** -0.5, importance=True, backend=backend)
+    ref, ref_rec = reference_attention(q, k2, v, 8 ** -0.5)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(rec, ref_rec, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="query heads do not divide"):
         fused_attention(torch.randn(3, 2, 8), k, v, 1.0)
     with pytest.raises(ValueError, match="both query_pos and key_pos"):

@@ -60,7 +60,7 @@ def library() -> ctypes.CDLL | None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+            subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
             os.replace(tmp, target)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
             Path(tmp).unlink(missing_ok=True)
@@ -71,6 +71,8 @@ def library() -> ctypes.CDLL | None:
     lib.nm_linear_vector.argtypes = [p, p, p, i, i, i, i, i, p, p, i, i]
     lib.has_f16c.argtypes, lib.has_f16c.restype = [], i
     lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
+    lib.attention_fused.argtypes = [p, p, p, i, i, i, i, i, ctypes.c_float, p, p, p, p, i]
+    lib.attention_fused.restype = None
     lib.topk_select.argtypes = [p, i, i, p, p]
     lib.topk_select.restype = ctypes.c_int
     return lib

@@ -3,16 +3,16 @@
  * y (T x O) = x (T x K) W^T, W (O x K) N:M along K. Two weight layouts, both made once per weight by
  * sparsetx/kernels/nm_linear.py in the order the kernels read them:
  *
- * 1. Pair layout (many tokens). Rows in pairs (O padded to even with zero rows); K in blocks of
- *    KB = floor(256 / M) * M columns, so every row keeps exactly KB / M * N weights per block.
- *    For pair p, block b, kept slot j, row r in {0, 1}:
- *        vals[p * 2 * kn + 2 * (b * KB / M * N) + 2 * j + r]  (fp32)
- *        idx [same]                                          (uint16, (column - b * KB) * 32)
+ * 1. Group layout (many tokens). Rows in groups of ROWG = 3 (O padded with zero rows); K in
+ *    blocks of KB columns (a multiple of M chosen by the caller), so every row keeps exactly
+ *    KB / M * N weights per block. For group p, block b, kept slot j, row r in 0..ROWG-1:
+ *        vals[p * ROWG * kn + ROWG * (b * KB / M * N) + ROWG * j + r]  (fp32)
+ *        idx [same]                                   (uint16, (column - b * KB) * 32)
  *    kn = K / M * N. Each thread copies a tile of TW tokens x KB columns of x into a column-major
- *    tile (TW floats per column, 32 KiB for TW = 32), so a kept weight is one broadcast and TW / 8
- *    FMAs over contiguous tokens: STA's "select the operand by its index", done by an address.
- *    2 rows x 4 vectors (TW = 32) or 4 rows x 2 vectors (TW = 16) or 8 rows x 1 vector (TW = 8)
- *    keep 8 independent FMA chains in flight.
+ *    tile (TW floats per column, 16-32 KiB for TW = 32), so a kept weight is one broadcast and
+ *    TW / 8 FMAs over contiguous tokens: STA's "select the operand by its index", done by an
+ *    address. 3 rows x 4 vectors (TW = 32), 6 rows x 2 vectors (TW = 16) or 12 rows x 1 vector
+ *    (TW = 8) keep 12 independent FMA chains in flight (8 left the 4-cycle FMA latency exposed).
  *
  * 2. Lane layout (one token, decoding). Rows in octets (O padded to a multiple of 8); octet q,
  *    group g, slot s: 8 values (one per row) and 8 in-group positions (uint8):
@@ -24,6 +24,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -43,14 +44,14 @@ static void pack_tile(const float *x, int64_t ldx, int t0, int nt, int c0, int n
     }
 }
 
-/* Accumulate R rows (R / 2 consecutive pairs) x NV vectors over one K block: acc[r][v] kept in
- * registers by the constant bounds after inlining. part holds each row's TW partial sums. */
+/* Accumulate R rows (R / ROWG consecutive groups) x NV vectors over one K block: acc[r][v] kept
+ * in registers by the constant bounds after inlining. part holds each row's TW partial sums. */
 #ifndef ROWG
 #define ROWG 3  /* rows a group interleaves in the weight layout (ROW_GROUP in nm_linear.py) */
 #endif
 
 static inline __attribute__((always_inline)) void block_rows(
-    const float *tile, const float *v, const uint16_t *ix, int64_t pair_stride, int kbn,
+    const float *tile, const float *v, const uint16_t *ix, int64_t group_stride, int kbn,
     float *part, const int R, const int NV) {
     const int TW = NV * 8, SHIFT = NV == 4 ? 0 : (NV == 2 ? 1 : 2);  /* idx holds column * 32 */
 #ifdef __AVX2__
@@ -59,7 +60,7 @@ static inline __attribute__((always_inline)) void block_rows(
         for (int u = 0; u < NV; u++) acc[r][u] = _mm256_loadu_ps(part + r * TW + u * 8);
     for (int j = 0; j < kbn; j++) {
         for (int r = 0; r < R; r++) {
-            int64_t o = (r / ROWG) * pair_stride + ROWG * j + (r % ROWG);
+            int64_t o = (r / ROWG) * group_stride + ROWG * j + (r % ROWG);
             const float *p = tile + ((size_t)ix[o] >> SHIFT);
             __m256 w = _mm256_broadcast_ss(v + o);
             for (int u = 0; u < NV; u++) acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + u * 8), acc[r][u]);
@@ -70,7 +71,7 @@ static inline __attribute__((always_inline)) void block_rows(
 #else
     for (int j = 0; j < kbn; j++)
         for (int r = 0; r < R; r++) {
-            int64_t o = (r / ROWG) * pair_stride + ROWG * j + (r % ROWG);
+            int64_t o = (r / ROWG) * group_stride + ROWG * j + (r % ROWG);
             const float *p = tile + ((size_t)ix[o] >> SHIFT);
             float w = v[o];
             for (int t = 0; t < TW; t++) part[r * TW + t] += w * p[t];
@@ -78,7 +79,7 @@ static inline __attribute__((always_inline)) void block_rows(
 #endif
 }
 
-/* Many tokens. x: T rows of K floats, row stride ldx. y: T x O (row stride O). Op2 = padded rows. */
+/* Many tokens. x: T rows of K floats, row stride ldx. y: T x O (row stride O). */
 void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const float *vals, const uint16_t *idx,
                       int O, int kn, int N, int M, int KB, const float *bias, float *y, int threads) {
     const int P = (O + ROWG - 1) / ROWG;                  /* row groups */
@@ -91,7 +92,7 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const float *va
 #ifdef _OPENMP
         nth = omp_get_num_threads(); me = omp_get_thread_num();
 #endif
-        /* this thread's pairs, in whole steps of R / 2 pairs */
+        /* this thread's row groups, in whole steps of R / ROWG groups */
         int steps = (P + R / ROWG - 1) / (R / ROWG);
         int s0 = (int)((int64_t)steps * me / nth), s1 = (int)((int64_t)steps * (me + 1) / nth);
         int p0 = s0 * (R / ROWG), p1 = s1 * (R / ROWG) < P ? s1 * (R / ROWG) : P;
@@ -290,4 +291,143 @@ int topk_select(const double *s, int n, int k, double *work, int64_t *out) {
         else if (s[i] == thr && ties > 0) { out[w++] = i; ties--; }
     }
     return 0;
+}
+
+/* ---- fused attention ------------------------------------------------------------------------ */
+
+#if defined(__AVX2__)
+/* exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (Cephes
+ * coefficients), 2^n into the exponent bits. Relative error about 2e-7; exp(-inf) = 0. */
+static inline __m256 exp256(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+    __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(zero_mask, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static float dot(const float *a, const float *b, int d) {
+    int c = 0;
+    float s = 0.0f;
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; c + 8 <= d; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
+    s = hsum256(acc);
+#endif
+    for (; c < d; c++) s += a[c] * b[c];
+    return s;
+}
+
+#define ATT_BLOCK 64  /* keys per online-softmax step */
+
+/* softmax(scale * Q K^T) V for one query row over a key range, with an online softmax: per block of
+ * ATT_BLOCK keys the running max m and sum l are updated and the output accumulator rescaled by
+ * exp(m_old - m_new). The row's raw scores are kept in srow (one row, not the matrix) so that, at the
+ * end, the probabilities it gives each key can be added to received (SpAtten's token importance). */
+static void attention_row(const float *qrow, const float *k, const float *v, int lk, int d, float scale,
+                          int64_t qpos, const int64_t *kpos, float *srow, float *acc, float *orow,
+                          double *received) {
+    float m = -INFINITY, l = 0.0f;
+    for (int c = 0; c < d; c++) acc[c] = 0.0f;
+    for (int j0 = 0; j0 < lk; j0 += ATT_BLOCK) {
+        int j1 = j0 + ATT_BLOCK < lk ? j0 + ATT_BLOCK : lk;
+        float mb = -INFINITY;
+        for (int j = j0; j < j1; j++) {
+            float s = (kpos && kpos[j] > qpos) ? -INFINITY : scale * dot(qrow, k + (int64_t)j * d, d);
+            srow[j] = s;
+            mb = s > mb ? s : mb;
+        }
+        if (mb == -INFINITY) {                    /* every key of the block is masked */
+            srow[lk + j0 / ATT_BLOCK] = -INFINITY;
+            continue;
+        }
+        if (mb > m) {                              /* a new running max: rescale what we have */
+            float corr = m == -INFINITY ? 0.0f : expf(m - mb);
+            l *= corr;
+            for (int c = 0; c < d; c++) acc[c] *= corr;
+            m = mb;
+        }
+        int j = j0;
+#if defined(__AVX2__)
+        __m256 mv = _mm256_set1_ps(m);
+        for (; j + 8 <= j1; j += 8) {
+            __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(srow + j), mv));
+            _mm256_storeu_ps(srow + j, p);         /* the row buffer now holds exp(s - m) */
+        }
+#endif
+        for (; j < j1; j++) srow[j] = expf(srow[j] - m);
+        for (j = j0; j < j1; j++) {
+            float p = srow[j];
+            if (p == 0.0f) continue;
+            l += p;
+            const float *vr = v + (int64_t)j * d;
+            int c = 0;
+#if defined(__AVX2__)
+            __m256 pv = _mm256_set1_ps(p);
+            for (; c + 8 <= d; c += 8)
+                _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr + c), _mm256_loadu_ps(acc + c)));
+#endif
+            for (; c < d; c++) acc[c] += p * vr[c];
+        }
+        /* blocks before this one hold exp(s - m_then): keep a per-block max for the importance pass */
+        srow[lk + j0 / ATT_BLOCK] = m;
+    }
+    float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int c = 0; c < d; c++) orow[c] = acc[c] * inv;
+    if (received) {  /* p_j = exp(s_j - m_block) * exp(m_block - m_final) / l */
+        for (int j0 = 0, b = 0; j0 < lk; j0 += ATT_BLOCK, b++) {
+            int j1 = j0 + ATT_BLOCK < lk ? j0 + ATT_BLOCK : lk;
+            float mb = srow[lk + b];
+            if (!(mb > -INFINITY)) continue;
+            float f = expf(mb - m) * inv;
+            for (int j = j0; j < j1; j++) received[j] += (double)(srow[j] * f);
+        }
+    }
+}
+
+/* q: (hq, lq, d), k, v: (hkv, lk, d), contiguous; query head h reads KV head h / (hq / hkv).
+ * qpos (lq) and kpos (lk): key j is visible to query i when kpos[j] <= qpos[i]; NULL: all visible.
+ * out: (hq, lq, d). received (lk doubles, zeroed by the caller) or NULL. */
+void attention_fused(const float *q, const float *k, const float *v, int hq, int hkv, int lq, int lk, int d,
+                     float scale, const int64_t *qpos, const int64_t *kpos, float *out, double *received,
+                     int threads) {
+    const int group = hq / hkv, nblk = (lk + ATT_BLOCK - 1) / ATT_BLOCK;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *srow = malloc(sizeof(float) * (size_t)(lk + nblk + 8));
+        float *acc = malloc(sizeof(float) * (size_t)(d + 8));
+        double *mine = received ? calloc((size_t)lk, sizeof(double)) : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < (int64_t)hq * lq; r++) {
+            int h = (int)(r / lq), i = (int)(r % lq), kh = h / group;
+            attention_row(q + r * d, k + (int64_t)kh * lk * d, v + (int64_t)kh * lk * d, lk, d, scale,
+                          qpos ? qpos[i] : 0, qpos ? kpos : NULL, srow, acc, out + r * d, mine);
+        }
+        if (received) {
+            #pragma omp critical
+            for (int j = 0; j < lk; j++) received[j] += mine[j];
+        }
+        free(srow);
+        free(acc);
+        free(mine);
+    }
 }

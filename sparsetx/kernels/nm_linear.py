@@ -16,7 +16,7 @@ from ..formats.packed import PackedNM
 from ..nm.pattern import NMPattern
 from .loader import library
 
-ROW_GROUP = 3  # rows interleaved in the many-token layout (G in nm_cpu.c)
+ROW_GROUP = 3  # rows interleaved in the many-token layout (ROWG in nm_cpu.c): 3 x 4 vectors = 12 FMA chains
 K_BLOCK = int(os.environ.get("SPARSETX_K_BLOCK", 128))  # columns per K block: a 32-token x tile of 16 KiB
 
 
@@ -25,8 +25,8 @@ class KernelWeight:
     """A packed N:M weight ready for the kernels. ``values`` and ``indices`` ((out, kn) each,
     kn = in / M * N; fp32 values and absolute int32 input indices, ascending per row) are the
     canonical form the PyTorch fallback uses; the C kernels read two layouts made from it once, on
-    first use, in the order they read them (see nm_cpu.c): pairs of rows by K blocks for many tokens,
-    octets of rows in SIMD lanes for one token."""
+    first use, in the order they read them (see nm_cpu.c): groups of 3 rows by K blocks for many
+    tokens, octets of rows in SIMD lanes for one token."""
 
     values: torch.Tensor
     indices: torch.Tensor
@@ -74,8 +74,8 @@ class KernelWeight:
         return max(1, target // m) * m
 
     @cached_property
-    def pair_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, uint16 block-relative column x 32), pair p / kept slot j / row r at p*2*kn + 2*j + r.
+    def group_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, uint16 block-relative column x 32), group p / kept slot j / row r at p*3*kn + 3*j + r.
         The x 32 is the kernel's tile stride (32 tokens per column), so a code is a ready offset."""
         kb = self.k_block
         vals, cols = _pad_rows(self.values, ROW_GROUP), _pad_rows(self.indices, ROW_GROUP)
@@ -148,7 +148,7 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
         return (y if o8 == o else y[:o]).view(*lead, o)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    pv, pc = weight.pair_layout
+    pv, pc = weight.group_layout
     y = torch.empty(t, o)
     lib.nm_linear_tokens(_ptr(x2), x2.stride(0), t, k, _ptr(pv), _ptr(pc), o, pv.shape[1], n, m, weight.k_block, _ptr(b), _ptr(y),
                          threads)
