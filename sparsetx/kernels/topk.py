@@ -7,10 +7,11 @@ index, returned in ascending index order, as :func:`sparsetx.attention.importanc
 * ``"torch"``: ``torch.topk`` on the scores, with ties made stable by a tiny index-dependent key.
 
 ``benchmarks/topk.py`` measured both against a stable sort (n = 16 ... 16384, k = n / 2, one
-thread): the quick-select was 3.5-5.5x faster than the torch route at every size, and 1.4-4.6x
-faster than the stable sort. A bare ``torch.topk`` (no tie order, not ascending, so not a drop-in)
-is faster below n = 1024 only by the ~20 us of Python and ctypes overhead around the C call; from
-n = 4096 the quick-select beats it too. ``"auto"`` uses the quick-select wherever the kernel built.
+thread): the quick-select was 3.5-6.6x faster than the torch route at every size and 1.7-5.7x faster
+than the stable sort from n = 64 (level at 16). A bare ``torch.topk`` (no tie order, not ascending,
+so not a drop-in) is faster below n = 1024 only by the 5-7 us of Python and ctypes around the C
+call; from n = 4096 the quick-select beats it too. ``"auto"`` uses the quick-select wherever the
+kernel built.
 """
 from __future__ import annotations
 
