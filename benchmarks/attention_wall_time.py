@@ -11,10 +11,6 @@ ratios and writes JSON.  Usage: python benchmarks/attention_wall_time.py [--repe
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-from pathlib import Path
 
 import torch
 
@@ -22,7 +18,7 @@ from sparsetx.attention.decoder import DecoderConfig, spatten_decoder
 from sparsetx.attention.encoder import SpAttenConfig, spatten
 from sparsetx.data.text import shakespeare_plays
 from sparsetx.models import load_model, load_tokenizer
-from timing import interleaved
+from timing import bench_args, interleaved, machine, write_result
 
 
 def text() -> str:
@@ -72,23 +68,14 @@ def decoder_bench(repeats: int, new_tokens: int = 32) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--out", default="benchmarks/results/attention_wall_time.json")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                          "torch": torch.__version__}, "repeats": args.repeats,
+    args = bench_args(__doc__, "benchmarks/results/attention_wall_time.json", argv)
+    result = {"machine": machine(args.threads), "repeats": args.repeats,
               "encoder": encoder_bench(args.repeats), "decoder": decoder_bench(args.repeats)}
     for part in ("encoder", "decoder"):
         print(f"{part}:")
         for name, t in result[part]["median_s"].items():
             print(f"  {name:20s} {t * 1000:9.1f} ms   x{result[part]['speedup_vs_hf_dense'][name]:.2f} vs hf_dense")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

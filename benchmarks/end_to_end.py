@@ -12,11 +12,7 @@ Speed does not depend on accuracy, so the 2:8 models are one-shot magnitude-prun
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import platform
-from pathlib import Path
 
 import torch
 
@@ -27,7 +23,7 @@ from sparsetx.kernels.loader import library
 from sparsetx.kernels.nm_linear import to_sparse_linear
 from sparsetx.models import load_model, load_tokenizer
 from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
-from timing import interleaved
+from timing import bench_args, interleaved, machine, write_result
 
 PATTERN = "2:8"
 
@@ -88,16 +84,10 @@ def decoder_bench(repeats: int, prompt: int = 512, new_tokens: int = 32) -> dict
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--out", default="benchmarks/results/end_to_end.json")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = bench_args(__doc__, "benchmarks/results/end_to_end.json", argv)
     if library() is None:
         print("warning: the C kernel did not build; SparseLinear runs its PyTorch fallback")
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                          "torch": torch.__version__}, "repeats": args.repeats, "pattern": PATTERN,
+    result = {"machine": machine(args.threads), "repeats": args.repeats, "pattern": PATTERN,
               "encoder": encoder_bench(args.repeats), "decoder": decoder_bench(args.repeats)}
     lines = ["| workload | case | median ms | speedup vs dense |", "|---|---|---|---|"]
     parts = [(f"MiniLM classifier, {k} tokens", v) for k, v in result["encoder"].items()]
@@ -108,10 +98,7 @@ def main(argv=None) -> dict:
             lines.append(f"| {title} | {name} | {t * 1000:.1f} | x{part['speedup'][name]:.2f} |")
     print("\n".join(lines))
     result["table"] = lines
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

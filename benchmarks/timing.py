@@ -1,6 +1,8 @@
 """Timing helpers shared by the benchmarks: medians of interleaved runs after a warm-up."""
 from __future__ import annotations
 
+import argparse
+import platform
 import statistics
 import time
 
@@ -23,3 +25,33 @@ def interleaved(cases: dict, repeats: int, inner: int = 1) -> dict[str, float]:
         for name, fn in cases.items():
             times[name].append(per_call(fn, inner))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_args(doc: str, out: str, argv=None, repeats: int = 5) -> argparse.Namespace:
+    """--repeats, --threads (set for torch here) and --out, the flags every end-to-end benchmark takes."""
+    import torch
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", default=out)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def machine(threads: int) -> dict:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__}
+
+
+def write_result(result: dict, out: str) -> dict:
+    """The result as JSON at ``out`` (folders made), announced."""
+    import json
+    from pathlib import Path
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result

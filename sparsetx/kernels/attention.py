@@ -24,7 +24,7 @@ import ctypes
 
 import torch
 
-from .loader import library
+from .loader import backend_library
 
 C_MAX_ROWS = 16        # query rows per KV head up to which the row kernel is the faster route
 QUERY_ROWS = 128       # rows per strip on the PyTorch route
@@ -42,11 +42,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         raise ValueError(f"{hq} query heads do not divide into {hkv} KV heads")
     if (query_pos is None) != (key_pos is None):
         raise ValueError("give both query_pos and key_pos, or neither")
-    if backend not in ("auto", "c", "torch"):
-        raise ValueError(f"unknown backend {backend!r}; valid: auto, c, torch")
-    lib = library() if backend in ("auto", "c") else None
-    if backend == "c" and lib is None:
-        raise RuntimeError("the C kernel is not available on this machine (no gcc, or the build failed)")
+    lib = backend_library(backend, "c")
     if query_pos is not None and key_pos.numel() and int(key_pos.max()) <= int(query_pos.min()):
         query_pos = key_pos = None                       # every key precedes every query: no mask needed
     group = hq // hkv

@@ -76,3 +76,14 @@ def library() -> ctypes.CDLL | None:
     lib.topk_select.argtypes = [p, i, i, p, p]
     lib.topk_select.restype = ctypes.c_int
     return lib
+
+
+def backend_library(backend: str, native: str = "c") -> ctypes.CDLL | None:
+    """The library for ``backend``: "auto" (the C kernel where it built, else None: PyTorch),
+    ``native`` (the C kernel, or an error saying why not) or "torch" (None)."""
+    if backend not in ("auto", native, "torch"):
+        raise ValueError(f"unknown backend {backend!r}; valid: auto, {native}, torch")
+    lib = library() if backend != "torch" else None
+    if backend == native and lib is None:
+        raise RuntimeError("the C kernel is not available on this machine (no gcc, or the build failed)")
+    return lib

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..formats.packed import PackedNM
 from ..nm.pattern import NMPattern
-from .loader import library
+from .loader import backend_library, library
 
 ROW_GROUP = 3  # rows interleaved in the many-token layout (ROWG in nm_cpu.c): 3 x 4 vectors = 12 FMA chains
 K_BLOCK = int(os.environ.get("SPARSETX_K_BLOCK", 128))  # columns per K block: a 32-token x tile of 16 KiB
@@ -124,11 +124,7 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     """x: (..., in) fp32 -> (..., out). backend: "auto" (C kernel if it built), "c", "torch"."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.in_features}")
-    if backend not in ("auto", "c", "torch"):
-        raise ValueError(f"unknown backend {backend!r}; valid: auto, c, torch")
-    lib = library() if backend in ("auto", "c") else None
-    if backend == "c" and lib is None:
-        raise RuntimeError("the C kernel is not available on this machine (no gcc, or the build failed)")
+    lib = backend_library(backend, "c")
     lead = x.shape[:-1]
     k, o = weight.in_features, weight.out_features
     x2 = x.reshape(-1, k).float()

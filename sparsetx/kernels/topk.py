@@ -19,7 +19,7 @@ import ctypes
 
 import torch
 
-from .loader import library
+from .loader import backend_library
 
 
 def topk_indices(scores: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
@@ -29,11 +29,7 @@ def topk_indices(scores: torch.Tensor, k: int, backend: str = "auto") -> torch.T
     n = scores.numel()
     if not 0 < k <= n:
         raise ValueError(f"cannot keep {k} of {n}")
-    if backend not in ("auto", "select", "torch"):
-        raise ValueError(f"unknown top-k backend {backend!r}; valid: auto, select, torch")
-    lib = library() if backend in ("auto", "select") else None
-    if backend == "select" and lib is None:
-        raise RuntimeError("the C top-k is not available on this machine (no gcc, or the build failed)")
+    lib = backend_library(backend, "select")
     if lib is not None:
         s = scores.detach().to(torch.float64).contiguous()
         work = torch.empty(2 * n, dtype=torch.float64)
