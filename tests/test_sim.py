@@ -187,3 +187,31 @@ def test_sim_validate_reports_every_figure(tmp_path, capsys):
     assert rows["spatten.speedup_a3"]["status"] == "n/a" and "A3" in rows["spatten.speedup_a3"]["how"]
     assert all(r["how"] for r in rows.values())   # every figure says how it was computed or why not
     assert "not reproducible here" in capsys.readouterr().out
+
+
+def test_decoder_stats_drive_the_simulator(tmp_path):
+    """A decoder run's stats (grouped-query heads, KV eviction, progressive quantization) as the
+    simulator's workload: one job per KV head with its query heads' rows folded in."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsetx.attention.decoder import DecoderConfig, spatten_decoder
+    from sparsetx.attention.trace import write_stats
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=48)).eval()
+    cfg = DecoderConfig(kv_budget=6, k_bits=12, lsb_bits=4, v_bits=8, requant_threshold=0.9)
+    with torch.no_grad(), spatten_decoder(llama, cfg) as rt:
+        llama.generate(input_ids=torch.randint(0, 64, (1, 8)), max_new_tokens=3, do_sample=False)
+    write_stats(tmp_path / "d.json", rt.stats_document())
+    work = work_from_stats(tmp_path / "d.json")
+    assert len(work) == 3 * 2 * 2                          # 3 forwards x 2 layers x 2 KV heads
+    prompt = [w for w in work if w.step == 0]
+    assert {w.queries for w in prompt} == {8 * 2}          # 8 prompt tokens x 2 query heads per KV head
+    later = [w for w in work if w.step == 2]
+    assert {w.queries for w in later} == {2} and {w.length for w in later} == {10}
+    assert all(w.keys <= 7 for w in later)                 # the cache was pruned to the budget (+ the new token)
+    assert {w.key_bits for w in work} == {8} and {w.value_bits for w in work} == {8}
+    r = simulate_spatten(work)
+    assert r["dram_bytes"]["k_lsb"] > 0 and r["kv_reduction"] > 1
