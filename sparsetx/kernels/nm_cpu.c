@@ -35,17 +35,45 @@
 
 #define MAXTW 32
 
+/* dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: 8 x 8 blocks transposed
+ * in registers (unpack, shuffle, permute), the edges one by one. */
+static void transpose(const float *src, int64_t src_stride, float *dst, int64_t dst_stride, int rows, int cols) {
+    int i = 0;
+#ifdef __AVX2__
+    for (; i + 8 <= rows; i += 8) {
+        int j = 0;
+        for (; j + 8 <= cols; j += 8) {
+            __m256 r[8], t[8], u[8];
+            for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(src + (i + k) * src_stride + j);
+            for (int k = 0; k < 8; k += 2) {
+                t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+                t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+            }
+            for (int k = 0; k < 8; k += 4) {
+                u[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+                u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+                u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+                u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+            }
+            for (int k = 0; k < 4; k++) {
+                _mm256_storeu_ps(dst + (j + k) * dst_stride + i, _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
+                _mm256_storeu_ps(dst + (j + k + 4) * dst_stride + i, _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
+            }
+        }
+        for (; j < cols; j++)
+            for (int k = 0; k < 8; k++) dst[j * dst_stride + i + k] = src[(i + k) * src_stride + j];
+    }
+#endif
+    for (; i < rows; i++)
+        for (int j = 0; j < cols; j++) dst[j * dst_stride + i] = src[i * src_stride + j];
+}
+
 /* x rows t0..t0+nt, columns c0..c0+nc -> tile[c * TW + t], tokens nt..TW zero. */
 static void pack_tile(const float *x, int64_t ldx, int t0, int nt, int c0, int nc, int TW, float *tile) {
     if (nt < TW) memset(tile, 0, sizeof(float) * (size_t)nc * TW);
-    for (int t = 0; t < nt; t++) {
-        const float *src = x + (int64_t)(t0 + t) * ldx + c0;
-        for (int c = 0; c < nc; c++) tile[c * TW + t] = src[c];
-    }
+    transpose(x + (int64_t)t0 * ldx + c0, ldx, tile, TW, nt, nc);
 }
 
-/* Accumulate R rows (R / ROWG consecutive groups) x NV vectors over one K block: acc[r][v] kept
- * in registers by the constant bounds after inlining. part holds each row's TW partial sums. */
 #ifndef ROWG
 #define ROWG 3  /* rows a group interleaves in the weight layout (ROW_GROUP in nm_linear.py) */
 #endif
@@ -127,11 +155,9 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const float *va
                 }
                 jb += kbn;
             }
-            for (int t = 0; t < nt; t++) {
-                float *yr = y + (int64_t)(t0 + t) * O;
-                for (int p = p0; p < p1; p++)
-                    for (int r = 0; r < ROWG && ROWG * p + r < O; r++) yr[ROWG * p + r] = part[((p - p0) * ROWG + r) * TW + t];
-            }
+            /* part holds this thread's rows x TW tokens: transpose into y's tokens x O */
+            int o0 = ROWG * p0, o1 = ROWG * p1 < O ? ROWG * p1 : O;
+            transpose(part, TW, y + (int64_t)t0 * O + o0, O, o1 - o0, nt);
         }
         free(tile);
         free(part);
