@@ -84,7 +84,13 @@ class KernelWeight:
         v = vals.view(order).permute(0, 2, 1).contiguous()
         c = ((cols.view(order).permute(0, 2, 1) % kb) * 32).to(torch.int32).contiguous().numpy().astype(np.uint16)
         return v, torch.from_numpy(c)  # < 2**16 for K_BLOCK <= 2048
-        return v, c
+
+    @cached_property
+    def group_args(self) -> tuple:
+        """(values, offsets, out, kn, N, M, K block) for the many-token kernel, pointers made once."""
+        vals, offs = self.group_layout
+        n, m = self.nm
+        return _ptr(vals), _ptr(offs), self.out_features, vals.shape[1], n, m, self.k_block
 
     @cached_property
     def lane_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,11 +150,9 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
         return (y if o8 == o else y[:o]).view(*lead, o)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    pv, pc = weight.group_layout
     y = torch.empty(t, o)
-    lib.nm_linear_tokens(_ptr(x2), x2.stride(0), t, k, _ptr(pv), _ptr(pc), o, pv.shape[1], n, m, weight.k_block, _ptr(b), _ptr(y),
-                         threads)
-    return y.reshape(*lead, o)
+    lib.nm_linear_tokens(_ptr(x2), x2.stride(0), t, k, *weight.group_args, _ptr(b), _ptr(y), threads)
+    return y.view(*lead, o)
 
 
 class SparseLinear(nn.Module):
