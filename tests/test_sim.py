@@ -215,3 +215,13 @@ def test_decoder_stats_drive_the_simulator(tmp_path):
     assert {w.key_bits for w in work} == {8} and {w.value_bits for w in work} == {8}
     r = simulate_spatten(work)
     assert r["dram_bytes"]["k_lsb"] > 0 and r["kv_reduction"] > 1
+
+
+def test_per_layer_latency():
+    """Layer spans: each layer of a STA run takes time, later layers of a pruned run less."""
+    shape = ModelShape.from_config("minilm")
+    r = simulate_sta(sta_workload(shape, 128, "2:8", [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]))
+    spans = r["layer_cycles"]
+    assert list(spans) == list(range(6)) and all(v > 0 for v in spans.values())
+    assert spans[5] < spans[0]
+    assert sum(spans.values()) >= r["cycles"] * 0.9   # layers cover the run (they overlap a little)

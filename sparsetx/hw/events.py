@@ -101,3 +101,20 @@ def simulate(jobs: list[list[Stage]]) -> Schedule:
         raise ValueError(f"schedule deadlocked: {total - done} stages never became ready (a dependency cycle)")
     makespan = max((max(e) for e in end if e), default=0.0)
     return Schedule(start, end, makespan, dict(busy), dict(by_op))
+
+
+def span_by(schedule: Schedule, keys: list) -> dict:
+    """Cycles from the first start to the last end of the jobs sharing a key (e.g. (step, layer)),
+    summed per key[-1] (the layer). Spans of neighbouring layers overlap where the pipeline does."""
+    first: dict = {}
+    last: dict = {}
+    for key, s, e in zip(keys, schedule.start, schedule.end):
+        if not s:
+            continue
+        first[key] = min(first.get(key, float("inf")), min(s))
+        last[key] = max(last.get(key, 0.0), max(e))
+    out: dict = {}
+    for key in first:
+        layer = key[-1] if isinstance(key, tuple) else key
+        out[layer] = out.get(layer, 0.0) + last[key] - first[key]
+    return dict(sorted(out.items()))

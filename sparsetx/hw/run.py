@@ -115,6 +115,11 @@ def report_tables(result: dict) -> list[tuple[str, list[dict]]]:
     summary += [{"metric": f"utilisation {u}", "value": v} for u, v in result["utilisation"].items()]
     if "dram_reduction" in result:
         summary.append({"metric": "DRAM reduction vs dense fp32", "value": result["dram_reduction"]})
+    sram = result["sram_bytes"]
+    for name, v in (sram.items() if isinstance(sram, dict) else [("K/V", sram)]):
+        summary.append({"metric": f"on-chip buffer bytes read/written ({name})", "value": round(v)})
+    layers = [{"layer": layer, "cycles": round(c), "us": c / clock * 1e6}
+              for layer, c in result["layer_cycles"].items()]
     dram = [{"tensor": k, "bytes": round(v)} for k, v in result["dram_bytes"].items()]
     energy = [{"part": k, "uJ": v * 1e-6} for k, v in result["energy_pj"].items()]
     base = [{"platform": b["platform"], "roofline ms": b["roofline_seconds"] * 1e3,
@@ -122,7 +127,8 @@ def report_tables(result: dict) -> list[tuple[str, list[dict]]]:
     if "this_cpu" in result:
         base.append({"platform": f"this CPU, measured ({result['this_cpu']['threads']} threads)",
                      "roofline ms": result["this_cpu"]["seconds"] * 1e3, "speedup vs roofline": result["this_cpu"]["speedup"]})
-    return [("summary", summary), ("cycles by operation", ops), ("DRAM traffic by tensor", dram),
+    return [("summary", summary), ("cycles by operation (unit busy time)", ops),
+            ("latency by layer (first start to last end, summed over steps; neighbours overlap)", layers), ("DRAM traffic by tensor", dram),
             ("energy", energy), ("baselines (roofline bound; measured where stated)", base)]
 
 

@@ -19,7 +19,7 @@ from functools import lru_cache
 from ..attention.trace import TraceRow, read_spatten_csv, read_stats
 from .arch import SpAttenArch
 from .energy import EXP_PJ, add_pj, dram_pj_per_byte, mac_pj, sram_pj_per_byte
-from .events import Stage, buffer_deps, simulate
+from .events import Stage, buffer_deps, simulate, span_by
 from .topk import TopKEngine
 
 
@@ -162,9 +162,6 @@ def simulate_spatten(work: list[HeadWork], arch: SpAttenArch | None = None) -> d
               "sram": kv_sram * sram_pj_per_byte(kv_bank_bytes(arch)),
               "dram": dram_total * dram_pj_per_byte(arch.dram)}
     seconds = sched.makespan / (arch.clock_ghz * 1e9)
-    layers: dict[int, float] = {}
-    for w, e in zip(work, sched.end):
-        layers[w.layer] = max(layers.get(w.layer, 0.0), e[-1])
     return {
         "arch": arch.name, "heads": len(work), "cycles": sched.makespan, "seconds": seconds,
         "cycles_by_op": sched.by_op,
@@ -179,7 +176,7 @@ def simulate_spatten(work: list[HeadWork], arch: SpAttenArch | None = None) -> d
         "sram_bytes": kv_sram, "energy_pj": energy, "energy_j": sum(energy.values()) * 1e-12,
         "requant_fraction": sum(w.requant for w in work) / len(work),
         "key_fetch_fraction": sum(w.keys for w in work) / sum(w.length for w in work),
-        "layer_end_cycles": dict(sorted(layers.items())),
+        "layer_cycles": span_by(sched, [(w.step, w.layer) for w in work]),
     }
 
 

@@ -24,7 +24,7 @@ from ..formats.packed import index_bits
 from ..nm.pattern import NMPattern
 from .arch import STAArch
 from .energy import EXP_PJ, dram_pj_per_byte, mac_pj, sram_pj_per_byte
-from .events import Stage, buffer_deps, simulate
+from .events import Stage, buffer_deps, simulate, span_by
 from .workload import ModelShape, Op, model_ops
 
 
@@ -118,11 +118,9 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None, shape: ModelShape |
     macs = {"sparse_dense": 0, "dense_dense": 0}
     exps = 0
     sram = [0.0, 0.0]   # activation buffer, weight buffer
-    layer_end: dict[int, float] = {}
     op_cycles: dict[str, float] = {}
-    for j, (op, job) in enumerate(zip(owner, jobs)):
-        layer_end[op.layer] = max(layer_end.get(op.layer, 0.0), sched.end[j][-1])
-        for s, st in enumerate(job):
+    for job in jobs:
+        for st in job:
             op_cycles[st.op] = op_cycles.get(st.op, 0.0) + st.cycles
     vb = arch.value_bits / 8
     for op in ops:
@@ -160,7 +158,7 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None, shape: ModelShape |
         "dram_bytes": dram, "dram_bytes_total": dram_total, "activations_on_chip": act_resident,
         "macs": macs, "dense_equivalent_macs": sum(o.m * o.k * o.n * o.count for o in ops if o.kind != "softmax"),
         "sram_bytes": {"activations": sram[0], "weights": sram[1]}, "energy_pj": energy, "energy_j": sum(energy.values()) * 1e-12,
-        "layer_end_cycles": dict(sorted(layer_end.items())),
+        "layer_cycles": span_by(sched, [op.layer for op in owner]),
     }
 
 
