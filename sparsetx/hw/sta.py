@@ -24,7 +24,7 @@ from ..formats.packed import index_bits
 from ..nm.pattern import NMPattern
 from .arch import STAArch
 from .energy import EXP_PJ, dram_pj_per_byte, mac_pj, sram_pj_per_byte
-from .events import Stage, buffer_deps, simulate, span_by
+from .events import Stage, simulate, span_by
 from .workload import ModelShape, Op, model_ops
 
 
@@ -68,8 +68,7 @@ def op_jobs(op: Op, arch: STAArch, act_resident: bool) -> list[list[Stage]]:
         jobs = [[Stage("dram", (block_bytes + act_in) / arch.dram_bytes_per_cycle, "fetch_w"),
                  Stage("engine", col_tiles * per_tile, op.name),
                  Stage("dram", act_out / arch.dram_bytes_per_cycle, "write_act")] for _ in range(blocks)]
-        buffer_deps(jobs, fetch=0, frees=1)
-        return jobs
+        return jobs  # the weight buffer's double buffering spans operations: simulate_sta adds it
     if op.name == "qk":   # per head: Q (T x d) x K^T; scores stream into the softmax unit
         per_head = math.ceil(op.n / arch.pe_rows) * math.ceil(op.m / arch.pe_cols) * tile_cycles(arch, op.k, 1, 1)
         scores = op.m * op.n * vb
@@ -113,6 +112,11 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None, shape: ModelShape |
         jobs += new
         owner += [op] * len(new)
         last_compute = (first + len(new) - 1, compute_stage if op.name != "qk" else 2)
+    # One weight buffer, double-buffered across the whole run: the k-th row block's fetch waits
+    # until the (k-2)-th block's compute has freed its half.
+    weight_jobs = [j for j, op in enumerate(owner) if op.kind == "sparse_dense"]
+    for a, b in zip(weight_jobs, weight_jobs[2:]):
+        jobs[b][0].after.append((a, 1))
     sched = simulate(jobs)
     dram = {"weights": 0.0, "activations": 0.0, "scores": 0.0}
     macs = {"sparse_dense": 0, "dense_dense": 0}
