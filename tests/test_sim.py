@@ -225,3 +225,11 @@ def test_per_layer_latency():
     assert list(spans) == list(range(6)) and all(v > 0 for v in spans.values())
     assert spans[5] < spans[0]
     assert sum(spans.values()) >= r["cycles"] * 0.9   # layers cover the run (they overlap a little)
+
+
+def test_measure_this_cpu_through_sparse_kernels():
+    from sparsetx.hw.baselines import measure_cpu
+
+    shape = ModelShape(layers=2, hidden=64, heads=4, ffn=128)
+    m = measure_cpu(shape, tokens=16, pattern="2:8", repeats=2)
+    assert m["seconds"] > 0 and m["pattern"] == "2:8" and m["tokens"] == 16
