@@ -2,7 +2,8 @@
 
 Data card -> dense fine-tune (short) -> one-shot 2:4 and 2:8 (magnitude and activation-aware) ->
 SR-STE per pattern and a short IDP series 2:4 -> 2:8 -> the comparison table, JSON and plot ->
-pack the IDP 2:8 candidate with fp16 values -> reload -> verify.
+pack the IDP 2:8 candidate with fp16 values -> reload -> verify -> its speed on the N:M CPU kernel
+and on the simulated STA accelerator -> SpAtten token and KV-cache pruning.
 """
 from __future__ import annotations
 
@@ -81,6 +82,42 @@ def spatten_section(classifier: Path, quick: bool) -> dict:
     return {"encoder": enc_rows, "decoder": dec_rows}
 
 
+def speed_section(packed_dir: Path, quick: bool) -> dict:
+    """The packed 2:8 model on the N:M kernel against its dense twin on PyTorch, measured in the
+    same run, and the same model on the simulated STA accelerator."""
+    import statistics
+    import time
+
+    from .hw.run import SimConfig, run as simulate
+
+    console.rule("speed: the packed 2:8 model on the CPU kernel, and on a simulated STA accelerator")
+    dense, fast = load_packed(packed_dir), load_packed(packed_dir, fast=True)
+    tok = load_tokenizer(packed_dir)
+    enc = tok(["a gripping, beautifully acted film that never lets go of you"] * 8, return_tensors="pt",
+              padding="max_length", max_length=128, truncation=True)
+    times = {"dense (F.linear)": [], "2:8 (SparseLinear)": []}
+    with torch.no_grad():
+        same = float((fast(**enc).logits - dense(**enc).logits).abs().max())
+        for _ in range(2 if quick else 7):  # interleaved; the first round warms up
+            for name, m in (("dense (F.linear)", dense), ("2:8 (SparseLinear)", fast)):
+                t = time.perf_counter()
+                m(**enc)
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    speedup = med["dense (F.linear)"] / med["2:8 (SparseLinear)"]
+    console.print(f"8 x 128 tokens, {torch.get_num_threads()} threads: dense {med['dense (F.linear)'] * 1e3:.1f} ms, "
+                  f"2:8 {med['2:8 (SparseLinear)'] * 1e3:.1f} ms (x{speedup:.2f}); max |logit difference| {same:.1e}")
+    sims = {}
+    for pattern in (None, "2:8"):
+        r = simulate(SimConfig(arch="sta", model=str(packed_dir), tokens=128, pattern=pattern))
+        sims[pattern or "dense"] = {"ms": r["seconds"] * 1e3, "dram_bytes": r["dram_bytes_total"], "uj": r["energy_j"] * 1e6}
+    d, s = sims["dense"], sims["2:8"]
+    console.print(f"simulated STA (assumed 200 MHz, 16x16 PEs), 128 tokens: dense {d['ms']:.2f} ms, 2:8 {s['ms']:.2f} ms "
+                  f"(x{d['ms'] / s['ms']:.2f}), DRAM {d['dram_bytes'] / s['dram_bytes']:.2f}x less, energy "
+                  f"{d['uj'] / s['uj']:.2f}x less (sparsetx sim run --help for more)")
+    return {"cpu_ms": {k: v * 1e3 for k, v in med.items()}, "cpu_speedup": speedup, "max_logit_diff": same, "sta": sims}
+
+
 def demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     out = Path(out)
     console.rule("sparsetx demo: N:M sparsity with inherited dynamic pruning on all-MiniLM-L6-v2")
@@ -116,6 +153,7 @@ def demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
                   f"max |logit difference| vs fp32 candidate: {diff:.2e}")
     summary = {"comparison": result["rows"], "packed": {"folder": str(packed_dir), "bytes": report["pruned_layers"],
                "model_bytes": report["model"], "bit_identical": exact, "nm_ok": nm_ok, "max_logit_diff": diff},
+               "speed": speed_section(packed_dir, quick),
                "spatten": spatten_section(out / "compare" / "dense" / "candidate-dense", quick)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     console.print(f"wrote {out}/demo.json, {out}/compare/results.json, {out}/compare/accuracy_vs_sparsity.png")
