@@ -123,7 +123,7 @@ def cmd_eval(args):
     from .evaluate import accuracy, embedding_similarity, perplexity, text_passages
     from .models import load_model, load_tokenizer
 
-    model, tok = load_model(args.model), load_tokenizer(args.model)
+    model, tok = load_model(args.model, fast=True), load_tokenizer(args.model)  # packed: the N:M kernel
     archs = " ".join(model.config.architectures or [])
     rows = []
     if "SequenceClassification" in archs:
@@ -244,7 +244,7 @@ def cmd_generate(args):
     from .attention.decoder import DecoderConfig, spatten_decoder
     from .models import load_model, load_tokenizer
 
-    model, tok = load_model(args.model), load_tokenizer(args.model)
+    model, tok = load_model(args.model, fast=True), load_tokenizer(args.model)
     inputs = tok(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, top_k=50 if args.sample else None)

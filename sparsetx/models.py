@@ -95,13 +95,14 @@ def model_class(config: PretrainedConfig, task: str | None = None):
 
 
 def load_model(model: str | os.PathLike | None = None, task: str | None = None, num_labels: int = 2,
-               **kwargs) -> PreTrainedModel:
-    """Load a dense or packed (sparsetx) model folder on the CPU in fp32, eval mode."""
+               fast: bool = False, **kwargs) -> PreTrainedModel:
+    """Load a dense or packed (sparsetx) model folder on the CPU in fp32, eval mode. ``fast=True``
+    (inference): a packed folder's N:M layers become SparseLinear modules on the CPU kernel."""
     from .formats.folder import is_packed_folder, load_packed
 
     path = resolve_model_path(model)
     if is_packed_folder(path):
-        return load_packed(path)
+        return load_packed(path, fast=fast)
     config = AutoConfig.from_pretrained(path)
     cls = model_class(config, task)
     extra = {"num_labels": num_labels} if task == "sentiment" else {}

@@ -71,7 +71,7 @@ class DecoderEvalConfig:
 def decoder_eval(cfg: DecoderEvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
+    model, tok = load_model(cfg.model, fast=True), load_tokenizer(cfg.model)
     texts = cfg.texts or eval_texts()
     rows, quant_rows = [], []
     jobs = [(name, None, None) for name in texts] + [(n, p, b) for n in texts for p in cfg.policies for b in cfg.budgets]

@@ -44,10 +44,10 @@ def encoder_eval(cfg: EncoderEvalConfig) -> dict:
     rows = []
     grid = [(policy, keep, 1.0) for policy in cfg.policies for keep in cfg.token_keeps]
     grid += [("cascade", 1.0, h) for h in cfg.head_keeps if h < 1.0]
-    encoder, reference = load_model(cfg.encoder), load_model(cfg.encoder)
+    encoder, reference = load_model(cfg.encoder, fast=True), load_model(cfg.encoder, fast=True)
     enc_tok = load_tokenizer(cfg.encoder)
     texts = text_passages(" ".join(list(wikipedia_articles().values())), words=96, limit=cfg.passages)
-    clf = load_model(cfg.classifier) if cfg.classifier else None
+    clf = load_model(cfg.classifier, fast=True) if cfg.classifier else None
     clf_tok = load_tokenizer(cfg.classifier) if cfg.classifier else None
     data = sentiment_splits()["test"].subset(cfg.examples)
     dense_acc = accuracy(clf, clf_tok, data, progress=False, max_length=128) if clf is not None else None
