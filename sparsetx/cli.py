@@ -351,6 +351,7 @@ def cmd_sim_sweep(args):
     console.print(_rows_table(f"co-design sweep: {args.model}, {args.tokens} tokens (STA engine + SpAtten pruning)",
                               [r for r in rows if r["pareto"]] if args.pareto_only else rows))
     out = Path(args.out)
+    write_json({k: v for k, v in vars(args).items() if k != "fn"}, out / "config.json")  # the resolved settings
     write_json(rows, out / "sweep.json")
     plot_pareto(rows, out / "pareto.png")
     console.print(f"wrote {out}/sweep.json and {out}/pareto.png ({sum(r['pareto'] for r in rows)} Pareto points)")
