@@ -162,6 +162,7 @@ class SpAttenDecoder:
         n = len(self.attn)
         self.schedule = keep_schedule(config.token_keep, n, math.ceil(config.token_start * n))
         self.head_schedule = keep_schedule(config.head_keep, n, math.ceil(config.head_start * n))
+        self._head_pruning = any(r < 1.0 for r in self.head_schedule)
         self.reset()
 
     def reset(self) -> None:
@@ -197,22 +198,23 @@ class SpAttenDecoder:
         n_q, n_kv, d = self.ops.heads(module)
         group = n_q // n_kv
         cache = past_key_values.layers[module.layer_idx] if len(past_key_values.layers) > module.layer_idx else None
-        self._prune_heads(layer, cache, n_kv)
+        if self._head_pruning:
+            self._prune_heads(layer, cache, n_kv)
         alive = self.alive[layer]
-        kv_rows = (alive[:, None] * d + torch.arange(d)).reshape(-1)
-        q_heads = (alive[:, None] * group + torch.arange(group)).reshape(-1)
-        q_rows = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
         full = len(alive) == n_kv
-        q, k, v = self.ops.qkv(module, hidden_states, position_embeddings,
-                               None if full else q_rows, None if full else kv_rows)
+        q_rows = kv_rows = None                      # every head kept: the modules' own weights
+        if not full:
+            kv_rows = (alive[:, None] * d + torch.arange(d)).reshape(-1)
+            q_heads = (alive[:, None] * group + torch.arange(group)).reshape(-1)
+            q_rows = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
+        q, k, v = self.ops.qkv(module, hidden_states, position_embeddings, q_rows, kv_rows)
         new = q.shape[2]
         keys, values = past_key_values.update(k, v, module.layer_idx)
         cache = past_key_values.layers[module.layer_idx]
-        n_kv, n_q = len(alive), len(q_heads)
+        n_kv, n_q = len(alive), len(alive) * group
         self.positions[layer] = torch.cat([self.positions[layer], torch.arange(self.seen - new, self.seen)])
         pos = self.positions[layer]
         q_pos = torch.arange(self.seen - new, self.seen)
-        causal = pos[None, :] <= q_pos[:, None]                      # (new, T)
 
         stat = {"layer": layer, "tokens": int(pos.numel()), "queries": new, "kv_heads": n_kv, "head_dim": d}
         self._scaling = float(module.scaling)
@@ -220,22 +222,23 @@ class SpAttenDecoder:
         flat_heads = torch.zeros(n_q, dtype=torch.bool)
         refetched = 0
         if cfg.k_bits is None and kv_top is None:
-            # Fused: online softmax over key blocks, received probabilities from a recompute pass
+            # Fused attention (no score matrix), with the probability each key receives
             out, contrib = fused_attention(q[0].float(), keys[0].float(), values[0].float(), self._scaling,
                                            q_pos, pos, importance=True)
             ctx_heads = out[None].to(values.dtype)
         else:
+            causal = pos[None, :] <= q_pos[:, None]                  # (new, T)
             ctx_heads, contrib, refetched, flat_heads = self._chunked(q, keys, values, causal, group, kv_top)
         if cfg.k_bits is not None:
             stat.update(rows_refetched=refetched, rows=new * n_q)
         stat["values_fetched_rows"] = (kv_top or pos.numel()) * new * n_q
-        # head importance, pooled over the query heads sharing a KV head: s_h += sum |E|
-        self.head_scores[alive] += head_importance(ctx_heads[0]).double().view(n_kv, group).sum(-1)
+        if self._head_pruning:  # head importance, pooled over the query heads sharing a KV head: s_h += sum |E|
+            self.head_scores[alive] += head_importance(ctx_heads[0]).double().view(n_kv, group).sum(-1)
         ctx = ctx_heads.transpose(1, 2).reshape(1, new, n_q * d)
-        out = self.ops.output(module, ctx, None if full else q_rows)
+        out = self.ops.output(module, ctx, q_rows)
         stat["heads"] = n_q
         self.importance[pos] += contrib
-        self.layer_importance[layer][pos] += contrib
+        self.layer_importance[layer][pos] += contrib  # per layer: H2O's scores (no cascade across layers)
         self._fetch_stats(stat, pos.numel(), n_kv, d, flat_heads.view(n_kv, group).any(dim=-1))
         self._evict(layer, cache, new)
         stat["tokens_after"] = int(self.positions[layer].numel())
