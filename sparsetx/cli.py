@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--head-keep", type=float, default=1.0)
     r.add_argument("--value-keep", type=float, default=1.0, help="local value pruning (spatten)")
     r.add_argument("--trace", help="official SpAtten trace CSV (spatten)")
-    r.add_argument("--stats", help="stats JSON written by attention-eval/generate --stats (spatten)")
+    r.add_argument("--stats", help="stats JSON of a SpAtten runtime run, e.g. from generate --stats (spatten)")
     r.add_argument("--arch-config", help="YAML/JSON file overriding architecture parameters")
     r.add_argument("--measure", action="store_true", help="also time the workload on this CPU")
     r.add_argument("--json", help="write the full result here")
