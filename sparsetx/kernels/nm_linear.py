@@ -83,7 +83,8 @@ class KernelWeight:
         order = (p, ROW_GROUP, kn)
         v = vals.view(order).permute(0, 2, 1).contiguous()
         c = ((cols.view(order).permute(0, 2, 1) % kb) * 32).to(torch.int32).contiguous().numpy().astype(np.uint16)
-        return v, torch.from_numpy(c)  # < 2**16 for K_BLOCK <= 2048
+        # < 2**16 for K_BLOCK <= 2048; 4 codes of padding: the kernel reads a group's 3 codes as one 64-bit word
+        return v, torch.from_numpy(np.concatenate([c.reshape(-1), np.zeros(4, np.uint16)]))
 
     @cached_property
     def group_args(self) -> tuple:
