@@ -46,3 +46,19 @@ def tiny_bert(tmp_path_factory) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     load_tokenizer("minilm").save_pretrained(folder)
     return folder
+
+
+def tiny_spatten_stats(ids_shape: tuple[int, int]) -> dict:
+    """The stats document of the SpAtten encoder runtime on a 3-layer BERT (hidden 32, 4 heads of
+    8) with token keep [1, 0.5, 0.5] and local value pruning at 0.5, on random ids of ``ids_shape``."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from sparsetx.attention.encoder import SpAttenConfig, spatten
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=64)).eval()
+    with torch.no_grad(), spatten(model, SpAttenConfig(token_keep=[1, 0.5, 0.5], value_topk=0.5)) as rt:
+        model(input_ids=torch.randint(0, 100, ids_shape))
+    return rt.stats_document()

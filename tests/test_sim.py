@@ -12,7 +12,7 @@ from sparsetx.hw.spatten import HeadWork, simulate_spatten, work_from_shape, wor
 from sparsetx.hw.sta import simulate_sta, sta_workload, tile_cycles
 from sparsetx.hw.workload import ModelShape, Op
 
-from conftest import SHARED
+from conftest import SHARED, tiny_spatten_stats
 
 TRACE = SHARED / "spatten-traces" / "summary-gpt2-small-wikitext2-per8.csv"
 needs_traces = pytest.mark.skipif(not TRACE.exists(), reason="../shared/spatten-traces not present")
@@ -131,23 +131,14 @@ def test_bad_architectures_and_workloads(tmp_path):
 
 def test_runtime_stats_drive_the_simulator(tmp_path):
     """Our SpAtten runtime's stats JSON (a real pruned run) as the simulator's workload."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from sparsetx.attention.encoder import SpAttenConfig, spatten
     from sparsetx.attention.trace import write_stats
 
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                 intermediate_size=64)).eval()
-    with torch.no_grad(), spatten(model, SpAttenConfig(token_keep=[1, 0.5, 0.5], value_topk=0.5)) as rt:
-        model(input_ids=torch.randint(0, 100, (1, 32)))
-    write_stats(tmp_path / "s.json", rt.stats_document())
+    write_stats(tmp_path / "s.json", tiny_spatten_stats((1, 32)))
     work = work_from_stats(tmp_path / "s.json")
     assert len(work) == 3 * 4 and [w.keys for w in work[::4]] == [32, 16, 16]
     assert work[4].token_topk == 16 and work[4].topk_n == 32 and work[4].values == 8
     r = simulate_spatten(work)
-    assert r["macs"]["qk"] == 4 * 16 * (32 * 32 + 2 * 16 * 16)  # head_dim 16, queries = keys per layer
+    assert r["macs"]["qk"] == 4 * 8 * (32 * 32 + 2 * 16 * 16)  # head_dim 8, queries = keys per layer
 
 
 @needs_traces

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import SHARED, tiny_spatten_stats
 from sparsetx.attention.trace import (CSV_COLUMNS, TraceError, encoder_trace_rows, read_spatten_csv, read_stats,
                                       write_spatten_csv, write_stats)
 
@@ -47,16 +47,7 @@ def test_bad_csv(tmp_path):
 
 
 def test_runtime_stats_document(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    from sparsetx.attention.encoder import SpAttenConfig, spatten
-
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                 intermediate_size=64)).eval()
-    with torch.no_grad(), spatten(model, SpAttenConfig(token_keep=[1, 0.5, 0.5], value_topk=0.5)) as rt:
-        model(input_ids=torch.randint(0, 100, (2, 16)))
-    doc = rt.stats_document()
+    doc = tiny_spatten_stats((2, 16))
     write_stats(tmp_path / "s.json", doc)
     back = read_stats(tmp_path / "s.json")
     assert back["model"] == {"layers": 3, "heads": 4, "head_dim": 8, "family": "BertModel"}
