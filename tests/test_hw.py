@@ -77,3 +77,19 @@ def test_topk_average_matches_the_paper():
     total = TopKEngine().mean_cycles(1024, 512, trials=300)
     assert total == pytest.approx(rounds + 67, abs=1e-9)
     assert math.ceil(1024 / 16) + 3 == 67  # one full round
+
+
+def test_vit_deit_and_llama_from_configs():
+    from transformers import LlamaConfig, ViTConfig
+
+    assert ModelShape.from_config(ViTConfig()) == ModelShape.from_config("vit-base")
+    deit = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
+    assert ModelShape.from_config(deit) == ModelShape.from_config("deit-small")
+    llama = ModelShape.from_config(LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                               num_key_value_heads=3, intermediate_size=1536))  # SmolLM2-135M
+    assert llama.decoder and llama.head_dim == 64 and llama.kv_dim == 192 and llama.gated_ffn
+    ops = {o.name: o for o in model_ops(llama, 10) if o.layer == 0}
+    assert (ops["k"].n, ops["v"].n, ops["q"].n) == (192, 192, 576) and ops["ffn_gate"].n == 1536
+    # q, o: 576 x 576; k, v: 192 x 576; gate, up: 1536 x 576; down: 576 x 1536 -- by hand, fp16
+    per_layer = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576
+    assert weight_bytes(llama) == 30 * per_layer * 2

@@ -60,7 +60,8 @@ def measure_cpu(shape: ModelShape, tokens: int, pattern: str | None = None, repe
                 threads: int | None = None) -> dict:
     """This machine's time for the same workload: a randomly initialised BERT-style stack of the
     shape (no weights needed for timing), N:M-pruned and run through SparseLinear when ``pattern``
-    is given, one sequence of ``tokens``. Median of ``repeats`` after a warm-up."""
+    is given, one sequence of ``tokens``. Median of ``repeats`` after a warm-up. For Llama shapes
+    this is an approximation (BERT's ungated FFN, full-width K and V)."""
     import statistics
 
     import torch

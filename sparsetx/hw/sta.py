@@ -178,10 +178,13 @@ def sta_workload(shape: ModelShape, tokens: int, pattern: str | None = None,
     out = []
     for op in ops:
         heads = max(1, int(shape.heads * head_keep[op.layer]))
+        kv_heads = max(1, int((shape.kv_heads or shape.heads) * head_keep[op.layer]))  # GQA: whole KV groups
         if op.kind in ("dense_dense", "softmax"):
             op = Op(op.layer, op.name, op.kind, op.m, op.k, op.n, op.pattern, heads)
-        elif op.name in ("q", "k", "v"):
+        elif op.name == "q":
             op = Op(op.layer, op.name, op.kind, op.m, op.k, heads * shape.head_dim, op.pattern)
+        elif op.name in ("k", "v"):
+            op = Op(op.layer, op.name, op.kind, op.m, op.k, kv_heads * shape.head_dim, op.pattern)
         elif op.name == "o":
             op = Op(op.layer, op.name, op.kind, op.m, heads * shape.head_dim, op.n, op.pattern)
         out.append(op)

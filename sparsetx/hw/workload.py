@@ -26,10 +26,16 @@ class ModelShape:
     heads: int
     ffn: int
     decoder: bool = False
+    kv_heads: int | None = None    # grouped-query attention (Llama): K and V have fewer heads
+    gated_ffn: bool = False        # Llama's SwiGLU: gate and up projections, then down
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return (self.kv_heads or self.heads) * self.head_dim
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -46,7 +52,9 @@ class ModelShape:
         if not all((hidden, layers, heads, ffn)):
             raise ValueError(f"{type(config).__name__} lacks hidden size / layers / heads / FFN size")
         decoder = bool(getattr(config, "is_decoder", False)) or config.model_type in ("gpt2", "llama")
-        return cls(layers, hidden, heads, ffn, decoder)
+        kv = getattr(config, "num_key_value_heads", None)
+        return cls(layers, hidden, heads, ffn, decoder, kv if kv and kv != heads else None,
+                   config.model_type == "llama")
 
 
 @dataclass(frozen=True)
@@ -74,15 +82,17 @@ class Op:
 
 def layer_ops(shape: ModelShape, layer: int, tokens: int, pattern: str | None = None) -> list[Op]:
     """One Transformer layer at ``tokens`` tokens: QKV/O projections, FFN, Q K^T, softmax, P V."""
-    h, d, f = shape.hidden, shape.head_dim, shape.ffn
+    h, d, f, kv = shape.hidden, shape.head_dim, shape.ffn, shape.kv_dim
+    ffn_in = [Op(layer, "ffn_gate", "sparse_dense", tokens, h, f, pattern)] if shape.gated_ffn else []
     return [
         Op(layer, "q", "sparse_dense", tokens, h, h, pattern),
-        Op(layer, "k", "sparse_dense", tokens, h, h, pattern),
-        Op(layer, "v", "sparse_dense", tokens, h, h, pattern),
+        Op(layer, "k", "sparse_dense", tokens, h, kv, pattern),
+        Op(layer, "v", "sparse_dense", tokens, h, kv, pattern),
         Op(layer, "qk", "dense_dense", tokens, d, tokens, None, shape.heads),
         Op(layer, "softmax", "softmax", tokens, tokens, 1, None, shape.heads),
         Op(layer, "pv", "dense_dense", tokens, tokens, d, None, shape.heads),
         Op(layer, "o", "sparse_dense", tokens, h, h, pattern),
+        *ffn_in,
         Op(layer, "ffn_in", "sparse_dense", tokens, h, f, pattern),
         Op(layer, "ffn_out", "sparse_dense", tokens, f, h, pattern),
     ]
@@ -109,7 +119,8 @@ def weight_bytes(shape: ModelShape, pattern: str | None = None, value_bits: int 
     """Bytes of the block weights (QKVO + FFN) per layer stack, packed N:M with per-value indices."""
     from ..formats.packed import packed_bytes
 
-    mats = [(shape.hidden, shape.hidden)] * 4 + [(shape.ffn, shape.hidden), (shape.hidden, shape.ffn)]
+    mats = [(shape.hidden, shape.hidden)] * 2 + [(shape.kv_dim, shape.hidden)] * 2 \
+        + [(shape.ffn, shape.hidden)] * (2 if shape.gated_ffn else 1) + [(shape.hidden, shape.ffn)]
     if pattern is None:
         return shape.layers * sum(o * i for o, i in mats) * value_bits // 8
     p = NMPattern.parse(pattern)
