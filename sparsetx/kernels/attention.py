@@ -20,11 +20,9 @@ repeated. Causality (and a pruned, gapped KV cache) is by positions: query i may
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from .loader import backend_library
+from .loader import backend_library, ptr
 
 C_MAX_ROWS = 16        # query rows per KV head up to which the row kernel is the faster route
 QUERY_ROWS = 128       # rows per strip on the PyTorch route
@@ -74,7 +72,6 @@ def _fused_c(lib, q, k, v, scale, query_pos, key_pos, importance):
     received = torch.zeros(lk, dtype=torch.float64) if importance else None
     qp = None if query_pos is None else query_pos.to(torch.int64).contiguous()
     kp = None if key_pos is None else key_pos.to(torch.int64).contiguous()
-    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     lib.attention_fused(ptr(q), ptr(k), ptr(v), hq, hkv, lq, lk, d, float(scale), ptr(qp), ptr(kp), ptr(out),
                         ptr(received), torch.get_num_threads())
     return out, received

@@ -78,6 +78,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def ptr(t) -> ctypes.c_void_p | None:
+    """A tensor's data pointer for a ctypes call (None stays None: a NULL argument)."""
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
 def backend_library(backend: str, native: str = "c") -> ctypes.CDLL | None:
     """The library for ``backend``: "auto" (the C kernel where it built, else None: PyTorch),
     ``native`` (the C kernel, or an error saying why not) or "torch" (None)."""

@@ -2,7 +2,6 @@
 the drop-in module that holds one. The C kernel runs where it builds; PyTorch otherwise."""
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -14,7 +13,7 @@ from torch import nn
 
 from ..formats.packed import PackedNM
 from ..nm.pattern import NMPattern
-from .loader import backend_library, library
+from .loader import backend_library, library, ptr
 
 ROW_GROUP = 3  # rows interleaved in the many-token layout (ROWG in nm_cpu.c): 3 x 4 vectors = 12 FMA chains
 K_BLOCK = int(os.environ.get("SPARSETX_K_BLOCK", 128))  # columns per K block: a 32-token x tile of 16 KiB
@@ -91,7 +90,7 @@ class KernelWeight:
         """(values, offsets, out, kn, N, M, K block) for the many-token kernel, pointers made once."""
         vals, offs = self.group_layout
         n, m = self.nm
-        return _ptr(vals), _ptr(offs), self.out_features, vals.shape[1], n, m, self.k_block
+        return ptr(vals), ptr(offs), self.out_features, vals.shape[1], n, m, self.k_block
 
     @cached_property
     def lane_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,25 +104,23 @@ class KernelWeight:
         return v, pos.view(q, 8, g, n).permute(0, 2, 3, 1).contiguous()
 
     @cached_property
-    def lane_args(self) -> tuple:
-        """(values pointer, positions pointer, padded rows, fp16 flag) for the one-token kernel. fp16
-        values (exact when ``half``) halve the bytes of that memory-bound pass where F16C built."""
-        vals, pos = self.lane_layout
+    def lane_values(self) -> torch.Tensor:
+        """The lane layout's values as the one-token kernel reads them: fp16 (exact when ``half``,
+        half the bytes of that memory-bound pass) where F16C built, else fp32."""
+        vals = self.lane_layout[0]
         lib = library()
-        half = bool(self.half and lib is not None and lib.has_f16c())
-        if half:
-            vals = vals.half()
-        self._lane_keep = (vals, pos)  # the pointers below point into these
-        return _ptr(vals), _ptr(pos), vals.shape[0] * 8, int(half)
+        return vals.half() if self.half and lib is not None and lib.has_f16c() else vals
+
+    @cached_property
+    def lane_args(self) -> tuple:
+        """(values pointer, positions pointer, padded rows, fp16 flag) for the one-token kernel."""
+        vals = self.lane_values
+        return ptr(vals), ptr(self.lane_layout[1]), vals.shape[0] * 8, int(vals.dtype == torch.float16)
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     extra = -t.shape[0] % multiple
     return t if extra == 0 else torch.cat([t, torch.zeros(extra, t.shape[1], dtype=t.dtype)])
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
 def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = None,
@@ -144,15 +141,14 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     n, m = weight.nm
     b = bias if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()) else bias.float().contiguous()
     if t == 1:  # decoding: per-call Python work kept small, it is the same order as the kernel here
-        xv = x2 if x2.is_contiguous() else x2.contiguous()
         vals, pos, o8, half = weight.lane_args
         y = torch.empty(o8)
-        lib.nm_linear_vector(_ptr(xv), vals, pos, o, o8, k, n, m, _ptr(b), _ptr(y), half, threads)
+        lib.nm_linear_vector(ptr(x2.contiguous()), vals, pos, o, o8, k, n, m, ptr(b), ptr(y), half, threads)
         return (y if o8 == o else y[:o]).view(*lead, o)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(t, o)
-    lib.nm_linear_tokens(_ptr(x2), x2.stride(0), t, k, *weight.group_args, _ptr(b), _ptr(y), threads)
+    lib.nm_linear_tokens(ptr(x2), x2.stride(0), t, k, *weight.group_args, ptr(b), ptr(y), threads)
     return y.view(*lead, o)
 
 

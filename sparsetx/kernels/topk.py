@@ -4,7 +4,8 @@ index, returned in ascending index order, as :func:`sparsetx.attention.importanc
 
 * ``"select"``: the C quick-select of nm_cpu.c, SpAtten's top-k engine in software (one pass of
   partitioning per round on a shrinking candidate set, no full sort);
-* ``"torch"``: ``torch.topk`` on the scores, with ties made stable by a tiny index-dependent key.
+* ``"torch"``: ``torch.topk`` for the k-th largest score, then everything above it plus the earliest
+  ties (``torch.topk`` itself promises no order among ties).
 
 ``benchmarks/topk.py`` measured both against a stable sort (n = 16 ... 16384, k = n / 2, one
 thread): the quick-select was 3.5-6.6x faster than the torch route at every size and 1.7-5.7x faster
@@ -15,11 +16,9 @@ kernel built.
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from .loader import backend_library
+from .loader import backend_library, ptr
 
 
 def topk_indices(scores: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
@@ -34,8 +33,7 @@ def topk_indices(scores: torch.Tensor, k: int, backend: str = "auto") -> torch.T
         s = scores.detach().to(torch.float64).contiguous()
         work = torch.empty(2 * n, dtype=torch.float64)
         out = torch.empty(k, dtype=torch.int64)
-        if lib.topk_select(ctypes.c_void_p(s.data_ptr()), n, k, ctypes.c_void_p(work.data_ptr()),
-                           ctypes.c_void_p(out.data_ptr())):
+        if lib.topk_select(ptr(s), n, k, ptr(work), ptr(out)):
             raise ValueError("top-k scores contain NaN")
         return out
     if torch.isnan(scores).any():
