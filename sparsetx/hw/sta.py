@@ -48,14 +48,26 @@ def bank_bytes(buffer_bytes: int, bits_per_cycle: float) -> float:
     return buffer_bytes / max(1, math.ceil(bits_per_cycle / 64))
 
 
+def weight_format(op: Op, arch: STAArch) -> tuple[int, int, int]:
+    """(N, M, bits per kept weight) of a linear op: values plus ceil(log2 M)-bit indices; dense
+    weights are 1:1 with no index."""
+    if op.pattern is None:
+        return 1, 1, arch.value_bits
+    p = NMPattern.parse(op.pattern)
+    return p.n, p.m, arch.value_bits + index_bits(p)
+
+
+def dense_cycles(op: Op, arch: STAArch) -> int:
+    """Engine cycles of one head of a dense x dense product (Q K^T or P V): N = M operands."""
+    return math.ceil(op.n / arch.pe_rows) * math.ceil(op.m / arch.pe_cols) * tile_cycles(arch, op.k, 1, 1)
+
+
 def op_jobs(op: Op, arch: STAArch, act_resident: bool) -> list[list[Stage]]:
     """Jobs for one operation: weight row blocks (linear layers) or heads (attention)."""
     vb = arch.value_bits / 8
     if op.kind == "sparse_dense":
-        n, m = (NMPattern.parse(op.pattern).n, NMPattern.parse(op.pattern).m) if op.pattern else (1, 1)
-        if op.pattern:
-            arch.check_pattern(n, m)
-        bits = arch.value_bits + (index_bits(NMPattern(n, m)) if op.pattern else 0)
+        n, m, bits = weight_format(op, arch)
+        arch.check_pattern(n, m)
         blocks = math.ceil(op.n / arch.pe_rows)
         block_bytes = arch.pe_rows * op.k * n / m * bits / 8
         if block_bytes > arch.weight_buffer_bytes / 2:
@@ -70,22 +82,19 @@ def op_jobs(op: Op, arch: STAArch, act_resident: bool) -> list[list[Stage]]:
                  Stage("dram", act_out / arch.dram_bytes_per_cycle, "write_act")] for _ in range(blocks)]
         return jobs  # the weight buffer's double buffering spans operations: simulate_sta adds it
     if op.name == "qk":   # per head: Q (T x d) x K^T; scores stream into the softmax unit
-        per_head = math.ceil(op.n / arch.pe_rows) * math.ceil(op.m / arch.pe_cols) * tile_cycles(arch, op.k, 1, 1)
-        scores = op.m * op.n * vb
-        spill = 0.0 if arch.onchip_softmax else 2 * scores        # write + read back
+        spill = 0.0 if arch.onchip_softmax else op.m * op.n * vb / arch.dram_bytes_per_cycle  # each way
         sm = math.ceil(op.m * op.n / arch.softmax_per_cycle)
-        return [[Stage("engine", per_head, "qk"),
-                 Stage("dram", spill / 2 / arch.dram_bytes_per_cycle, "scores_to_dram"),
+        return [[Stage("engine", dense_cycles(op, arch), "qk"),
+                 Stage("dram", spill, "scores_to_dram"),
                  Stage("softmax", sm, "softmax", latency=arch.softmax_latency),
-                 Stage("dram", spill / 2 / arch.dram_bytes_per_cycle, "scores_from_dram")]
+                 Stage("dram", spill, "scores_from_dram")]
                 for _ in range(op.count)]
     if op.name == "pv":   # per head: P (T x T) x V (T x d)
-        per_head = math.ceil(op.n / arch.pe_rows) * math.ceil(op.m / arch.pe_cols) * tile_cycles(arch, op.k, 1, 1)
-        return [[Stage("engine", per_head, "pv")] for _ in range(op.count)]
+        return [[Stage("engine", dense_cycles(op, arch), "pv")] for _ in range(op.count)]
     return []            # the softmax op is timed inside qk's jobs
 
 
-def simulate_sta(ops: list[Op], arch: STAArch | None = None, shape: ModelShape | None = None) -> dict:
+def simulate_sta(ops: list[Op], arch: STAArch | None = None) -> dict:
     """Cycles, DRAM bytes by tensor, energy and per-op/per-layer breakdowns for a list of ops."""
     arch = arch or STAArch()
     arch.validate()
@@ -94,8 +103,7 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None, shape: ModelShape |
     jobs: list[list[Stage]] = []
     owner: list[Op] = []
     last_compute: tuple[int, int] | None = None
-    widest = max(max(o.k, o.n) for o in ops if o.kind == "sparse_dense") if any(
-        o.kind == "sparse_dense" for o in ops) else 0
+    widest = max((max(o.k, o.n) for o in ops if o.kind == "sparse_dense"), default=0)
     tokens = max(o.m for o in ops)
     act_resident = 2 * tokens * widest * arch.value_bits / 8 <= arch.act_buffer_bytes  # input + output
     for op in ops:
@@ -129,9 +137,8 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None, shape: ModelShape |
     vb = arch.value_bits / 8
     for op in ops:
         if op.kind == "sparse_dense":
-            p = NMPattern.parse(op.pattern) if op.pattern else None
-            bits = arch.value_bits + (index_bits(p) if p else 0)
-            dens = p.n / p.m if p else 1.0
+            n, m, bits = weight_format(op, arch)
+            dens = n / m
             dram["weights"] += op.n * op.k * dens * bits / 8
             if not act_resident:
                 dram["activations"] += math.ceil(op.n / arch.pe_rows) * op.m * op.k * vb + op.m * op.n * vb
@@ -150,7 +157,7 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None, shape: ModelShape |
               "sram": sram[0] * sram_pj_per_byte(bank_bytes(arch.act_buffer_bytes, arch.pe_cols * arch.act_width
                                                             * arch.value_bits))
               + sram[1] * sram_pj_per_byte(bank_bytes(arch.weight_buffer_bytes, arch.pe_rows * arch.lanes
-                                                      * (arch.value_bits + 5))),
+                                                      * (arch.value_bits + max(1, math.ceil(math.log2(arch.act_width)))))),
               "dram": dram_total * dram_pj_per_byte(arch.dram)}
     seconds = sched.makespan / (arch.clock_ghz * 1e9)
     peak = arch.pes * arch.lanes
