@@ -7,12 +7,17 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..attention.encoder import SpAttenConfig
 from ..attention.importance import keep_schedule
 from .arch import load_arch
 from .baselines import PLATFORMS, measure_cpu, roofline_seconds
 from .spatten import HeadWork, simulate_spatten, work_from_shape, work_from_stats, work_from_trace
 from .sta import simulate_sta, sta_workload
 from .workload import ModelShape, Op
+
+
+# Fractions of layers before token / head pruning starts: the runtimes' defaults (SEEDS.md).
+TOKEN_START, HEAD_START = SpAttenConfig.token_start, SpAttenConfig.head_start
 
 
 @dataclass
@@ -24,7 +29,7 @@ class SimConfig:
     token_keep: float = 1.0            # final keep ratio of cascade token pruning (ramp after start)
     head_keep: float = 1.0
     value_keep: float = 1.0            # local value pruning (SpAtten)
-    start: float = 0.15                # fraction of layers before token pruning begins (SEEDS.md ~15 %)
+    start: float = TOKEN_START         # fraction of layers before token pruning begins (SEEDS.md ~15 %)
     trace: str | None = None           # official SpAtten CSV (SpAtten only)
     stats: str | None = None           # our runtime's stats JSON (SpAtten only)
     arch_config: str | None = None     # YAML/JSON overrides of the architecture
@@ -45,10 +50,14 @@ def model_shape(model: str) -> ModelShape:
     return ModelShape.from_config(model)
 
 
-def ramp(layers: int, keep: float, start: float) -> list[float]:
-    """Per-layer keep ratios: 1.0 for the first ceil(start * layers) layers, then a linear ramp
-    down to ``keep`` at the last layer (the shape of SpAtten's schedule)."""
-    return keep_schedule(keep, layers, math.ceil(start * layers))
+def keep_schedules(layers: int, token_keep: float, head_keep: float,
+                   start: float = TOKEN_START) -> tuple[list[float], list[float] | None]:
+    """Per-layer keep ratios for tokens and heads (None: no head pruned), each 1.0 for the first
+    layers (``start`` of them for tokens, HEAD_START for heads) and then a linear ramp down to the
+    given ratio at the last layer: the shape of SpAtten's schedule, as the runtimes build it."""
+    tokens = keep_schedule(token_keep, layers, math.ceil(start * layers))
+    heads = keep_schedule(head_keep, layers, math.ceil(HEAD_START * layers)) if head_keep < 1 else None
+    return tokens, heads
 
 
 def attention_ops(work: list[HeadWork]) -> list[Op]:
@@ -75,16 +84,16 @@ def run(cfg: SimConfig) -> dict:
             work, shape = work_from_stats(cfg.stats, arch), None
         else:
             shape = model_shape(cfg.model)
-            work = work_from_shape(shape, cfg.tokens, ramp(shape.layers, cfg.token_keep, cfg.start),
-                                   ramp(shape.layers, cfg.head_keep, 0.3), cfg.value_keep, arch=arch)
+            work = work_from_shape(shape, cfg.tokens, *keep_schedules(shape.layers, cfg.token_keep, cfg.head_keep,
+                                                                      cfg.start), cfg.value_keep, arch=arch)
         result = simulate_spatten(work, arch)
         base_ops = attention_ops(work)
     else:
         if cfg.trace or cfg.stats:
             raise ValueError("--trace/--stats drive the spatten simulator; STA takes --model and keep ratios")
         shape = model_shape(cfg.model)
-        ops = sta_workload(shape, cfg.tokens, cfg.pattern, ramp(shape.layers, cfg.token_keep, cfg.start),
-                           ramp(shape.layers, cfg.head_keep, 0.3) if cfg.head_keep < 1 else None)
+        ops = sta_workload(shape, cfg.tokens, cfg.pattern,
+                           *keep_schedules(shape.layers, cfg.token_keep, cfg.head_keep, cfg.start))
         result = simulate_sta(ops, arch)
         base_ops = sta_workload(shape, cfg.tokens, None)
     result["config"] = asdict(cfg)

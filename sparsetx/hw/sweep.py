@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .arch import load_arch
-from .run import model_shape, ramp
+from .run import keep_schedules, model_shape
 from .sta import simulate_sta, sta_workload
 
 
@@ -54,8 +54,7 @@ def sweep(model: str, tokens: int, patterns, token_keeps, head_keeps, pe_sizes, 
     for i, (pattern, tok, head, pes) in enumerate(points):
         arch = replace(base, pe_rows=pes, pe_cols=pes)
         arch.validate()
-        ops = sta_workload(shape, tokens, pattern, ramp(shape.layers, tok, 0.15),
-                           ramp(shape.layers, head, 0.3) if head < 1 else None)
+        ops = sta_workload(shape, tokens, pattern, *keep_schedules(shape.layers, tok, head))
         r = simulate_sta(ops, arch)
         acc, how = accuracy_of(pattern, tok, head, dense, nm, attn)
         rows.append({"pattern": pattern or "dense", "token_keep": tok, "head_keep": head, "pe_array": f"{pes}x{pes}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from ..formats.packed import packed_bytes
@@ -29,8 +30,6 @@ def traces_dir() -> Path | None:
 
 def _unquantized(work):
     """The same pruned workload fetched at fp32 (isolates pruning from quantization)."""
-    from dataclasses import replace
-
     return [replace(w, key_bits=32, value_bits=32, query_bits=32, requant=False) for w in work]
 
 
