@@ -34,6 +34,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ..atomic import atomic_path
+
 STATS_SCHEMA = "sparsetx-attention-stats"
 STATS_VERSION = 1
 
@@ -108,9 +110,7 @@ def read_spatten_csv(path: str | os.PathLike) -> tuple[list[TraceRow], str | Non
 
 def write_spatten_csv(path: str | os.PathLike, rows: list[TraceRow], config: str | None = None) -> None:
     """Write rows in the official layout (D as a float, as the official files do), atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(CSV_COLUMNS)
         for r in rows:
@@ -121,7 +121,6 @@ def write_spatten_csv(path: str | os.PathLike, rows: list[TraceRow], config: str
             w.writerow([str(d[c]) for c in CSV_COLUMNS])
         if config is not None:
             w.writerow([config] + [""] * (len(CSV_COLUMNS) - 1))
-    os.replace(tmp, path)
 
 
 # The keys every layer entry must hold, per form of the document.
@@ -146,10 +145,8 @@ def stats_document(model_shape: dict, config: dict, sequences: list[list[dict]] 
 
 
 def write_stats(path: str | os.PathLike, document: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(document, indent=1))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=1))
 
 
 def read_stats(path: str | os.PathLike) -> dict:
