@@ -1,9 +1,8 @@
 """Would bf16 or int8 values help here? Dense F.linear in fp32 vs bf16 vs dynamic int8 (torch.ao),
-and nm_linear with fp32 vs fp16 values (one token), on BERT-base shapes, 1 thread, interleaved.
+and nm_linear with fp32 vs fp16 values (one token), on BERT-base shapes, 1 thread by default, interleaved.
 Usage: python benchmarks/dtypes.py [--repeats 5]"""
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import torch
@@ -13,17 +12,13 @@ from sparsetx.formats.packed import pack_nm
 from sparsetx.kernels.nm_linear import KernelWeight, nm_linear
 from sparsetx.nm.mask import apply_mask, nm_mask
 from sparsetx.nm.pattern import NMPattern
-from timing import interleaved, per_call, write_result
+from timing import bench_args, interleaved, per_call, write_result
 
 SHAPES = {"768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default="benchmarks/results/dtypes.json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    args = bench_args(__doc__, "benchmarks/results/dtypes.json", argv, threads=1)
     rows = []
     print("| shape | T | bf16 F.linear | int8 dynamic | nm 2:8 fp32 values | nm 2:8 fp16 values |  (speedup over fp32 F.linear)")
     print("|---|---|---|---|---|---|")
@@ -49,7 +44,7 @@ def main(argv=None):
             rows.append({"shape": name, "tokens": t, "median_s": med, "speedup": sp})
             print(f"| {name} | {t} | {sp['bf16']:.2f} | {sp['int8']:.2f} | {sp['nm_fp32']:.2f} | {sp['nm_fp16']:.2f} |",
                   flush=True)
-    write_result({"threads": 1, "torch": torch.__version__, "rows": rows}, args.out)
+    write_result({"threads": args.threads, "torch": torch.__version__, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ def interleaved(cases: dict, repeats: int, inner: int = 1) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_args(doc: str, out: str, argv=None, repeats: int = 5) -> argparse.Namespace:
-    """--repeats, --threads (set for torch here) and --out, the flags every end-to-end benchmark takes."""
+def bench_args(doc: str, out: str, argv=None, repeats: int = 5, threads: int | None = None) -> argparse.Namespace:
+    """--repeats, --threads (set for torch here; default ``threads``, else torch's) and --out, the
+    flags every benchmark takes."""
     import torch
 
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--repeats", type=int, default=repeats)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=threads or torch.get_num_threads())
     p.add_argument("--out", default=out)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,26 +1,18 @@
 """Top-k for the SpAtten runtime: C quick-select vs torch.topk vs a stable sort, at the runtime's
-sizes (n scores, keep half), one thread. Median of --repeats rounds after a warm-up, interleaved.
+sizes (n scores, keep half), one thread by default. Median of --repeats rounds after a warm-up, interleaved.
 Usage: python benchmarks/topk.py [--repeats 7]"""
 from __future__ import annotations
-
-import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from sparsetx.kernels.topk import topk_indices
-from timing import interleaved, per_call
+from timing import bench_args, interleaved, per_call, write_result
 
 SIZES = (16, 64, 256, 1024, 4096, 16384)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", default="benchmarks/results/topk.json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    args = bench_args(__doc__, "benchmarks/results/topk.json", argv, repeats=7, threads=1)
     rows = []
     print("| n | k | select (us) | torch.topk route (us) | stable sort (us) | bare torch.topk (us) | select vs route |")
     print("|---|---|---|---|---|---|---|")
@@ -34,9 +26,7 @@ def main(argv=None):
         rows.append({"n": n, "k": k, "median_us": med})
         print(f"| {n} | {k} | {med['select']:.1f} | {med['torch']:.1f} | {med['sort']:.1f} | {med['raw_topk']:.1f} | "
               f"x{med['torch'] / med['select']:.2f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"repeats": args.repeats, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    write_result({"repeats": args.repeats, "threads": args.threads, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":
