@@ -76,9 +76,7 @@ static void pack_tile(const float *x, int64_t ldx, int t0, int nt, int c0, int n
     transpose(x + (int64_t)t0 * ldx + c0, ldx, tile, TW, nt, nc);
 }
 
-#ifndef ROWG
-#define ROWG 3  /* rows a group interleaves in the weight layout (ROW_GROUP in nm_linear.py) */
-#endif
+#define ROWG 3  /* rows a group interleaves in the weight layout: ROW_GROUP in nm_linear.py must match */
 
 static inline __attribute__((always_inline)) void block_rows(
     const float *tile, const float *v, const uint16_t *ix, int64_t group_stride, int kbn,
