@@ -71,7 +71,6 @@ class HeadWork:
                 "v": self.values * d * self.value_bits / 8}
 
 
-
 def dense_fp32_bytes(work: list[HeadWork], with_q: bool = True) -> float:
     """The dense baseline's Q, K and V fetches at fp32 with no token, head or value pruning (the
     reference of the paper's DRAM-access reduction): every head of every layer, all L tokens. The
