@@ -118,21 +118,22 @@ def cmd_prune(args):
 
 
 def cmd_eval(args):
+    from .adapters import model_task
     from .data.sentiment import sentiment_splits
     from .data.text import lm_eval_texts
     from .evaluate import accuracy, embedding_similarity, perplexity, text_passages
     from .models import load_model, load_tokenizer
 
     model, tok = load_model(args.model, fast=True), load_tokenizer(args.model)  # packed: the N:M kernel
-    archs = " ".join(model.config.architectures or [])
+    task = model_task(model)
     rows = []
-    if "SequenceClassification" in archs:
+    if task == "classifier":
         data = sentiment_splits()[args.split].subset(args.examples)
         rows.append({"metric": f"sentiment accuracy ({args.split}, {len(data)} examples)",
                      "value": accuracy(model, tok, data)})
     if not args.no_lm:
         texts = lm_eval_texts()
-        if "CausalLM" in archs:
+        if task == "causal-lm":
             for name, text in texts.items():
                 rows.append({"metric": f"perplexity ({name})", "value": perplexity(model, tok, text, progress=True)})
         else:
@@ -267,9 +268,8 @@ def cmd_generate(args):
         from .attention.trace import write_stats
         write_stats(args.stats, rt.stats_document())
     if args.trace:
-        from .attention.decoder_eval import decoder_trace_rows
-        from .attention.trace import write_spatten_csv
-        write_spatten_csv(args.trace, decoder_trace_rows(rt), f"sparsetx:{args.model}:{cfg}")
+        from .attention.trace import decoder_trace_rows, write_spatten_csv
+        write_spatten_csv(args.trace, decoder_trace_rows(rt.stats_document()), f"sparsetx:{args.model}:{cfg}")
     return out
 
 

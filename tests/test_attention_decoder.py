@@ -40,9 +40,9 @@ def test_cache_shrinks_during_generate_and_cascade_holds(llama):
     with spatten_decoder(llama, DecoderConfig(kv_budget=8)) as rt:
         original = rt._evict
 
-        def spy(layer, cache, new):
-            original(layer, cache, new)
-            assert cache.keys.shape[-2] == rt.positions[layer].numel()
+        def spy(layer, cache, idx, q_pos):
+            original(layer, cache, idx, q_pos)
+            assert cache.layers[idx].keys.shape[-2] == rt.positions[layer].numel()
             if layer == len(rt.attn) - 1:
                 snapshots.append([set(p.tolist()) for p in rt.positions])
 
@@ -114,7 +114,7 @@ def test_bad_inputs(llama):
         DecoderConfig(policy="lru")
     with pytest.raises(ValueError, match="lsb_bits"):
         DecoderConfig(k_bits=4, lsb_bits=4)
-    with pytest.raises(ValueError, match="does not understand"):
+    with pytest.raises(ValueError, match="no adapter for Sequential"):
         SpAttenDecoder(torch.nn.Sequential(torch.nn.Linear(2, 2)), DecoderConfig())
     with pytest.raises(ValueError, match="batch size 1"), torch.no_grad(), spatten_decoder(llama):
         llama(input_ids=torch.zeros(2, 4, dtype=torch.long), use_cache=True)
@@ -138,7 +138,7 @@ def test_gpt2_from_config():
     assert torch.equal(out, ref)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert all(s["tokens_after"] <= 6 for step in rt.stats for s in step)
-    assert rt.stats_document()["model"]["family"] == "GPT2Attention"
+    assert rt.stats_document()["model"]["family"] == "gpt2"
 
 
 def test_head_pruning_shrinks_cache_heads_and_cascades(llama):
@@ -160,10 +160,13 @@ def test_head_pruning_shrinks_cache_heads_and_cascades(llama):
 def test_head_pruned_cache_tensors(llama):
     from transformers import DynamicCache
 
+    from sparsetx.adapters import family_of
+
     cache = DynamicCache()
+    kw = family_of(llama).cache_kwargs(llama, cache)
     with torch.no_grad(), spatten_decoder(llama, DecoderConfig(head_keep=[1.0, 0.5, 0.5, 0.5])):
-        llama(input_ids=_prompt(10), past_key_values=cache, use_cache=True)
-        llama(input_ids=_prompt(1, seed=9), past_key_values=cache, use_cache=True)
+        llama(input_ids=_prompt(10), use_cache=True, **kw)
+        llama(input_ids=_prompt(1, seed=9), use_cache=True, **kw)
     assert [layer.keys.shape[1] for layer in cache.layers] == [2, 1, 1, 1]
 
 

@@ -134,7 +134,7 @@ def test_bad_configs():
         SpAttenConfig(head_keep=[1.0, 1.2])
     with pytest.raises(ValueError, match="value_topk"):
         SpAttenConfig(value_topk=2.0)
-    with pytest.raises(ValueError, match="does not understand"):
+    with pytest.raises(ValueError, match="no adapter for Sequential"):
         SpAttenEncoder(torch.nn.Sequential(torch.nn.Linear(2, 2)), SpAttenConfig())
 
 

@@ -29,14 +29,14 @@ def smollm2():
 def test_streaming_matches_full_forward_and_budget_costs(smollm2):
     model, tok = smollm2
     ids = tok(TEXT, return_tensors="pt").input_ids[:, :64]
-    nll_dense, preds_dense, _ = streaming_pass(model, ids, None, prefill=16)
+    nll_dense = streaming_pass(model, ids, None, prefill=16).nll
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0]
     full = torch.nn.functional.cross_entropy(logits[15:-1], ids[0, 16:], reduction="none")
     torch.testing.assert_close(torch.tensor(nll_dense), full, atol=2e-3, rtol=1e-3)  # cache vs one pass, fp32
-    nll_same, _, rt = streaming_pass(model, ids, DecoderConfig(), prefill=16)
+    nll_same = streaming_pass(model, ids, DecoderConfig(), prefill=16).nll
     torch.testing.assert_close(torch.tensor(nll_same), torch.tensor(nll_dense), atol=2e-3, rtol=1e-3)
-    _, _, rt = streaming_pass(model, ids, DecoderConfig(kv_budget=12), prefill=16)
+    rt = streaming_pass(model, ids, DecoderConfig(kv_budget=12), prefill=16).runtime
     assert all(s["tokens_after"] <= 12 for step in rt.stats for s in step)
     assert math.exp(sum(nll_dense) / len(nll_dense)) < 200  # a real LM on real English, not noise
 

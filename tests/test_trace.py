@@ -50,7 +50,7 @@ def test_runtime_stats_document(tmp_path):
     doc = tiny_spatten_stats((2, 16))
     write_stats(tmp_path / "s.json", doc)
     back = read_stats(tmp_path / "s.json")
-    assert back["model"] == {"layers": 3, "heads": 4, "head_dim": 8, "family": "BertModel"}
+    assert back["model"] == {"layers": 3, "heads": 4, "head_dim": 8, "family": "bert"}
     assert [l["tokens"] for l in back["sequences"][0]["layers"]] == [16, 8, 8]
     assert back["sequences"][0]["layers"][1]["values_fetched_rows"] == 4 * 8 * 4  # ceil(0.5 * 8) rows x 8 queries x 4 heads
     rows = encoder_trace_rows(back["sequences"][0]["layers"], head_dim=8)

@@ -4,8 +4,15 @@
         out = model.generate(**inputs, max_new_tokens=32)
     rt.stats  # per forward, per layer: tokens in the cache, K/V bytes fetched, rows refetched
 
-sparsetx computes attention itself (projections, RoPE and o_proj read from the model's modules),
-so whatever ``attn_implementation`` the model was loaded with, the pruned path is the same code.
+sparsetx computes attention itself (projections, RoPE and o_proj read from the model's modules,
+through the family adapter in :mod:`sparsetx.adapters`), so whatever ``attn_implementation`` the
+model was loaded with, the pruned path is the same code.
+
+* Positions: every token keeps its true position in the sequence however many tokens were
+  evicted. A forward pre-hook on the base model passes ``position_ids`` (the runtime counts the
+  sequence's tokens), so RoPE (Llama) and learned positions (GPT-2) see 10, 11, ... after 10
+  tokens even when the cache holds 8; causality is decided by positions, not cache slots. A new
+  cache object (each ``generate()`` makes one) starts a new sequence.
 
 * Token importance (cascade): after every layer's attention, s[t] += sum over query heads and
   queries of P[h, q, t], one score per original position, shared by all layers and accumulated
@@ -33,14 +40,15 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from ..adapters import family_of
 from ..kernels.attention import fused_attention
-from ..kernels.nm_linear import linear_cols, linear_rows
 from .importance import (check_ratios, head_importance, join_msb_lsb, keep_count, keep_schedule,
                          local_value_mask, msb_value, quantize, select_kept, split_msb_lsb)
 
@@ -85,80 +93,16 @@ class DecoderConfig:
         return cls(**{"k_bits": 12, "lsb_bits": 4, "v_bits": 8, **kw})
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
-class LlamaOps:
-    """Where a Llama attention keeps its weights, and how it projects (with RoPE)."""
-
-    @staticmethod
-    def heads(module: nn.Module) -> tuple[int, int, int]:
-        cfg = module.config
-        return cfg.num_attention_heads, cfg.num_key_value_heads, module.head_dim
-
-    @staticmethod
-    def qkv(module, hidden, position_embeddings, q_rows, kv_rows):
-        """Projections of the kept heads only (rows of the weights), with RoPE."""
-        b, t, _ = hidden.shape
-        d = module.head_dim
-
-        def proj(lin, rows):
-            if rows is None:  # every head kept: the module itself, no copy of its weight
-                return lin(hidden).view(b, t, -1, d).transpose(1, 2)
-            return linear_rows(lin, hidden, rows).view(b, t, -1, d).transpose(1, 2)
-
-        q, k, v = proj(module.q_proj, q_rows), proj(module.k_proj, kv_rows), proj(module.v_proj, kv_rows)
-        cos, sin = position_embeddings
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
-
-    @staticmethod
-    def output(module, ctx, q_rows):
-        if q_rows is None:
-            return module.o_proj(ctx)
-        return linear_cols(module.o_proj, ctx, q_rows)
-
-
-class GPT2Ops:
-    """GPT-2: one fused c_attn projection (Conv1D), learned positions (no RoPE), c_proj output."""
-
-    @staticmethod
-    def heads(module: nn.Module) -> tuple[int, int, int]:
-        return module.num_heads, module.num_heads, module.head_dim
-
-    @staticmethod
-    def qkv(module, hidden, position_embeddings, q_rows, kv_rows):
-        b, t, _ = hidden.shape
-        e = module.split_size
-        if q_rows is None:
-            q, k, v = module.c_attn(hidden).split(e, dim=2)
-            return tuple(x.reshape(b, t, -1, module.head_dim).transpose(1, 2) for x in (q, k, v))
-        cols = torch.cat([q_rows, kv_rows + e, kv_rows + 2 * e])   # Conv1D weight is (in, out)
-        q, k, v = (hidden @ module.c_attn.weight[:, cols] + module.c_attn.bias[cols]).split(
-            [len(q_rows), len(kv_rows), len(kv_rows)], dim=2)
-        return tuple(x.reshape(b, t, -1, module.head_dim).transpose(1, 2) for x in (q, k, v))
-
-    @staticmethod
-    def output(module, ctx, q_rows):
-        if q_rows is None:
-            return module.resid_dropout(module.c_proj(ctx))
-        return module.resid_dropout(ctx @ module.c_proj.weight[q_rows] + module.c_proj.bias)
-
-
-# The adapter table: attention class name -> where its weights live.
-DECODER_ADAPTERS = {"LlamaAttention": LlamaOps, "GPT2Attention": GPT2Ops}
-
-
 class SpAttenDecoder:
+    """The runtime behind :func:`spatten_decoder`: per-sequence state (true positions, cumulative
+    importance, kept heads) and the attention forward that replaces the model's."""
+
     def __init__(self, model: nn.Module, config: DecoderConfig) -> None:
         self.config = config
-        self.attn = [m for m in model.modules() if type(m).__name__ in DECODER_ADAPTERS]
-        if not self.attn:
-            raise ValueError(f"SpAtten decoder runtime does not understand the attention of {type(model).__name__}; "
-                             f"supported: {', '.join(DECODER_ADAPTERS)}")
-        self.ops = DECODER_ADAPTERS[type(self.attn[0]).__name__]
+        self.family = family_of(model, decoder=True)
+        self.base = self.family.base(model)
+        self.attn = self.family.attention_modules(model)
+        self._layer = {id(m): i for i, m in enumerate(self.attn)}
         n = len(self.attn)
         self.schedule = keep_schedule(config.token_keep, n, math.ceil(config.token_start * n))
         self.head_schedule = keep_schedule(config.head_keep, n, math.ceil(config.head_start * n))
@@ -168,15 +112,17 @@ class SpAttenDecoder:
     def reset(self) -> None:
         """Forget the importance and positions (a new sequence)."""
         n = len(self.attn)
-        self.seen = 0                                    # tokens processed so far (next position)
+        self.seen = 0                                    # next position: tokens of the sequence so far
         self.importance = torch.zeros(0, dtype=torch.float64)
         self.layer_importance = [torch.zeros(0, dtype=torch.float64) for _ in range(n)]  # h2o
         self.positions: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(n)]
-        n_kv = self.ops.heads(self.attn[0])[1]
+        n_kv = self.family.heads(self.attn[0])[1]
         self.head_scores = torch.zeros(n_kv, dtype=torch.float64)   # accumulated per KV-head index
         self.alive: list[torch.Tensor] = [torch.arange(n_kv) for _ in range(n)]
         self.stats: list[list[dict]] = []
-        self._cache_id = None
+        self.query_positions: list[torch.Tensor] = []   # per forward: the true positions of its new tokens
+        self._cache_ref = None                          # weak reference to this sequence's cache
+        self._q_pos: torch.Tensor | None = None
 
     def budget(self, layer: int, seen: int) -> int:
         k = keep_count(seen, self.schedule[layer])
@@ -184,22 +130,85 @@ class SpAttenDecoder:
             k = min(k, self.config.kv_budget)
         return k
 
-    # --- the attention forward ----------------------------------------------------------------
-    def attention(self, module, hidden_states, position_embeddings=None, attention_mask=None,
-                  past_key_values=None, **kwargs):
-        if hidden_states.shape[0] != 1:
+    # --- before each model forward: the sequence, and its true positions -----------------------
+    def before_forward(self, base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook of the base model. Starts a new sequence when the cache is new, and
+        passes the new tokens' true positions (``position_ids``): without them transformers counts
+        positions from the cache length, which eviction shortens."""
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = args[0] if args else kwargs.get("inputs_embeds")
+        if x is None:
+            raise ValueError("the SpAtten decoder runtime needs input_ids or inputs_embeds")
+        if x.shape[0] != 1:
             raise ValueError("the SpAtten decoder runtime prunes one sequence at a time (batch size 1)")
-        if past_key_values is None:
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.bool().all()):
+            raise ValueError("the SpAtten decoder runtime takes one unpadded sequence; the attention_mask has padding")
+        new = x.shape[1]
+        self._begin(self.family.cache_of(kwargs))
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(self.seen, self.seen + new).unsqueeze(0)
+            kwargs["position_ids"] = pos
+        elif pos.numel() != new:
+            raise ValueError(f"position_ids hold {pos.numel()} positions for {new} new tokens")
+        q_pos = pos.reshape(-1).long().clone()
+        if new and int(q_pos.min()) < self.seen:
+            raise ValueError(f"position {int(q_pos.min())} was already seen in this sequence (next is {self.seen}); "
+                             "start a new cache for a new sequence")
+        self._q_pos = q_pos
+        self.query_positions.append(q_pos)
+        self.seen = int(q_pos.max()) + 1 if new else self.seen
+        grow = self.seen - self.importance.numel()
+        if grow > 0:
+            self.importance = torch.cat([self.importance, torch.zeros(grow, dtype=torch.float64)])
+            self.layer_importance = [torch.cat([s, torch.zeros(grow, dtype=torch.float64)]) for s in self.layer_importance]
+        self.stats.append([])
+        return args, kwargs
+
+    def _begin(self, cache) -> None:
+        """A forward without a cache (the model makes one) or with a cache this runtime has not seen
+        is a new sequence: the state is reset, never matched by ``id()``, which Python reuses."""
+        if cache is not None and self._cache_ref is not None and self._cache_ref() is cache:
+            return
+        self.reset()
+        if cache is None:
+            return
+        self.family.check_cache(cache)
+        self._cache_ref = weakref.ref(cache)
+        lengths = {self.family.cache_length(cache, m.layer_idx) for m in self.attn}
+        if lengths == {0}:
+            return
+        if len(lengths) != 1:
+            raise ValueError("this KV cache holds different numbers of tokens per layer (pruned elsewhere); "
+                             "start a new cache under the SpAtten runtime")
+        filled = lengths.pop()   # a cache filled without the runtime: its tokens sit at 0 .. filled-1
+        self.seen = filled
+        self.positions = [torch.arange(filled) for _ in self.attn]
+        self.importance = torch.zeros(filled, dtype=torch.float64)
+        self.layer_importance = [torch.zeros(filled, dtype=torch.float64) for _ in self.attn]
+
+    # --- the attention forward ----------------------------------------------------------------
+    def attention(self, module, hidden_states, *args, **kwargs):
+        """Replaces ``module.forward``; takes whatever keywords this transformers passes."""
+        if self._q_pos is None:
+            raise RuntimeError("the SpAtten decoder runtime runs inside the model's forward; call the model")
+        cache = self.family.cache_of(kwargs)
+        if cache is None:
             raise ValueError("the SpAtten decoder runtime needs the model's KV cache (use_cache=True)")
-        layer = self.attn.index(module)
-        if layer == 0:
-            self._start_forward(past_key_values, hidden_states.shape[1])
+        if self._cache_ref is None:          # the model made this sequence's cache
+            self.family.check_cache(cache)
+            self._cache_ref = weakref.ref(cache)
+        layer, idx = self._layer[id(module)], module.layer_idx
+        position_embeddings = kwargs.get("position_embeddings")
+        if self.family.positions == "rope" and position_embeddings is None:
+            raise ValueError(f"{type(module).__name__} was called without position_embeddings")
         cfg = self.config
-        n_q, n_kv, d = self.ops.heads(module)
+        n_q, n_kv, d = self.family.heads(module)
         group = n_q // n_kv
-        cache = past_key_values.layers[module.layer_idx] if len(past_key_values.layers) > module.layer_idx else None
         if self._head_pruning:
-            self._prune_heads(layer, cache, n_kv)
+            self._prune_heads(layer, cache, idx, n_kv)
         alive = self.alive[layer]
         full = len(alive) == n_kv
         q_rows = kv_rows = None                      # every head kept: the modules' own weights
@@ -207,40 +216,42 @@ class SpAttenDecoder:
             kv_rows = (alive[:, None] * d + torch.arange(d)).reshape(-1)
             q_heads = (alive[:, None] * group + torch.arange(group)).reshape(-1)
             q_rows = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
-        q, k, v = self.ops.qkv(module, hidden_states, position_embeddings, q_rows, kv_rows)
+        q, k, v = self.family.qkv(module, hidden_states, position_embeddings, q_rows, kv_rows)
         new = q.shape[2]
-        keys, values = past_key_values.update(k, v, module.layer_idx)
-        cache = past_key_values.layers[module.layer_idx]
+        q_pos = self._q_pos
+        keys, values = self.family.update_cache(cache, idx, k, v)
         n_kv, n_q = len(alive), len(alive) * group
-        self.positions[layer] = torch.cat([self.positions[layer], torch.arange(self.seen - new, self.seen)])
+        self.positions[layer] = torch.cat([self.positions[layer], q_pos])
         pos = self.positions[layer]
-        q_pos = torch.arange(self.seen - new, self.seen)
 
-        stat = {"layer": layer, "tokens": int(pos.numel()), "queries": new, "kv_heads": n_kv, "head_dim": d}
-        self._scaling = float(module.scaling)
+        stat = {"layer": layer, "tokens": int(pos.numel()), "queries": new, "kv_heads": n_kv, "head_dim": d,
+                "kv_head_ids": alive.tolist()}
+        self._scaling = self.family.scaling(module)
         kv_top = max(1, math.ceil(cfg.value_topk * pos.numel())) if cfg.value_topk and cfg.value_topk < 1.0 else None
         flat_heads = torch.zeros(n_q, dtype=torch.bool)
         refetched = 0
         if cfg.k_bits is None and kv_top is None:
             # Fused attention (no score matrix), with the probability each key receives
-            out, contrib = fused_attention(q[0].float(), keys[0].float(), values[0].float(), self._scaling,
+            work = torch.float64 if q.dtype == torch.float64 else torch.float32   # fp16/bf16 caches: fp32 maths
+            out, contrib = fused_attention(q[0].to(work), keys[0].to(work), values[0].to(work), self._scaling,
                                            q_pos, pos, importance=True)
             ctx_heads = out[None].to(values.dtype)
         else:
             causal = pos[None, :] <= q_pos[:, None]                  # (new, T)
             ctx_heads, contrib, refetched, flat_heads = self._chunked(q, keys, values, causal, group, kv_top)
         if cfg.k_bits is not None:
-            stat.update(rows_refetched=refetched, rows=new * n_q)
+            q_ids = (alive[:, None] * group + torch.arange(group)).reshape(-1)
+            stat.update(rows_refetched=refetched, rows=new * n_q, requant_heads=q_ids[flat_heads].tolist())
         stat["values_fetched_rows"] = (kv_top or pos.numel()) * new * n_q
         if self._head_pruning:  # head importance, pooled over the query heads sharing a KV head: s_h += sum |E|
             self.head_scores[alive] += head_importance(ctx_heads[0]).double().view(n_kv, group).sum(-1)
         ctx = ctx_heads.transpose(1, 2).reshape(1, new, n_q * d)
-        out = self.ops.output(module, ctx, q_rows)
+        out = self.family.output(module, ctx, q_rows)
         stat["heads"] = n_q
         self.importance[pos] += contrib
         self.layer_importance[layer][pos] += contrib  # per layer: H2O's scores (no cascade across layers)
         self._fetch_stats(stat, pos.numel(), n_kv, d, flat_heads.view(n_kv, group).any(dim=-1))
-        self._evict(layer, cache, new)
+        self._evict(layer, cache, idx, q_pos)
         stat["tokens_after"] = int(self.positions[layer].numel())
         self.stats[-1].append(stat)
         return out, None
@@ -301,17 +312,7 @@ class SpAttenDecoder:
         stat["v_bytes"] = n_kv * per_head * cfg.v_bits / 8
         stat["kv_bytes_quantized"] = stat["k_bytes_msb"] + stat["k_bytes_lsb_refetch"] + stat["v_bytes"]
 
-    def _start_forward(self, cache, new: int) -> None:
-        if self._cache_id is not None and self._cache_id != id(cache):
-            self.reset()  # a new generate() call brings a new cache: a new sequence
-        self._cache_id = id(cache)
-        self.seen += new
-        grow = self.seen - self.importance.numel()
-        self.importance = torch.cat([self.importance, torch.zeros(grow, dtype=torch.float64)])
-        self.layer_importance = [torch.cat([s, torch.zeros(grow, dtype=torch.float64)]) for s in self.layer_importance]
-        self.stats.append([])
-
-    def _prune_heads(self, layer: int, cache, n_kv: int) -> None:
+    def _prune_heads(self, layer: int, cache, idx: int, n_kv: int) -> None:
         """Keep the KV heads with the largest accumulated output magnitude; cascade across layers."""
         alive = self.alive[layer]
         if layer > 0:
@@ -320,13 +321,13 @@ class SpAttenDecoder:
         if len(alive) > k:
             alive = alive[select_kept(self.head_scores[alive], k)]
         if len(alive) < len(self.alive[layer]):
-            if cache is not None and getattr(cache, "keys", None) is not None and cache.keys.numel():
-                idx = torch.nonzero(torch.isin(self.alive[layer], alive)).squeeze(1)
-                cache.keys = cache.keys.index_select(1, idx)
-                cache.values = cache.values.index_select(1, idx)
+            if self.family.cache_length(cache, idx):  # the cached K/V of dropped heads go too
+                keep = torch.nonzero(torch.isin(self.alive[layer], alive)).squeeze(1)
+                self.family.cut_cache(cache, idx, keep, dim=1)
             self.alive[layer] = alive
 
-    def _evict(self, layer: int, cache, new: int) -> None:
+    def _evict(self, layer: int, cache, idx: int, q_pos: torch.Tensor) -> None:
+        """Cut layer ``layer``'s cache to its budget by the policy; the new tokens stay."""
         cfg = self.config
         pos = self.positions[layer]
         keep_mask = torch.ones(pos.numel(), dtype=torch.bool)
@@ -335,7 +336,7 @@ class SpAttenDecoder:
         budget = self.budget(layer, self.seen)
         candidates = keep_mask.nonzero().squeeze(1)
         if candidates.numel() > budget:
-            newest = pos[candidates] >= self.seen - new
+            newest = torch.isin(pos[candidates], q_pos)
             if cfg.policy in ("window", "sink"):
                 scores = pos[candidates].double()
                 if cfg.policy == "sink":
@@ -348,18 +349,16 @@ class SpAttenDecoder:
             keep_mask = torch.zeros_like(keep_mask)
             keep_mask[kept] = True
         if not keep_mask.all():
-            idx = keep_mask.nonzero().squeeze(1)
-            cache.keys = cache.keys.index_select(-2, idx)
-            cache.values = cache.values.index_select(-2, idx)
-            self.positions[layer] = pos[idx]
+            keep = keep_mask.nonzero().squeeze(1)
+            self.family.cut_cache(cache, idx, keep, dim=-2)
+            self.positions[layer] = pos[keep]
 
     def stats_document(self) -> dict:
         """The run's statistics in the versioned trace schema (see :mod:`sparsetx.attention.trace`)."""
         from .trace import stats_document
 
-        n_q, n_kv, d = self.ops.heads(self.attn[0])
-        shape = {"layers": len(self.attn), "heads": n_q, "kv_heads": n_kv, "head_dim": d,
-                 "family": type(self.attn[0]).__name__}
+        n_q, n_kv, d = self.family.heads(self.attn[0])
+        shape = {"layers": len(self.attn), "heads": n_q, "kv_heads": n_kv, "head_dim": d, "family": self.family.name}
         return stats_document(shape, asdict(self.config), steps=self.stats)
 
 
@@ -367,10 +366,12 @@ class SpAttenDecoder:
 def spatten_decoder(model: nn.Module, config: DecoderConfig | None = None):
     """Run a decoder with SpAtten's KV-cache pruning inside the block; the model is unchanged after."""
     runtime = SpAttenDecoder(model, config or DecoderConfig())
+    hook = runtime.base.register_forward_pre_hook(runtime.before_forward, with_kwargs=True)
     for module in runtime.attn:
         module.forward = functools.partial(runtime.attention, module)
     try:
         yield runtime
     finally:
+        hook.remove()
         for module in runtime.attn:
             del module.forward

@@ -15,36 +15,60 @@ from rich.progress import Progress
 from rich.table import Table
 from transformers import DynamicCache
 
+from ..adapters import family_of
 from ..data.text import shakespeare_plays, wikipedia_articles
 from ..models import load_model, load_tokenizer
 from .decoder import DecoderConfig, spatten_decoder
-from .trace import TraceRow
 
 console = Console(stderr=True)
 
 
-@torch.no_grad()
-def streaming_pass(model, ids: torch.Tensor, config: DecoderConfig | None, prefill: int):
-    """Prefill ``prefill`` tokens, then feed the rest one at a time through the (pruned) cache.
+@dataclass
+class Streamed:
+    """One streamed pass: per-token NLL and argmax of tokens prefill..N-1, and the logits that
+    predicted them ((N - prefill, vocab), when asked for); ``runtime`` is None for the dense pass."""
 
-    Returns (per-token NLL of tokens prefill..N-1, argmax predictions, runtime or None)."""
+    nll: list[float]
+    preds: list[int]
+    runtime: object | None = None
+    logits: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def streaming_pass(model, ids: torch.Tensor, config: DecoderConfig | None, prefill: int,
+                   keep_logits: bool = False) -> Streamed:
+    """Prefill ``prefill`` tokens, then feed the rest one at a time through the (pruned) cache,
+    each token at its true position in the text (however many tokens the cache evicted)."""
+    if not 0 < prefill < ids.shape[1]:
+        raise ValueError(f"prefill {prefill} must leave tokens to stream (the text has {ids.shape[1]} tokens)")
     cache = DynamicCache()
-    nll, preds = [], []
+    cache_kw = family_of(model, decoder=True).cache_kwargs(model, cache)
+    out = Streamed([], [])
+    kept = []
+
+    def last_logits(start: int, stop: int) -> torch.Tensor:
+        pos = torch.arange(start, stop).unsqueeze(0)
+        return model(input_ids=ids[:, start:stop], position_ids=pos, use_cache=True, **cache_kw).logits[:, -1]
 
     def run():
-        out = model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1]
+        logits = last_logits(0, prefill)
         for t in range(prefill, ids.shape[1]):
-            nll.append(float(F.cross_entropy(logits, ids[:, t])))
-            preds.append(int(logits.argmax(-1)))
-            logits = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            out.nll.append(float(F.cross_entropy(logits, ids[:, t])))
+            out.preds.append(int(logits.argmax(-1)))
+            if keep_logits:
+                kept.append(logits[0].clone())
+            if t + 1 < ids.shape[1]:
+                logits = last_logits(t, t + 1)
 
     if config is None:
         run()
-        return nll, preds, None
-    with spatten_decoder(model, config) as rt:
-        run()
-    return nll, preds, rt
+    else:
+        with spatten_decoder(model, config) as rt:
+            run()
+        out.runtime = rt
+    if keep_logits:
+        out.logits = torch.stack(kept)
+    return out
 
 
 def eval_texts(words: int = 3000) -> dict[str, str]:
@@ -81,7 +105,8 @@ def decoder_eval(cfg: DecoderEvalConfig) -> dict:
         for name, policy, budget in jobs:
             ids = tok(texts[name], return_tensors="pt").input_ids[:, :cfg.context]
             conf = None if policy is None else DecoderConfig(kv_budget=budget, policy=policy)
-            nll, preds, _ = streaming_pass(model, ids, conf, cfg.prefill)
+            streamed = streaming_pass(model, ids, conf, cfg.prefill)
+            nll, preds = streamed.nll, streamed.preds
             if policy is None:
                 dense_preds[name] = preds
             agree = sum(a == b for a, b in zip(preds, dense_preds[name])) / len(preds)
@@ -155,21 +180,3 @@ def plot_decoder_eval(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def decoder_trace_rows(runtime) -> list[TraceRow]:
-    """Official SpAtten CSV rows from a decoder run: one per (forward, layer, query head)."""
-    n_q, _, d = runtime.ops.heads(runtime.attn[0])
-    cfg = runtime.config
-    rows = []
-    seen = 0
-    for it, step in enumerate(runtime.stats):
-        seen += step[0]["queries"]
-        for s in step:
-            for h in range(n_q):
-                rows.append(TraceRow(it, s["layer"], h, d, seen, s["tokens"],
-                                     cfg.k_bits - cfg.lsb_bits if cfg.k_bits else -1, 16 if cfg.k_bits else -1,
-                                     cfg.requant_threshold if cfg.k_bits else -1.0, bool(s.get("rows_refetched", 0)),
-                                     cfg.lsb_bits if cfg.k_bits else -1, s["tokens"], cfg.v_bits if cfg.k_bits else -1,
-                                     True, False, s["tokens_after"] < s["tokens"], s["tokens_after"] if s["tokens_after"] < s["tokens"] else -1))
-    return rows

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
+from ..adapters import family_of
 from ..kernels.attention import fused_attention
 from ..kernels.nm_linear import linear_cols, linear_rows
 from .importance import (check_ratios, head_importance, keep_count, keep_schedule, local_value_mask,
@@ -51,31 +52,6 @@ class SpAttenConfig:
 
 
 @dataclass
-class Block:
-    """Where one Transformer block keeps its attention and FFN (post-LayerNorm BERT layout)."""
-
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
-    o: nn.Linear
-    ln_attn: nn.LayerNorm
-    ffn_in: nn.Linear
-    act: nn.Module
-    ffn_out: nn.Linear
-    ln_ffn: nn.LayerNorm
-
-
-def _bert_blocks(base: nn.Module) -> list[Block]:
-    return [Block(l.attention.self.query, l.attention.self.key, l.attention.self.value, l.attention.output.dense,
-                  l.attention.output.LayerNorm, l.intermediate.dense, l.intermediate.intermediate_act_fn,
-                  l.output.dense, l.output.LayerNorm) for l in base.encoder.layer]
-
-
-# The adapter table: base-model class name -> where its blocks live.
-ENCODER_ADAPTERS = {"BertModel": _bert_blocks}
-
-
-@dataclass
 class SpAttenEncoderOutput(BaseModelOutputWithPoolingAndCrossAttentions):
     """last_hidden_state holds the kept tokens only, left-aligned; attention_mask marks them and
     kept_positions gives their original positions (-1 for padding)."""
@@ -86,13 +62,10 @@ class SpAttenEncoderOutput(BaseModelOutputWithPoolingAndCrossAttentions):
 
 class SpAttenEncoder:
     def __init__(self, model: nn.Module, config: SpAttenConfig) -> None:
-        self.base = getattr(model, "base_model", model)
-        name = type(self.base).__name__
-        if name not in ENCODER_ADAPTERS:
-            raise ValueError(f"SpAtten runtime does not understand the attention of {type(model).__name__} "
-                             f"(base {name}); supported encoders: {', '.join(ENCODER_ADAPTERS)}")
+        self.family = family_of(model, decoder=False)
+        self.base = self.family.base(model)
         self.config = config
-        self.blocks = ENCODER_ADAPTERS[name](self.base)
+        self.blocks = self.family.encoder_blocks(model)
         cfg = self.base.config
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // self.heads
@@ -108,7 +81,7 @@ class SpAttenEncoder:
         cfg = self.config
         length = input_ids.shape[0]
         tt = None if token_type_ids is None else token_type_ids[None]
-        h = self.base.embeddings(input_ids=input_ids[None], token_type_ids=tt)[0]
+        h = self.family.embed(self.base, input_ids[None], tt)[0]
         pos = torch.arange(length)
         heads = torch.arange(self.heads)
         tok_scores = torch.zeros(length, dtype=torch.float64)
@@ -162,7 +135,7 @@ class SpAttenEncoder:
 
     def model_shape(self) -> dict:
         return {"layers": len(self.blocks), "heads": self.heads, "head_dim": self.head_dim,
-                "family": type(self.base).__name__}
+                "family": self.family.name}
 
     def stats_document(self) -> dict:
         """The run's statistics in the versioned trace schema (see :mod:`sparsetx.attention.trace`)."""

@@ -172,7 +172,41 @@ def encoder_trace_rows(stats: list[dict], head_dim: int, iteration: int = 0) -> 
     for layer in stats:
         values = layer["values_fetched_rows"] // max(layer["tokens"] * layer["heads"], 1)
         for h in range(layer["heads"]):
-            rows.append(TraceRow(iteration, layer["layer"], h, head_dim, layer["tokens"], layer["tokens"], -1, -1, -1.0,
-                                 False, -1, values, -1, True, False, any(t["unit"] == "token" for t in layer["topk"]),
-                                 -1))
+            rows.append(TraceRow(
+                iteration_id=iteration, layer_id=layer["layer"], head_id=h, embedding_length_D=head_dim,
+                sentence_length_L=layer["tokens"], key_fetch_num=layer["tokens"], quant_key_bit=-1, quant_query_bit=-1,
+                auto_requant_thres=-1.0, if_requant=False, auto_requant_incre=-1, value_fetch_num=values,
+                quant_value_bit=-1, if_accumulate_importance=True, if_rescale_previous_importance=False,
+                if_topk=any(t["unit"] == "token" for t in layer["topk"]), topk=-1))
+    return rows
+
+
+def decoder_trace_rows(document: dict) -> list[TraceRow]:
+    """Official-CSV rows from a decoder stats document: one per (forward, layer, query head computed).
+
+    The rows describe the work done: after head pruning only the kept query heads have rows (with
+    their original head ids); ``value_fetch_num`` is the V rows one query of a head read (local
+    value pruning lowers it); ``if_requant`` is set for the heads whose rows refetched LSBs."""
+    model, cfg = document["model"], document["config"]
+    group = model["heads"] // model.get("kv_heads", model["heads"])
+    quant = cfg.get("k_bits") is not None
+    rows, seen = [], 0
+    for it, step in enumerate(document["steps"]):
+        if not step:
+            continue
+        seen += step[0]["queries"]
+        for s in step:
+            heads = [kv * group + g for kv in s.get("kv_head_ids", range(s["kv_heads"])) for g in range(group)]
+            values = s["values_fetched_rows"] // max(s["queries"] * s["heads"], 1)
+            requant = set(s.get("requant_heads", []))
+            pruned = s["tokens_after"] < s["tokens"]
+            for h in heads:
+                rows.append(TraceRow(
+                    iteration_id=it, layer_id=s["layer"], head_id=h, embedding_length_D=s["head_dim"],
+                    sentence_length_L=seen, key_fetch_num=s["tokens"],
+                    quant_key_bit=cfg["k_bits"] - cfg["lsb_bits"] if quant else -1, quant_query_bit=16 if quant else -1,
+                    auto_requant_thres=cfg["requant_threshold"] if quant else -1.0, if_requant=h in requant,
+                    auto_requant_incre=cfg["lsb_bits"] if quant else -1, value_fetch_num=values,
+                    quant_value_bit=cfg["v_bits"] if quant else -1, if_accumulate_importance=True,
+                    if_rescale_previous_importance=False, if_topk=pruned, topk=s["tokens_after"] if pruned else -1))
     return rows

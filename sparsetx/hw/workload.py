@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..adapters import config_gated_ffn, config_is_decoder
 from ..nm.pattern import NMPattern
 
 # Hugging Face config fields of the models the simulators must express, written out so that no
@@ -51,10 +52,9 @@ class ModelShape:
         ffn = get("intermediate_size", "n_inner") or (4 * hidden if hidden else None)
         if not all((hidden, layers, heads, ffn)):
             raise ValueError(f"{type(config).__name__} lacks hidden size / layers / heads / FFN size")
-        decoder = bool(getattr(config, "is_decoder", False)) or config.model_type in ("gpt2", "llama")
         kv = getattr(config, "num_key_value_heads", None)
-        return cls(layers, hidden, heads, ffn, decoder, kv if kv and kv != heads else None,
-                   config.model_type == "llama")
+        return cls(layers, hidden, heads, ffn, config_is_decoder(config), kv if kv and kv != heads else None,
+                   config_gated_ffn(config))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ Two routes, the same numbers (tested against :func:`reference_attention`):
   exact softmax per chunk (a rows x keys strip): faster than the row kernel for prompts and
   encoders, where Q K^T is a real matrix product.
 
-``"auto"`` takes the C kernel for up to ``C_MAX_ROWS`` query rows per KV head, the strips beyond.
+``"auto"`` takes the C kernel for up to ``C_MAX_ROWS`` query rows per KV head, the strips beyond;
+inputs that are not fp32 (a float64 model) always take the strips, in their own dtype.
 Grouped-query attention folds each KV head's query heads into its rows, so K and V are never
 repeated. Causality (and a pruned, gapped KV cache) is by positions: query i may attend key j when
 ``key_pos[j] <= query_pos[i]``.
@@ -44,7 +45,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     if query_pos is not None and key_pos.numel() and int(key_pos.max()) <= int(query_pos.min()):
         query_pos = key_pos = None                       # every key precedes every query: no mask needed
     group = hq // hkv
-    use_c = lib is not None and (backend == "c" or group * lq <= C_MAX_ROWS)
+    use_c = lib is not None and q.dtype == torch.float32 and (backend == "c" or group * lq <= C_MAX_ROWS)
     if use_c and not (q.requires_grad or k.requires_grad or v.requires_grad):
         return _fused_c(lib, q, k, v, scale, query_pos, key_pos, importance)
     qg = q.reshape(hkv, group * lq, d)                   # query heads folded into rows

@@ -5,20 +5,31 @@ import re
 
 from torch import nn
 
+from ..adapters import find_family
 from .pattern import NMPattern
 
 
 def block_linears(model: nn.Module) -> list[str]:
-    """Names of every nn.Linear inside the Transformer blocks (the largest ModuleList of the model).
+    """Names of every nn.Linear inside the Transformer blocks.
 
-    That is Q, K, V, attention output and both FFN layers; embeddings, pooler and task heads sit
-    outside the block list and are left dense.
+    That is Q, K, V, attention output and the FFN layers; embeddings, pooler and task heads sit
+    outside the block list and are left dense. The block list is the family adapter's
+    (:mod:`sparsetx.adapters`); a model of another family is still pruned (N:M needs only its
+    Linear weights), with the largest ``nn.ModuleList`` taken as its blocks.
     """
-    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of Transformer blocks (no nn.ModuleList)")
-    blocks_name, blocks = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-    return [f"{blocks_name}.{name}" for name, mod in blocks.named_modules() if isinstance(mod, nn.Linear)]
+    family = find_family(model)
+    if family is not None:
+        blocks_name, blocks = family.block_list(model)
+    else:
+        lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod)]
+        if not lists:
+            raise ValueError(f"{type(model).__name__} has no list of Transformer blocks (no nn.ModuleList)")
+        blocks_name, blocks = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    names = [f"{blocks_name}.{name}" for name, mod in blocks.named_modules() if isinstance(mod, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear in its blocks ({blocks_name}) to prune; "
+                         "GPT-2's Conv1D layers are not supported")
+    return names
 
 
 def resolve_layers(model: nn.Module, pattern: NMPattern | str, include: list[str] | None = None,
