@@ -135,3 +135,86 @@ def test_fp16_values_one_token_path_is_exact(pattern):
     x, b = torch.randn(1, 128), torch.randn(40)
     torch.testing.assert_close(nm_linear(x, kw16, b), nm_linear(x, kw32, b), atol=0, rtol=0)
     torch.testing.assert_close(nm_linear(x, kw16, b), x @ w.t() + b, atol=ATOL, rtol=0)
+
+
+@needs_c
+def test_one_token_input_stays_alive_during_the_c_call(monkeypatch):
+    """A non-contiguous one-token input is copied; the copy must still be alive when the C kernel
+    reads it (a pointer to a freed temporary reads whatever is there next)."""
+    import weakref
+
+    import sparsetx.kernels.nm_linear as nl
+
+    p = NMPattern(2, 8)
+    w = nm_weight(16, 64, p)
+    kw = KernelWeight.from_packed(pack_nm(w, p))
+    kw.lane_args  # the weight's pointers are made (and kept alive by the weight) beforehand
+    handed, lib = [], library()
+    real_ptr = nl.ptr
+
+    def spy_ptr(t):
+        if t is not None:
+            handed.append(weakref.ref(t))
+        return real_ptr(t)
+
+    class CheckingLib:
+        def __getattr__(self, name):
+            def call(*args):
+                assert all(r() is not None for r in handed), "a tensor handed to C was freed before the call"
+                return getattr(lib, name)(*args)
+            return call
+
+    monkeypatch.setattr(nl, "ptr", spy_ptr)
+    monkeypatch.setattr(nl, "backend_library", lambda *a, **k: CheckingLib())
+    x = torch.randn(1, 128)[:, ::2]
+    assert not x.is_contiguous()
+    torch.testing.assert_close(nl.nm_linear(x, kw), x @ w.t(), atol=ATOL, rtol=0)
+
+
+@needs_c
+def test_largest_k_block_keeps_16_bit_offsets_in_range(monkeypatch):
+    """K blocks are doubled for sparse patterns; at SPARSETX_K_BLOCK=2048 that would be 4096 columns,
+    past what 16-bit offsets (column x 32) can address. The block is capped at 2048 columns."""
+    import sparsetx.kernels.nm_linear as nl
+
+    monkeypatch.setattr(nl, "K_BLOCK", 2048)
+    p = NMPattern(1, 8)
+    w = nm_weight(6, 4096, p, seed=2)
+    kw = KernelWeight.from_packed(pack_nm(w, p))
+    assert kw.k_block == 2048
+    x = torch.randn(40, 4096)
+    torch.testing.assert_close(nm_linear(x, kw, backend="c"), x @ w.t(), atol=5e-4, rtol=0)  # 512-term sums
+
+
+def test_k_block_setting_is_validated(monkeypatch):
+    import sparsetx.kernels.nm_linear as nl
+
+    for bad in ("0", "4096", "big"):
+        monkeypatch.setenv("SPARSETX_K_BLOCK", bad)
+        with pytest.raises(ValueError, match="SPARSETX_K_BLOCK"):
+            nl._k_block_setting()
+    monkeypatch.setenv("SPARSETX_K_BLOCK", "256")
+    assert nl._k_block_setting() == 256
+
+
+def test_fallback_gathers_a_bounded_block_of_rows_at_a_time(monkeypatch):
+    """The PyTorch path once gathered tokens x out x kept inputs at once (more than the dense
+    weight); it now works through blocks of output rows within FALLBACK_ELEMENTS."""
+    import sparsetx.kernels.nm_linear as nl
+
+    p = NMPattern(2, 8)
+    w = nm_weight(96, 256, p, seed=4)
+    kw = KernelWeight.from_packed(pack_nm(w, p))
+    x = torch.randn(50, 256)
+    monkeypatch.setattr(nl, "FALLBACK_ELEMENTS", 50 * 64 * 10)   # 10 rows of 64 kept inputs per block
+    sizes, real = [], torch.einsum
+
+    def spy(eq, a, b):
+        sizes.append(a.numel())
+        return real(eq, a, b)
+
+    monkeypatch.setattr(nl.torch, "einsum", spy)
+    y = nm_linear(x, kw, torch.ones(96), backend="torch")
+    monkeypatch.setattr(nl.torch, "einsum", real)
+    torch.testing.assert_close(y, x @ w.t() + 1, atol=ATOL, rtol=0)
+    assert len(sizes) == 10 and max(sizes) <= 50 * 64 * 10

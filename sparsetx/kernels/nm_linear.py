@@ -16,7 +16,28 @@ from ..nm.pattern import NMPattern
 from .loader import backend_library, library, ptr
 
 ROW_GROUP = 3  # rows interleaved in the many-token layout (ROWG in nm_cpu.c): 3 x 4 vectors = 12 FMA chains
-K_BLOCK = int(os.environ.get("SPARSETX_K_BLOCK", 128))  # columns per K block: a 32-token x tile of 16 KiB
+# Offsets are stored as uint16 (block-relative column x the 32-token tile stride): a K block holds
+# at most 2**16 / 32 = 2048 columns, including the doubled block of sparse patterns.
+MAX_K_BLOCK = 2 ** 16 // 32
+# The PyTorch fallback gathers at most this many inputs at once (16 MiB), or one output row's
+# worth when that is more (never more than the input itself).
+FALLBACK_ELEMENTS = 1 << 22
+
+
+def _k_block_setting() -> int:
+    """Columns per K block (a 32-token x tile of 16 KiB at 128); SPARSETX_K_BLOCK overrides it."""
+    text = os.environ.get("SPARSETX_K_BLOCK", "128")
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_K_BLOCK:
+        raise ValueError(f"SPARSETX_K_BLOCK={text!r}: expected an integer in [1, {MAX_K_BLOCK}] "
+                         "(16-bit offsets address at most that many columns of a K block)")
+    return value
+
+
+K_BLOCK = _k_block_setting()
 
 
 @dataclass
@@ -69,7 +90,7 @@ class KernelWeight:
         """Columns per K block of the many-token kernel, a multiple of M: K_BLOCK, or twice that for
         patterns sparser than 1:4 (fewer kept weights a column; measured best on this CPU)."""
         n, m = self.nm
-        target = K_BLOCK if 4 * n >= m else 2 * K_BLOCK
+        target = min(K_BLOCK if 4 * n >= m else 2 * K_BLOCK, MAX_K_BLOCK)
         return max(1, target // m) * m
 
     @cached_property
@@ -82,7 +103,7 @@ class KernelWeight:
         order = (p, ROW_GROUP, kn)
         v = vals.view(order).permute(0, 2, 1).contiguous()
         c = ((cols.view(order).permute(0, 2, 1) % kb) * 32).to(torch.int32).contiguous().numpy().astype(np.uint16)
-        # < 2**16 for K_BLOCK <= 2048; 4 codes of padding: the kernel reads a group's 3 codes as one 64-bit word
+        # < 2**16 since kb <= MAX_K_BLOCK; 4 codes of padding: the kernel reads a group's 3 codes as one 64-bit word
         return v, torch.from_numpy(np.concatenate([c.reshape(-1), np.zeros(4, np.uint16)]))
 
     @cached_property
@@ -133,8 +154,7 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     k, o = weight.in_features, weight.out_features
     x2 = x.reshape(-1, k).float()
     if lib is None or x.requires_grad or x2.shape[0] == 0:
-        # Fallback: gather each row's kept inputs and reduce (same arithmetic, no dense weight).
-        y = torch.einsum("tok,ok->to", x2[:, weight.indices.long()], weight.values)
+        y = _gather_linear(x2, weight)
         return (y + bias if bias is not None else y).reshape(*lead, o)
     threads = threads or torch.get_num_threads()
     t = x2.shape[0]
@@ -143,13 +163,25 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     if t == 1:  # decoding: per-call Python work kept small, it is the same order as the kernel here
         vals, pos, o8, half = weight.lane_args
         y = torch.empty(o8)
-        lib.nm_linear_vector(ptr(x2.contiguous()), vals, pos, o, o8, k, n, m, ptr(b), ptr(y), half, threads)
+        xc = x2.contiguous()  # held in a name: a temporary's memory could be freed before the C call reads it
+        lib.nm_linear_vector(ptr(xc), vals, pos, o, o8, k, n, m, ptr(b), ptr(y), half, threads)
         return (y if o8 == o else y[:o]).view(*lead, o)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(t, o)
     lib.nm_linear_tokens(ptr(x2), x2.stride(0), t, k, *weight.group_args, ptr(b), ptr(y), threads)
     return y.view(*lead, o)
+
+
+def _gather_linear(x2: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
+    """The PyTorch path: gather each row's kept inputs and reduce (the kernels' arithmetic, no
+    dense weight), a block of output rows at a time so the gathered inputs stay within
+    FALLBACK_ELEMENTS rather than tokens x out x kept."""
+    t, kn = x2.shape[0], weight.indices.shape[1]
+    rows = max(1, FALLBACK_ELEMENTS // max(t * kn, 1))
+    parts = [torch.einsum("tok,ok->to", x2[:, weight.indices[r:r + rows].long()], weight.values[r:r + rows])
+             for r in range(0, weight.out_features, rows)]
+    return torch.cat(parts, dim=1) if parts else x2.new_zeros(t, 0)
 
 
 class SparseLinear(nn.Module):
