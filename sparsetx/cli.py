@@ -163,8 +163,9 @@ def cmd_pack(args):
 
 
 def cmd_unpack(args):
+    from .atomic import atomic_dir
     from .formats.folder import is_packed_folder
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, quiet_transformers
 
     if not is_packed_folder(args.model):
         raise ValueError(f"{args.model} is not a packed sparsetx folder")
@@ -172,8 +173,10 @@ def cmd_unpack(args):
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite")
-    model.save_pretrained(out)
-    load_tokenizer(args.model).save_pretrained(out)
+    tok = load_tokenizer(args.model)
+    with atomic_dir(out) as tmp, quiet_transformers():
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     console.print(f"wrote dense Hugging Face folder {out}")
 
 

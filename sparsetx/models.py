@@ -1,20 +1,25 @@
-"""Loading Hugging Face models offline: the embedded MiniLM, any model folder, or a packed folder."""
+"""Loading Hugging Face models offline: the embedded MiniLM, any model folder, or a packed folder.
+
+Nothing is ever fetched from a hub: every ``from_pretrained`` here reads a local folder with
+``local_files_only=True``. Importing this module changes nothing in the process (no environment
+variables are set).
+"""
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
-# Nothing is ever fetched from a hub: every load below is from local folders.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel  # noqa: E402
+from .atomic import atomic_dir
+from .data.assets import assets_dir, minilm_path, package_file
 
-from .data.assets import assets_dir, minilm_path, package_file  # noqa: E402
+LOCAL = {"local_files_only": True}   # every load reads a local folder, never a hub
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 DEFAULT_MODEL = "minilm"
 SMOLLM2 = "smollm2"
@@ -40,31 +45,22 @@ def smollm2_path() -> Path:
     The GGUF holds Q4_1 (4-bit) weights: they are dequantized to fp32, so perplexities quoted for
     this model are those of the 4-bit-quantized checkpoint.
     """
-    import shutil
-    import tempfile
-
     folder = assets_dir() / "smollm2-135m-instruct"
     if (folder / "config.json").exists():
         return folder
     gguf = package_file(*SMOLLM2_GGUF)
     with quiet_transformers():
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are dequantized: a plain fp32 model from here on
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict(quantized.state_dict())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.tmp-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **LOCAL)
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                      dtype=torch.float32, **LOCAL)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are dequantized: a plain fp32 model from here on
+        model = transformers.LlamaForCausalLM(config)
+        model.load_state_dict(quantized.state_dict())
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     return folder
 
 
@@ -103,17 +99,24 @@ def load_model(model: str | os.PathLike | None = None, task: str | None = None, 
     path = resolve_model_path(model)
     if is_packed_folder(path):
         return load_packed(path, fast=fast)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, **LOCAL)
     cls = model_class(config, task)
     extra = {"num_labels": num_labels} if task == "sentiment" else {}
     with quiet_transformers():  # a fresh task head is expected, not a warning
-        loaded = cls.from_pretrained(path, dtype=torch.float32, **extra, **kwargs)
+        loaded = cls.from_pretrained(path, dtype=torch.float32, **LOCAL, **extra, **kwargs)
     return loaded.eval()
 
 
 def load_tokenizer(model: str | os.PathLike | None = None):
+    """The tokenizer saved in the model's folder; a folder without a usable one is an error (a
+    tokenizer of another model would give wrong token ids without a word)."""
     path = resolve_model_path(model)
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        # transformers would build a tokenizer with an empty vocabulary here, without a word
+        raise FileNotFoundError(f"{path}: no usable tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
+                                "save the model's tokenizer there (tokenizer.save_pretrained(folder))")
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return AutoTokenizer.from_pretrained(minilm_path())
+        return AutoTokenizer.from_pretrained(path, **LOCAL)
+    except (OSError, ValueError, TypeError) as err:
+        raise FileNotFoundError(f"{path}: no usable tokenizer in the folder ({type(err).__name__}: {err}); "
+                                "save the model's tokenizer there (tokenizer.save_pretrained(folder))") from None

@@ -14,8 +14,6 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +27,9 @@ from torch import nn
 
 from .data.sentiment import sentiment_splits
 from .evaluate import accuracy
+from .atomic import atomic_dir, recover_dir
 from .formats.folder import save_packed
-from .models import load_model, load_tokenizer
+from .models import load_model, load_tokenizer, quiet_transformers
 from .nm.pattern import NMPattern
 from .nm.prune import NMConfig, record_patterns
 from .nm.srste import attach_srste, detach_srste, refresh_masks, srste_layers
@@ -149,14 +148,9 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, st
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": step, "param_groups": state["param_groups"], "history": history,
             "opt_keys": {str(pid): sorted(st) for pid, st in state["state"].items()}}
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=path.parent))
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-    old = path.with_name(".checkpoint.old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(path) as tmp:   # the previous checkpoint or this one, whole, whenever a kill lands
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
@@ -239,6 +233,7 @@ def run(spec: RunSpec, progress: bool = True) -> dict:
 
     step, history = 0, []
     ckpt = out / "checkpoint"
+    recover_dir(ckpt)   # a kill during a checkpoint write: back to the last whole one
     if ckpt.exists():
         resume_stage = spec.stage_at(json.loads((ckpt / "trainer.json").read_text())["step"])
         for layer in srste_layers(model).values():  # masks and parents come with the state dict
@@ -285,8 +280,9 @@ def run(spec: RunSpec, progress: bool = True) -> dict:
                     if patterns:
                         save_packed(cand, folder, patterns, "float32", tokenizer=tokenizer, overwrite=True)
                     else:
-                        cand.save_pretrained(folder)
-                        tokenizer.save_pretrained(folder)
+                        with atomic_dir(folder) as tmp, quiet_transformers():
+                            cand.save_pretrained(tmp)
+                            tokenizer.save_pretrained(tmp)
                     history.append(metrics)
                     bar.console.print(f"stage {stage.name}: dev {metrics['dev_acc']:.4f} test {metrics['test_acc']:.4f} "
                                       f"({elapsed:.0f} s)")

@@ -65,9 +65,11 @@ def test_each_family_knows_where_its_blocks_and_attention_live():
 
 
 def test_gpt2_scale_is_derived_from_the_config():
-    """transformers 5.0's GPT2Attention has no ``scaling`` attribute; the adapter derives it."""
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=3, n_head=4,
-                                       scale_attn_by_inverse_layer_idx=True)).eval()
+    """transformers 5.0's GPT2Attention has no ``scaling`` attribute; the adapter derives it from
+    the config. The reference is transformers' eager attention: 5.0's sdpa path ignores
+    ``scale_attn_by_inverse_layer_idx`` (later releases fixed it), eager applies it in every release."""
+    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=3, n_head=4, scale_attn_by_inverse_layer_idx=True)
+    model = GPT2LMHeadModel._from_config(cfg, attn_implementation="eager").eval()
     fam = family_of(model)
     assert [fam.scaling(a) for a in fam.attention_modules(model)] == pytest.approx(
         [8 ** -0.5 / (i + 1) for i in range(3)])

@@ -12,15 +12,15 @@ a JSON header::
 
 Loading verifies the header against the tensors (names, shapes, dtypes, checksums, index codes)
 and raises :class:`PackedFormatError` naming the problem. Saving writes into a temporary sibling
-folder and renames it into place, so a killed save leaves no half-written folder. No pickle.
+folder and renames it into place (:func:`sparsetx.atomic.atomic_dir`), so a killed save leaves
+no half-written folder. No pickle.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic import atomic_dir
 from ..nm.pattern import NMPattern
 from .packed import VALUE_DTYPES, PackedFormatError, PackedNM, index_bits, pack_nm, unpack_nm
 
@@ -87,37 +88,17 @@ def save_packed(model: nn.Module, folder: str | os.PathLike, patterns: dict[str,
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     tensors, header = pack_state(model, patterns, value_dtype, encoding)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        model.config.sparsetx = {"patterns": {n: str(p) for n, p in patterns.items()}, "packed": True}
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(tmp)
+    config = copy.deepcopy(model.config)   # the caller's model keeps its own config
+    config.sparsetx = {"patterns": {n: str(p) for n, p in patterns.items()}, "packed": True}
+    config.architectures = [type(model).__name__]
+    with atomic_dir(folder) as tmp:
+        config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         save_file(tensors, tmp / WEIGHTS, metadata={"sparsetx": json.dumps(header)})
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def read_header(folder: str | os.PathLike) -> dict:
@@ -189,7 +170,7 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
 
     folder = Path(folder)
     tensors, packed, header = read_packed(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = model_class(config)._from_config(config, dtype=torch.float32)
     state = dict(tensors)
     for name, p in packed.items():

@@ -45,7 +45,8 @@ def model_shape(model: str) -> ModelShape:
     if path.suffix == ".json" and path.exists():
         from transformers import AutoConfig
 
-        return ModelShape.from_config(AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path))
+        return ModelShape.from_config(AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path,
+                                                              local_files_only=True))
     if os.sep in model or model.endswith(".json"):
         raise FileNotFoundError(f"model config {model} not found")
     return ModelShape.from_config(model)
