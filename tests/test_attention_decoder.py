@@ -171,14 +171,37 @@ def test_head_pruned_cache_tensors(llama):
 
 
 def test_local_value_pruning_in_decoder(llama):
+    """Layer 0's attention output under local value pruning equals a hand computation from
+    transformers' own pieces (RoPE, GQA repeat): per query row, only the V rows of the
+    ceil(0.25 x 20) = 5 most probable keys enter P V."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
     ids = _prompt(20)
-    with torch.no_grad():
-        ref = llama(input_ids=ids).logits
-        with spatten_decoder(llama, DecoderConfig(value_topk=0.25)) as rt:
-            got = llama(input_ids=ids, use_cache=True).logits
+    attn = llama.model.layers[0].self_attn
+    seen = {}
+    handle = attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(x=kwargs["hidden_states"], out=out[0]),
+                                        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ref = llama(input_ids=ids).logits
+            with spatten_decoder(llama, DecoderConfig(value_topk=0.25)) as rt:
+                got = llama(input_ids=ids, use_cache=True).logits
+    finally:
+        handle.remove()
     s = rt.stats[0][1]
     assert s["values_fetched_rows"] == 5 * 20 * 4   # ceil(0.25 * 20) rows x 20 queries x 4 query heads
-    assert 0 < (got - ref).abs().max() < 5.0        # an approximation, not the same model
+    x, d = seen["x"], attn.head_dim
+    with torch.no_grad():
+        q, k, v = (lin(x).view(1, 20, -1, d).transpose(1, 2) for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
+        cos, sin = llama.model.rotary_emb(x, torch.arange(20)[None])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        scores = (q @ k.transpose(-1, -2)) * d ** -0.5
+        probs = scores.masked_fill(torch.ones(20, 20, dtype=torch.bool).triu(1), -torch.inf).softmax(-1)
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, probs.topk(5, dim=-1).indices, True)
+        expected = attn.o_proj(((probs * keep) @ v).transpose(1, 2).reshape(1, 20, -1))
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
+    assert (got - ref).abs().max() > 1e-3           # and it is an approximation: the logits move
 
 
 def test_long_prompt_is_chunked_and_exact():

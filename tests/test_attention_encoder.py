@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from conftest import needs_sentiment
 from sparsetx.attention.encoder import SpAttenConfig, SpAttenEncoder, spatten
 from sparsetx.attention.importance import (join_msb_lsb, keep_count, keep_schedule, local_value_mask, quantize,
                                            select_kept, split_msb_lsb, token_importance)
@@ -138,6 +139,8 @@ def test_bad_configs():
         SpAttenEncoder(torch.nn.Sequential(torch.nn.Linear(2, 2)), SpAttenConfig())
 
 
+@needs_sentiment
+@pytest.mark.integration
 def test_attention_eval_command(tiny_bert, tmp_path):
     """The evaluation command end to end on the real MiniLM (embeddings) and a tiny classifier."""
     from sparsetx.cli import main

@@ -55,9 +55,28 @@ def test_bad_criterion_and_missing_calibration():
 
 
 def test_activation_criterion_uses_calibration():
+    """Wanda's score |W_ij| * ||X_j||_2: the kept weights of a layer are, group by group, the two
+    largest scores computed here by hand from the layer's recorded inputs, and they differ from
+    what plain magnitude keeps (so the test cannot pass with magnitude pruning)."""
     model = _tiny()
-    batches = [{"input_ids": torch.randint(0, 100, (4, 10))} for _ in range(2)]
-    sparsify(model, NMConfig("2:4", criterion="activation"), calibration=batches)
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 100, (4, 10), generator=g)} for _ in range(2)]
+    name = "bert.encoder.layer.1.intermediate.dense"
+    layer, seen = model.get_submodule(name), []
+    handle = layer.register_forward_hook(lambda _m, args, _o: seen.append(args[0].reshape(-1, 32)))
+    with torch.no_grad():
+        for b in batches:
+            model.eval()(**b)
+    handle.remove()
+    norms = torch.cat(seen).pow(2).sum(0).sqrt()                       # ||X_j||_2 over every token
+    w = layer.weight.detach().clone()
+    scores = (w.abs() * norms).view(w.shape[0], -1, 4)
+    expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(2, dim=-1).indices, True)
+    magnitude = torch.zeros_like(expected).scatter_(-1, w.abs().view_as(scores).topk(2, dim=-1).indices, True)
+    assert (expected != magnitude).any()
+    masks = sparsify(model, NMConfig("2:4", criterion="activation"), calibration=batches)
+    assert torch.equal(masks[name].view_as(expected), expected)
+    assert torch.equal(layer.weight.detach(), w * expected.view_as(w))
     assert all(r["nm_ok"] and r["kept"] == 0.5 for r in sparsity_report(model))
 
 

@@ -60,7 +60,10 @@ def test_spatten_one_head_by_hand():
     rq = simulate_spatten([q], arch)
     assert rq["dram_bytes"]["k_msb"] == 128 * 64 * 6 / 8 and rq["dram_bytes"]["k_lsb"] == 128 * 64 * 4 / 8
     assert rq["macs"]["qk"] == 2 * 128 * 64 and rq["cycles_by_op"]["qk_requant"] == 16
-    assert rq["cycles_by_op"]["topk"] > 0  # local value pruning: 32 of 128 values
+    # local value pruning, 32 of 128 values: quick-select rounds of ceil(m / 16) + 3 cycles over
+    # P = 16 comparators, the first over all 128 (11 cycles); with random pivots the rounds see
+    # about 2n elements over about log2(n) = 7 rounds: ~2 x 8 + 7 x 3 = 37, so between 11 and 66.
+    assert 11 <= rq["cycles_by_op"]["topk"] <= 66
 
 
 def test_sta_one_op_by_hand():
@@ -156,7 +159,12 @@ def test_cli_sim_run_and_sweep(tmp_path, capsys):
     assert main(["sim", "run", "--arch", "sta", "--model", "minilm", "--pattern", "2:8", "--tokens", "64",
                  "--token-keep", "0.5", "--json", str(out), "--plot", str(tmp_path / "r.png")]) == 0
     r = json.loads(out.read_text())
-    assert r["config"]["pattern"] == "2:8" and r["cycles"] > 0 and (tmp_path / "r.png").stat().st_size > 0
+    from sparsetx.hw.run import SimConfig
+    from sparsetx.hw.run import run as simulate_config
+
+    lib = simulate_config(SimConfig(arch="sta", model="minilm", pattern="2:8", tokens=64, token_keep=0.5))
+    assert r["config"]["pattern"] == "2:8" and r["cycles"] == lib["cycles"] and r["dram_bytes"] == lib["dram_bytes"]
+    assert (tmp_path / "r.png").stat().st_size > 10_000
     assert "DRAM traffic by tensor" in capsys.readouterr().out
     assert main(["sim", "run", "--arch", "spatten", "--pattern", "2:8"]) == 2   # N:M is STA's
     assert main(["sim", "run", "--arch", "sta", "--model", "nope.json"]) == 2
@@ -205,7 +213,10 @@ def test_decoder_stats_drive_the_simulator(tmp_path):
     assert all(w.keys <= 7 for w in later)                 # the cache was pruned to the budget (+ the new token)
     assert {w.key_bits for w in work} == {8} and {w.value_bits for w in work} == {8}
     r = simulate_spatten(work)
-    assert r["dram_bytes"]["k_lsb"] > 0 and r["kv_reduction"] > 1
+    # LSB refetch: 4 bits of every kept key of each job whose rows were flat (threshold 0.9)
+    refetched = [w for w in work if w.requant]
+    assert len(refetched) > 0
+    assert r["dram_bytes"]["k_lsb"] == sum(w.keys * w.head_dim * 4 / 8 for w in refetched)
 
 
 def test_per_layer_latency():
@@ -223,4 +234,5 @@ def test_measure_this_cpu_through_sparse_kernels():
 
     shape = ModelShape(layers=2, hidden=64, heads=4, ffn=128)
     m = measure_cpu(shape, tokens=16, pattern="2:8", repeats=2)
-    assert m["seconds"] > 0 and m["pattern"] == "2:8" and m["tokens"] == 16
+    # 2 layers of hidden 64 at 16 tokens: a few hundred microseconds here, far below a second
+    assert 1e-6 < m["seconds"] < 1.0 and m["pattern"] == "2:8" and m["tokens"] == 16
