@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparsetx.attention.decoder import DecoderConfig, SpAttenDecoder, spatten_decoder
+from sparsetx.attention.importance import select_kept
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +228,54 @@ def test_long_prompt_is_chunked_and_exact():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     # fp32 column sums taken per chunk vs at once: summation order only (~1e-7 relative)
     torch.testing.assert_close(chunked, rt.importance, atol=1e-5, rtol=1e-6)
+
+
+def test_policy_objects_counts_and_recent_window(llama):
+    """Policies as objects: query counts by hand, normalised importance, a protected recent window."""
+    from sparsetx.attention.policies import Cascade, H2O, Sink, resolve_policy
+
+    ids = _prompt(16, seed=11)
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=6, policy=Cascade(normalize=True))) as rt:
+        llama(input_ids=ids, use_cache=True)
+    # during the prompt each token t is seen by the 16 - t queries at or after it, in each layer it
+    # sits in before eviction: all four (eviction comes after each layer's attention)
+    torch.testing.assert_close(rt.query_count, (16 - torch.arange(16)).double() * 4)
+    normalised = rt.importance / rt.query_count
+    assert set(rt.positions[0].tolist()) - {15} <= set(normalised.topk(7).indices.tolist())
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=6, policy=Cascade(recent=4))) as rt:
+        llama(input_ids=ids, use_cache=True)
+    assert all({12, 13, 14, 15} <= set(p.tolist()) for p in rt.positions)       # the 4 newest always stay
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=6, policy=H2O(recent=2))) as rt:
+        llama(input_ids=ids, use_cache=True)
+    assert all({14, 15} <= set(p.tolist()) and len(p) == 6 for p in rt.positions)
+    assert resolve_policy("sink", sink_tokens=2) == Sink(sink_tokens=2)
+    with pytest.raises(ValueError, match="recent window -1"):
+        Cascade(recent=-1)
+
+
+def test_evict_after_forward_ranks_by_every_layer(llama):
+    """evict_after="forward": the cut comes after all layers, so even layer 0 keeps the top tokens
+    of the importance summed over every layer; "layer" cuts layer 0 by its own scores alone."""
+    ids = _prompt(24, seed=12)
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=8, evict_after="forward")) as rt:
+        llama(input_ids=ids, use_cache=True)
+    expected = select_kept(rt.importance, 8).tolist()   # the whole prompt is new: nothing protected
+    assert all(p.tolist() == expected for p in rt.positions)       # a constant budget: one set for all layers
+    assert [s["tokens_after"] for s in rt.stats[0]] == [8] * 4 and [s["tokens"] for s in rt.stats[0]] == [24] * 4
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=8)) as rt_layer:
+        llama(input_ids=ids, use_cache=True)
+    assert rt_layer.positions[0].tolist() == select_kept(rt_layer.layer_importance[0], 8).tolist()
+
+
+def test_per_layer_budgets(llama):
+    ids = _prompt(20, seed=13)
+    cache_budgets = [12, 10, 8, 6]
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=cache_budgets)) as rt:
+        llama.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert [len(p) for p in rt.positions] == cache_budgets
+    for upper, lower in zip(rt.positions, rt.positions[1:]):
+        assert set(lower.tolist()) <= set(upper.tolist())
+    with pytest.raises(ValueError, match="3 budgets for a model with 4 layers"):
+        SpAttenDecoder(llama, DecoderConfig(kv_budget=[8, 8, 8]))
+    with pytest.raises(ValueError, match="evict_after"):
+        DecoderConfig(evict_after="step")

@@ -19,11 +19,13 @@ model was loaded with, the pruned path is the same code.
   over generation steps. Grouped-query attention: the query heads that share a KV head each add
   their probabilities (the sum runs over all query heads), since the token is fetched once per KV
   head but read by each of its query heads.
-* Eviction: after a layer's attention its cache keeps at most ``budget`` tokens (a KV budget or a
-  ratio of the tokens seen); the cascade also removes from layer i every token layer i-1 no longer
-  holds, so a token dropped at layer i is absent from every later layer and never returns. The
-  newest token(s) are never dropped; the prompt is attended in full (SpAtten's summarization stage
-  prunes nothing during the prompt, only afterwards).
+* Eviction: after a layer's attention (or, with ``evict_after="forward"``, after the whole
+  forward) its cache keeps at most ``budget`` tokens (a KV budget, one per layer if a list, or a
+  ratio of the tokens seen), chosen by the policy (:mod:`sparsetx.attention.policies`). The
+  cascade also removes from layer i every token layer i-1 no longer holds, so a token dropped at
+  layer i is absent from every later layer and never returns. The newest token(s) are never
+  dropped; the prompt is attended in full (SpAtten's summarization stage prunes nothing during
+  the prompt, only afterwards).
 * Baselines with the same budget: "window" (the most recent tokens), "sink" (StreamingLLM: the
   first ``sink_tokens`` plus the most recent), "h2o" (attention accumulated per layer over steps,
   no cascade across layers).
@@ -51,36 +53,45 @@ from ..adapters import family_of
 from ..kernels.attention import fused_attention
 from .importance import (check_ratios, head_importance, join_msb_lsb, keep_count, keep_schedule,
                          local_value_mask, msb_value, quantize, select_kept, split_msb_lsb)
+from .policies import POLICIES, Policy, resolve_policy
 
-DECODER_POLICIES = ("cascade", "h2o", "window", "sink")
+DECODER_POLICIES = tuple(POLICIES)
+EVICT_AFTER = ("layer", "forward")
 QUERY_CHUNK = 128
 
 
 @dataclass
 class DecoderConfig:
-    """kv_budget: max cached tokens per layer (None: no absolute budget). token_keep: fraction of
-    the tokens seen kept per layer (a single ratio ramps after ``token_start`` as for encoders).
-    Quantization is off when k_bits is None; the default split follows SpAtten's GPT-2 medium trace:
-    K 8 + 4 bits, V 8 bits, threshold 0.1."""
+    """kv_budget: max cached tokens per layer, one number or one per layer (None: no absolute
+    budget). token_keep: fraction of the tokens seen kept per layer (a single ratio ramps after
+    ``token_start`` as for encoders). policy: a name or a :mod:`~sparsetx.attention.policies`
+    object. evict_after: "layer" cuts each layer's cache right after its attention (the cascade then
+    ranks by the importance gathered so far); "forward" cuts every layer after the whole forward,
+    ranking by the importance of all its layers. Quantization is off when k_bits is None; the
+    default split follows SpAtten's GPT-2 medium trace: K 8 + 4 bits, V 8 bits, threshold 0.1."""
 
-    kv_budget: int | None = None
+    kv_budget: int | list[int] | None = None
     token_keep: float | list[float] = 1.0
     token_start: float = 0.15
     head_keep: float | list[float] = 1.0   # fraction of KV heads kept (cascade, by accumulated output magnitude)
     head_start: float = 0.30
     value_topk: float | None = None        # local value pruning: fraction of a row's keys whose V rows are read
-    policy: str = "cascade"
-    sink_tokens: int = 4
+    policy: str | Policy = "cascade"
+    sink_tokens: int = 4                   # StreamingLLM's sinks when policy is the name "sink"
+    evict_after: str = "layer"
     k_bits: int | None = None
     lsb_bits: int = 4
     v_bits: int = 8
     requant_threshold: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.policy not in DECODER_POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; valid: {', '.join(DECODER_POLICIES)}")
-        if self.kv_budget is not None and self.kv_budget < 2:
-            raise ValueError(f"kv_budget {self.kv_budget} must be >= 2 tokens")
+        resolve_policy(self.policy, self.sink_tokens)
+        budgets = self.kv_budget if isinstance(self.kv_budget, (list, tuple)) else [self.kv_budget]
+        for b in budgets:
+            if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
+                raise ValueError(f"kv_budget {b!r} must be an integer >= 2 tokens")
+        if self.evict_after not in EVICT_AFTER:
+            raise ValueError(f"evict_after {self.evict_after!r}; valid: {', '.join(EVICT_AFTER)}")
         for name in ("token_keep", "head_keep", "value_topk"):
             check_ratios(name, getattr(self, name))
         if self.k_bits is not None and not 0 < self.lsb_bits < self.k_bits:
@@ -104,6 +115,9 @@ class SpAttenDecoder:
         self.attn = self.family.attention_modules(model)
         self._layer = {id(m): i for i, m in enumerate(self.attn)}
         n = len(self.attn)
+        self.policy = resolve_policy(config.policy, config.sink_tokens)
+        if isinstance(config.kv_budget, (list, tuple)) and len(config.kv_budget) != n:
+            raise ValueError(f"kv_budget has {len(config.kv_budget)} budgets for a model with {n} layers")
         self.schedule = keep_schedule(config.token_keep, n, math.ceil(config.token_start * n))
         self.head_schedule = keep_schedule(config.head_keep, n, math.ceil(config.head_start * n))
         self._head_pruning = any(r < 1.0 for r in self.head_schedule)
@@ -115,6 +129,8 @@ class SpAttenDecoder:
         self.seen = 0                                    # next position: tokens of the sequence so far
         self.importance = torch.zeros(0, dtype=torch.float64)
         self.layer_importance = [torch.zeros(0, dtype=torch.float64) for _ in range(n)]  # h2o
+        self.query_count = torch.zeros(0, dtype=torch.float64)   # queries that saw each token, over layers
+        self.layer_query_count = [torch.zeros(0, dtype=torch.float64) for _ in range(n)]
         self.positions: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(n)]
         n_kv = self.family.heads(self.attn[0])[1]
         self.head_scores = torch.zeros(n_kv, dtype=torch.float64)   # accumulated per KV-head index
@@ -126,9 +142,10 @@ class SpAttenDecoder:
 
     def budget(self, layer: int, seen: int) -> int:
         k = keep_count(seen, self.schedule[layer])
-        if self.config.kv_budget is not None:
-            k = min(k, self.config.kv_budget)
-        return k
+        b = self.config.kv_budget
+        if isinstance(b, (list, tuple)):
+            b = b[layer]
+        return k if b is None else min(k, b)
 
     # --- before each model forward: the sequence, and its true positions -----------------------
     def before_forward(self, base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -154,18 +171,38 @@ class SpAttenDecoder:
         elif pos.numel() != new:
             raise ValueError(f"position_ids hold {pos.numel()} positions for {new} new tokens")
         q_pos = pos.reshape(-1).long().clone()
+        if new > 1 and not bool((q_pos[1:] > q_pos[:-1]).all()):
+            raise ValueError("position_ids must increase along the sequence")
         if new and int(q_pos.min()) < self.seen:
             raise ValueError(f"position {int(q_pos.min())} was already seen in this sequence (next is {self.seen}); "
                              "start a new cache for a new sequence")
         self._q_pos = q_pos
         self.query_positions.append(q_pos)
         self.seen = int(q_pos.max()) + 1 if new else self.seen
-        grow = self.seen - self.importance.numel()
-        if grow > 0:
-            self.importance = torch.cat([self.importance, torch.zeros(grow, dtype=torch.float64)])
-            self.layer_importance = [torch.cat([s, torch.zeros(grow, dtype=torch.float64)]) for s in self.layer_importance]
+        self._grow(self.seen)
         self.stats.append([])
         return args, kwargs
+
+    def _grow(self, length: int) -> None:
+        """Per-position state (importance, query counts) long enough for ``length`` positions."""
+        extra = length - self.importance.numel()
+        if extra > 0:
+            pad = lambda t: torch.cat([t, torch.zeros(extra, dtype=torch.float64)])  # noqa: E731
+            self.importance, self.query_count = pad(self.importance), pad(self.query_count)
+            self.layer_importance = [pad(t) for t in self.layer_importance]
+            self.layer_query_count = [pad(t) for t in self.layer_query_count]
+
+    def after_forward(self, base: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Forward hook of the base model: with ``evict_after="forward"``, every layer's cache is cut
+        now, in layer order (the cascade needs layer i - 1's cut first), by the importance of the
+        whole forward."""
+        if self.config.evict_after == "forward" and self._cache_ref is not None and self._cache_ref() is not None:
+            cache = self._cache_ref()
+            for layer, module in enumerate(self.attn):
+                self._evict(layer, cache, module.layer_idx, self._q_pos)
+                if layer < len(self.stats[-1]):
+                    self.stats[-1][layer]["tokens_after"] = int(self.positions[layer].numel())
+        self._q_pos = None
 
     def _begin(self, cache) -> None:
         """A forward without a cache (the model makes one) or with a cache this runtime has not seen
@@ -186,8 +223,7 @@ class SpAttenDecoder:
         filled = lengths.pop()   # a cache filled without the runtime: its tokens sit at 0 .. filled-1
         self.seen = filled
         self.positions = [torch.arange(filled) for _ in self.attn]
-        self.importance = torch.zeros(filled, dtype=torch.float64)
-        self.layer_importance = [torch.zeros(filled, dtype=torch.float64) for _ in self.attn]
+        self._grow(filled)
 
     # --- the attention forward ----------------------------------------------------------------
     def attention(self, module, hidden_states, *args, **kwargs):
@@ -250,8 +286,12 @@ class SpAttenDecoder:
         stat["heads"] = n_q
         self.importance[pos] += contrib
         self.layer_importance[layer][pos] += contrib  # per layer: H2O's scores (no cascade across layers)
+        seen_by = (new - torch.searchsorted(q_pos, pos)).double()   # queries of this forward at or after each key
+        self.query_count[pos] += seen_by
+        self.layer_query_count[layer][pos] += seen_by
         self._fetch_stats(stat, pos.numel(), n_kv, d, flat_heads.view(n_kv, group).any(dim=-1))
-        self._evict(layer, cache, idx, q_pos)
+        if self.config.evict_after == "layer":
+            self._evict(layer, cache, idx, q_pos)
         stat["tokens_after"] = int(self.positions[layer].numel())
         self.stats[-1].append(stat)
         return out, None
@@ -328,24 +368,23 @@ class SpAttenDecoder:
 
     def _evict(self, layer: int, cache, idx: int, q_pos: torch.Tensor) -> None:
         """Cut layer ``layer``'s cache to its budget by the policy; the new tokens stay."""
-        cfg = self.config
+        policy = self.policy
         pos = self.positions[layer]
         keep_mask = torch.ones(pos.numel(), dtype=torch.bool)
-        if cfg.policy == "cascade" and layer > 0:   # the cascade: S_i is a subset of S_{i-1}
+        if policy.cascade and layer > 0:   # the cascade: S_i is a subset of S_{i-1}
             keep_mask &= torch.isin(pos, self.positions[layer - 1])
         budget = self.budget(layer, self.seen)
         candidates = keep_mask.nonzero().squeeze(1)
         if candidates.numel() > budget:
-            newest = torch.isin(pos[candidates], q_pos)
-            if cfg.policy in ("window", "sink"):
-                scores = pos[candidates].double()
-                if cfg.policy == "sink":
-                    scores = torch.where(pos[candidates] < cfg.sink_tokens, torch.inf, scores)
-            else:
-                source = self.importance if cfg.policy == "cascade" else self.layer_importance[layer]
-                scores = source[pos[candidates]]
-            protected = newest if int(newest.sum()) <= budget else None
-            kept = candidates[select_kept(scores, budget, protected)]
+            cand_pos = pos[candidates]
+            protected = torch.isin(cand_pos, q_pos)           # this forward's tokens, when they fit
+            if int(protected.sum()) > budget:
+                protected = torch.zeros_like(protected)
+            if policy.recent:                                  # and the recent window, when it fits too
+                both = protected | (cand_pos >= self.seen - policy.recent)
+                if int(both.sum()) <= budget:
+                    protected = both
+            kept = candidates[select_kept(policy.scores(self, layer, cand_pos), budget, protected)]
             keep_mask = torch.zeros_like(keep_mask)
             keep_mask[kept] = True
         if not keep_mask.all():
@@ -366,12 +405,14 @@ class SpAttenDecoder:
 def spatten_decoder(model: nn.Module, config: DecoderConfig | None = None):
     """Run a decoder with SpAtten's KV-cache pruning inside the block; the model is unchanged after."""
     runtime = SpAttenDecoder(model, config or DecoderConfig())
-    hook = runtime.base.register_forward_pre_hook(runtime.before_forward, with_kwargs=True)
+    hooks = [runtime.base.register_forward_pre_hook(runtime.before_forward, with_kwargs=True),
+             runtime.base.register_forward_hook(runtime.after_forward, with_kwargs=True)]
     for module in runtime.attn:
         module.forward = functools.partial(runtime.attention, module)
     try:
         yield runtime
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         for module in runtime.attn:
             del module.forward
