@@ -139,6 +139,7 @@ class SpAttenDecoder:
         self.query_positions: list[torch.Tensor] = []   # per forward: the true positions of its new tokens
         self._cache_ref = None                          # weak reference to this sequence's cache
         self._q_pos: torch.Tensor | None = None
+        self.evicting = True   # False: attend to the (already cut) cache without cutting it further
 
     def budget(self, layer: int, seen: int) -> int:
         k = keep_count(seen, self.schedule[layer])
@@ -368,6 +369,8 @@ class SpAttenDecoder:
 
     def _evict(self, layer: int, cache, idx: int, q_pos: torch.Tensor) -> None:
         """Cut layer ``layer``'s cache to its budget by the policy; the new tokens stay."""
+        if not self.evicting:
+            return
         policy = self.policy
         pos = self.positions[layer]
         keep_mask = torch.ones(pos.numel(), dtype=torch.bool)

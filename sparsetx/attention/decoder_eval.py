@@ -3,6 +3,7 @@
 progressive quantization (perplexity, bytes fetched, refetch rate) per bit split and threshold."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -36,9 +37,12 @@ class Streamed:
 
 @torch.no_grad()
 def streaming_pass(model, ids: torch.Tensor, config: DecoderConfig | None, prefill: int,
-                   keep_logits: bool = False) -> Streamed:
+                   keep_logits: bool = False, within=None) -> Streamed:
     """Prefill ``prefill`` tokens, then feed the rest one at a time through the (pruned) cache,
-    each token at its true position in the text (however many tokens the cache evicted)."""
+    each token at its true position in the text (however many tokens the cache evicted).
+
+    ``config``: the SpAtten runtime's settings (None: the model as it is, inside ``within``, a
+    context manager such as another library's cache compression, when given)."""
     if not 0 < prefill < ids.shape[1]:
         raise ValueError(f"prefill {prefill} must leave tokens to stream (the text has {ids.shape[1]} tokens)")
     cache = DynamicCache()
@@ -61,7 +65,8 @@ def streaming_pass(model, ids: torch.Tensor, config: DecoderConfig | None, prefi
                 logits = last_logits(t, t + 1)
 
     if config is None:
-        run()
+        with within if within is not None else contextlib.nullcontext():
+            run()
     else:
         with spatten_decoder(model, config) as rt:
             run()

@@ -9,9 +9,12 @@ Two routes, the same numbers (tested against :func:`reference_attention`):
   grows; the row's raw scores stay in a one-row buffer, from which the received probabilities are
   added at the end (one row, never the matrix). Fastest when there are few query rows (a decoding
   step: 4-5x the PyTorch route at 512 cached keys).
-* ``"torch"``: query chunks of ``rows`` rows against all keys with PyTorch's BLAS matmuls and an
-  exact softmax per chunk (a rows x keys strip): faster than the row kernel for prompts and
-  encoders, where Q K^T is a real matrix product.
+* ``"torch"``: query chunks of ``rows`` rows with PyTorch's BLAS matmuls and an exact softmax per
+  chunk (a rows x keys strip), each chunk stopping at the last key its queries may see (a causal
+  prompt computes about half the score matrix): faster than the row kernel for prompts and
+  encoders, where Q K^T is a real matrix product. 1024 causal tokens, 9 query heads over 3 KV
+  heads: 46 ms a layer here, against 88 ms for full strips and 20 ms for PyTorch's SDPA (which
+  returns no received probabilities).
 
 ``"auto"`` takes the C kernel for up to ``C_MAX_ROWS`` query rows per KV head, the strips beyond;
 inputs that are not fp32 (a float64 model) always take the strips, in their own dtype.
@@ -26,7 +29,7 @@ import torch
 from .loader import backend_library, ptr
 
 C_MAX_ROWS = 16        # query rows per KV head up to which the row kernel is the faster route
-QUERY_ROWS = 128       # rows per strip on the PyTorch route
+QUERY_ROWS = 256       # rows per strip on the PyTorch route (measured: 256-512 best at 1024 tokens)
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -48,19 +51,43 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     use_c = lib is not None and q.dtype == torch.float32 and (backend == "c" or group * lq <= C_MAX_ROWS)
     if use_c and not (q.requires_grad or k.requires_grad or v.requires_grad):
         return _fused_c(lib, q, k, v, scale, query_pos, key_pos, importance)
-    qg = q.reshape(hkv, group * lq, d)                   # query heads folded into rows
-    qp = None if query_pos is None else query_pos.repeat(group)
-    out = torch.empty(hkv, group * lq, d, dtype=q.dtype)
+    return _strips(q, k, v, scale, query_pos, key_pos, importance, rows)
+
+
+def _strips(q, k, v, scale, query_pos, key_pos, importance, rows):
+    """The PyTorch route: strips of ``rows`` query rows (a KV head's query heads folded in, position
+    by position) against the keys they may see. With positions, keys sorted by position (a cache
+    is) and queries in order, a strip stops at the last key its last query may see, so a prompt's
+    causal attention computes about half the score matrix, and only strips that cross the diagonal
+    are masked."""
+    hq, lq, d = q.shape
+    hkv, lk, _ = k.shape
+    group = hq // hkv
+    # rows i * group + g: query position i of query head g of the KV head, so a strip spans
+    # consecutive positions of every head in the group
+    qg = q.reshape(hkv, group, lq, d).transpose(1, 2).reshape(hkv, lq * group, d)
+    out = torch.empty(hkv, lq * group, d, dtype=q.dtype)
     received = torch.zeros(lk, dtype=torch.float64) if importance else None
-    for r0 in range(0, group * lq, rows):                # one strip of rows x all keys at a time
-        scores = (qg[:, r0:r0 + rows] @ k.transpose(-1, -2)) * scale
-        if qp is not None:
-            scores = scores.masked_fill(~(key_pos[None, :] <= qp[r0:r0 + rows, None]), -torch.inf)
+    ordered = query_pos is not None and bool((key_pos[1:] >= key_pos[:-1]).all()) \
+        and bool((query_pos[1:] >= query_pos[:-1]).all())
+    step = max(group, rows - rows % group)
+    for r0 in range(0, lq * group, step):
+        r1 = min(r0 + step, lq * group)
+        kend = lk
+        if ordered:   # keys beyond the strip's last query are masked anyway: leave them out
+            kend = int(torch.searchsorted(key_pos, query_pos[(r1 - 1) // group], right=True))
+        if kend == 0:
+            out[:, r0:r1] = 0
+            continue
+        scores = torch.matmul(qg[:, r0:r1], k[:, :kend].transpose(-1, -2)).mul_(scale)
+        if query_pos is not None and int(key_pos[kend - 1]) > int(query_pos[r0 // group]):
+            qp = query_pos[torch.arange(r0, r1) // group]
+            scores.masked_fill_(key_pos[None, :kend] > qp[:, None], -torch.inf)
         p = torch.softmax(scores, dim=-1)
-        out[:, r0:r0 + rows] = p @ v
+        out[:, r0:r1] = p @ v[:, :kend]
         if importance:
-            received += p.sum(dim=(0, 1)).double()
-    return out.reshape(hq, lq, d), received
+            received[:kend] += p.sum(dim=(0, 1)).double()
+    return out.reshape(hkv, lq, group, d).transpose(1, 2).reshape(hq, lq, d), received
 
 
 def _fused_c(lib, q, k, v, scale, query_pos, key_pos, importance):
