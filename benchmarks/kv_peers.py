@@ -17,8 +17,9 @@ Two settings, each on Wikipedia (gensim's articles) and the held-out Shakespeare
   needs the weights) and every press's ``compress`` is called on the same inputs its hook would
   get (checked equal to the hook path on the first window). The sparsetx policies run their own
   prefill under the SpAtten runtime.
-* decode-time eviction (streamed at a fixed budget): 64 tokens prefilled, the next 320 fed one at
-  a time with the cache held at 48 / 96 / 192 tokens (12.5 / 25 / 50 % of 384), teacher-forced.
+* decode-time eviction (streamed at a fixed budget): 64 tokens prefilled, the next 192 fed one at
+  a time with the cache held at 32 / 64 / 128 tokens (12.5 / 25 / 50 % of 256), teacher-forced.
+  Each decoding step reads all 135 M weights (~0.1 s here), so this setting gets 2 windows per text.
   kvpress: ``DecodingPress(press, compression_interval=1, target_size=budget)``; presses that
   cannot run this way are recorded with their error.
 
@@ -48,26 +49,39 @@ from timing import machine  # noqa: E402
 KEEPS = (0.5, 0.25, 0.125)
 
 
-def sparsetx_methods(layers: int) -> dict:
+def pyramid(budget: int, layers: int) -> list[int]:
+    """PyramidKV-like per-layer budgets with the mean ``budget``: 1.5x at layer 0 falling linearly
+    to 0.5x at the last layer (decreasing, so the cascade's nested sets fit)."""
+    return [max(2, round(budget * (1.5 - i / (layers - 1)))) for i in range(layers)]
+
+
+def sparsetx_methods(ablation: bool = False) -> dict:
+    """name -> DecoderConfig keywords (besides the budget); ``pyramid``: per-layer budgets.
+    ``ablation``: the cascade's SpAtten-faithful variants instead of the four policies."""
     from sparsetx.attention.policies import Cascade, H2O, Sink, Window
 
-    def pyramid(budget: int) -> list[int]:
-        # PyramidKV-like per-layer budgets with the same mean: 1.5x the budget at layer 0 falling
-        # linearly to 0.5x at the last layer; nested, as the cascade needs
-        raw = [budget * (1.5 - i / (layers - 1)) for i in range(layers)]
-        return [max(2, round(b)) for b in raw]
+    if ablation:
+        out = {"sparsetx cascade": dict(policy=Cascade())}
+        for fwd in (False, True):
+            for norm in (False, True):
+                for recent in (0, 64):
+                    if (fwd, norm, recent) == (False, False, 0):
+                        continue
+                    name = ", ".join(x for x in ("after forward" if fwd else "", "normalised" if norm else "",
+                                                 f"recent {recent}" if recent else "") if x)
+                    out[f"cascade: {name}"] = dict(policy=Cascade(normalize=norm, recent=recent),
+                                                   evict_after="forward" if fwd else "layer")
+        out["cascade: per-layer budgets"] = dict(policy=Cascade(), pyramid=True)
+        return out
+    return {"sparsetx cascade": dict(policy=Cascade()), "sparsetx h2o": dict(policy=H2O()),
+            "sparsetx window": dict(policy=Window()), "sparsetx sink": dict(policy=Sink(sink_tokens=4))}
 
-    return {
-        "sparsetx cascade": dict(policy=Cascade()),
-        "sparsetx h2o": dict(policy=H2O()),
-        "sparsetx window": dict(policy=Window()),
-        "sparsetx sink": dict(policy=Sink(sink_tokens=4)),
-        # SpAtten-faithful variants that might close gaps to the presses (see the README)
-        "cascade, cut after the forward": dict(policy=Cascade(), evict_after="forward"),
-        "cascade, normalised": dict(policy=Cascade(normalize=True)),
-        "cascade, recent 64": dict(policy=Cascade(recent=64)),
-        "cascade, per-layer budgets": dict(policy=Cascade(), pyramid=pyramid),
-    }
+
+def decoder_config(kw: dict, budget: int, layers: int):
+    from sparsetx.attention.decoder import DecoderConfig
+
+    rest = {k: v for k, v in kw.items() if k != "pyramid"}
+    return DecoderConfig(kv_budget=pyramid(budget, layers) if kw.get("pyramid") else budget, **rest)
 
 
 def kvpress_presses() -> dict:
@@ -167,7 +181,7 @@ def prefill_window(models, ids, context: int, ours: dict, presses: dict, layers:
     from transformers import DynamicCache
 
     from sparsetx.adapters import family_of
-    from sparsetx.attention.decoder import DecoderConfig, spatten_decoder
+    from sparsetx.attention.decoder import spatten_decoder
 
     sdpa, eager = models
     out = {}
@@ -177,9 +191,7 @@ def prefill_window(models, ids, context: int, ours: dict, presses: dict, layers:
     for name, kw in ours.items():
         out[name] = {}
         for keep in KEEPS:
-            budget = int(context * keep)
-            kw2 = {k: v for k, v in kw.items() if k != "pyramid"}
-            cfg = DecoderConfig(kv_budget=kw["pyramid"](budget) if "pyramid" in kw else budget, **kw2)
+            cfg = decoder_config(kw, int(context * keep), layers)
             cache = DynamicCache()
             t = time.perf_counter()
             with spatten_decoder(sdpa, cfg) as rt:
@@ -247,7 +259,6 @@ def decode_window(model, ids, prefill: int, ours: dict, presses: dict, budgets: 
     """One window of the decode-time setting: {method: {budget: {"nll", "seconds"}}} (or "error")."""
     import kvpress as kp
 
-    from sparsetx.attention.decoder import DecoderConfig
     from sparsetx.attention.decoder_eval import streaming_pass
 
     out = {}
@@ -257,8 +268,7 @@ def decode_window(model, ids, prefill: int, ours: dict, presses: dict, budgets: 
     for name, kw in ours.items():
         out[name] = {}
         for b in budgets:
-            kw2 = {k: v for k, v in kw.items() if k != "pyramid"}
-            cfg = DecoderConfig(kv_budget=kw["pyramid"](b) if "pyramid" in kw else b, **kw2)
+            cfg = decoder_config(kw, b, layers)
             t = time.perf_counter()
             r = streaming_pass(model, ids, cfg, prefill)
             out[name][str(b)] = {"nll": statistics.fmean(r.nll), "seconds": time.perf_counter() - t}
@@ -317,7 +327,7 @@ def markdown(rows: list[dict], wall: dict) -> str:
         n = max(r.get("windows", 0) for r in sub)
         head = ("prefill compression: 1024-token context cut to the kept fraction, next 128 tokens "
                 "teacher-forced" if setting == "prefill" else
-                "decode-time eviction: 64 tokens prefilled, 320 streamed at a fixed cache budget")
+                "decode-time eviction: 64 tokens prefilled, 192 streamed at a fixed cache budget")
         out.append(f"\n**{text}, {head}** ({n} windows; perplexity with 95 % interval; "
                    "Δ NLL vs cascade < 0 means better than the cascade)\n")
         budgets = list(dict.fromkeys(r["budget"] for r in sub if r["method"] != "dense"))
@@ -384,10 +394,13 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=24, help="prefill-compression windows per text")
-    p.add_argument("--decode-windows", type=int, default=3, help="decode-time windows per text")
+    p.add_argument("--decode-windows", type=int, default=2, help="decode-time windows per text")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="2 windows, a few methods: a smoke run")
     p.add_argument("--only", help="comma-separated method names to run (default: all)")
+    p.add_argument("--ablation", action="store_true",
+                   help="the cascade's variants (prefill setting) against SnapKV and Knorm, instead of the peers")
+    p.add_argument("--limit", type=int, help="run only the first N windows of each text (the spacing stays)")
     p.add_argument("--out", default="benchmarks/results/kv_peers")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -403,7 +416,10 @@ def main(argv=None) -> int:
     eager = load_model("smollm2", attn_implementation="eager")
     tok = load_tokenizer("smollm2")
     layers = sdpa.config.num_hidden_layers
-    ours, presses = sparsetx_methods(layers), kvpress_presses()
+    ours, presses = sparsetx_methods(args.ablation), kvpress_presses()
+    if args.ablation:
+        presses = {k: v for k, v in presses.items() if k in ("kvpress SnapKV", "kvpress Knorm")}
+        args.decode_windows = 0
     if args.quick:
         args.windows, args.decode_windows = 2, 1
         ours = {k: v for k, v in ours.items() if k in ("sparsetx cascade", "sparsetx window")}
@@ -413,15 +429,17 @@ def main(argv=None) -> int:
         ours = {k: v for k, v in ours.items() if k in keep or k == "sparsetx cascade"}
         presses = {k: v for k, v in presses.items() if k in keep}
     settings = {"windows": args.windows, "decode_windows": args.decode_windows, "context": 1024, "continuation": 128,
-                "keeps": KEEPS, "decode_prefill": 64, "decode_length": 384, "decode_budgets": [48, 96, 192],
+                "keeps": KEEPS, "decode_prefill": 64, "decode_length": 256, "decode_budgets": [32, 64, 128],
                 "methods": list(ours) + list(presses), "model": str(smollm2_path()), "quick": args.quick}
-    partial = out / ("kv_peers.quick.jsonl" if args.quick else "kv_peers.jsonl")
+    name = "kv_peers" + (".quick" if args.quick else "") + (".ablation" if args.ablation else "")
+    partial = out / f"{name}.jsonl"
     records = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
     records = [r for r in records if r.get("settings") == settings]
     done = {(r["setting"], r["text"], r["window"]) for r in records}
     texts = {name: tok(text, return_tensors="pt").input_ids[0] for name, text in lm_eval_texts().items()}
-    jobs = [("prefill", t, i) for t in texts for i in range(args.windows)]
-    jobs += [("decode", t, i) for t in texts for i in range(args.decode_windows)]
+    limit = lambda n: min(n, args.limit) if args.limit else n  # noqa: E731
+    jobs = [("prefill", t, i) for t in texts for i in range(limit(args.windows))]
+    jobs += [("decode", t, i) for t in texts for i in range(limit(args.decode_windows))]
     wall = {"prefill": {}}
     with Progress() as bar:
         task = bar.add_task("kv peers", total=len(jobs), completed=len(done & set(jobs)))
@@ -435,14 +453,14 @@ def main(argv=None) -> int:
                     check_replay((sdpa, eager), ids, 1024, presses)
                 result = prefill_window((sdpa, eager), ids, 1024, ours, presses, layers)
             else:
-                ids = windows(texts[text], args.decode_windows, 384)[i]
+                ids = windows(texts[text], args.decode_windows, settings["decode_length"])[i]
                 result = decode_window(sdpa, ids, 64, ours, presses, settings["decode_budgets"], layers)
             record = {"setting": setting, "text": text, "window": i, "settings": settings, "result": result}
             with open(partial, "a") as f:
                 f.write(json.dumps(record) + "\n")
             records.append(record)
             bar.advance(task)
-        for text in texts:   # what a user of each press waits for one window (real hooks), 25 % kept
+        for text in texts if not args.ablation else []:   # a user's wait for one window (real hooks), 25 % kept
             ids = windows(texts[text], args.windows, 1024 + 129)[0]
             press_wall_time((sdpa, eager), ids, 1024, presses, 0.25)  # warm-up
             wall["prefill"][text] = press_wall_time((sdpa, eager), ids, 1024, presses, 0.25)
@@ -453,7 +471,6 @@ def main(argv=None) -> int:
     result = {"settings": settings, "machine": {**machine(args.threads), "transformers": transformers.__version__,
                                                 "kvpress": __import__("importlib.metadata").metadata.version("kvpress")},
               "rows": rows, "wall_seconds_real_press_runs_at_25pct": wall}
-    name = "kv_peers.quick" if args.quick else "kv_peers"
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     (out / f"{name}.md").write_text(markdown(rows, {}))
     plot(rows, out / f"{name}.png")

@@ -249,7 +249,8 @@ def cmd_generate(args):
     from .models import load_model, load_tokenizer
 
     model, tok = load_model(args.model, fast=True), load_tokenizer(args.model)
-    inputs = tok(args.prompt, return_tensors="pt")
+    enc = tok(args.prompt, return_tensors="pt")
+    inputs = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}   # no token_type_ids for an LM
     torch.manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, top_k=50 if args.sample else None)
     if not args.spatten:
@@ -258,15 +259,26 @@ def cmd_generate(args):
         out = model.generate(**inputs, **kw)
         console.print(tok.decode(out[0], skip_special_tokens=True))
         return out
+    from .attention.policies import POLICIES
+
+    if args.policy not in POLICIES:
+        raise ValueError(f"unknown policy {args.policy!r}; valid: {', '.join(POLICIES)}")
+    extra = {k: v for k, v in (("recent", args.recent), ("normalize", args.normalize)) if v}
+    if args.policy == "sink":
+        extra["sink_tokens"] = args.sink_tokens
+    try:
+        policy = POLICIES[args.policy](**extra)
+    except TypeError:
+        raise ValueError(f"policy {args.policy!r} takes none of --normalize") from None
     cfg = DecoderConfig(kv_budget=args.kv_budget, token_keep=args.token_keep, head_keep=args.head_keep,
-                        value_topk=args.value_topk, policy=args.policy,
+                        value_topk=args.value_topk, policy=policy, evict_after=args.evict_after,
                         requant_threshold=args.threshold, **({"k_bits": 12} if args.quant else {}))
     with spatten_decoder(model, cfg) as rt:
         out = model.generate(**inputs, **kw)
     console.print(tok.decode(out[0], skip_special_tokens=True))
     last = rt.stats[-1]
     console.print(f"cache after the last step: {[s['tokens_after'] for s in last]} tokens per layer "
-                  f"(of {inputs.input_ids.shape[1] + len(rt.stats) - 1} seen)")
+                  f"(of {inputs['input_ids'].shape[1] + len(rt.stats) - 1} seen)")
     if args.stats:
         from .attention.trace import write_stats
         write_stats(args.stats, rt.stats_document())
@@ -466,7 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-keep", type=float, default=1.0, help="fraction of seen tokens kept at the last layer")
     s.add_argument("--head-keep", type=float, default=1.0, help="fraction of KV heads kept at the last layer")
     s.add_argument("--value-topk", type=float, help="local value pruning: fraction of keys whose V rows are read")
-    s.add_argument("--policy", default="cascade")
+    s.add_argument("--policy", default="cascade", help="cascade (SpAtten), h2o, window or sink")
+    s.add_argument("--recent", type=int, default=0, help="always keep the newest N tokens")
+    s.add_argument("--normalize", action="store_true",
+                   help="cascade/h2o: rank by importance per query that saw the token")
+    s.add_argument("--sink-tokens", type=int, default=4, help="sink: the first N tokens always kept")
+    s.add_argument("--evict-after", choices=("layer", "forward"), default="layer",
+                   help="cut each layer's cache after its attention, or all after the whole forward")
     s.add_argument("--quant", action="store_true", help="progressive quantization (K 8+4 bits, V 8 bits)")
     s.add_argument("--threshold", type=float, default=0.1)
     s.add_argument("--stats", help="write the per-layer statistics JSON here")
