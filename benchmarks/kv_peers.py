@@ -394,7 +394,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=24, help="prefill-compression windows per text")
-    p.add_argument("--decode-windows", type=int, default=2, help="decode-time windows per text")
+    p.add_argument("--decode-windows", type=int, help="decode-time windows per text (default 2; 0 with --ablation)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="2 windows, a few methods: a smoke run")
     p.add_argument("--only", help="comma-separated method names to run (default: all)")
@@ -419,7 +419,8 @@ def main(argv=None) -> int:
     ours, presses = sparsetx_methods(args.ablation), kvpress_presses()
     if args.ablation:
         presses = {k: v for k, v in presses.items() if k in ("kvpress SnapKV", "kvpress Knorm")}
-        args.decode_windows = 0
+    if args.decode_windows is None:
+        args.decode_windows = 0 if args.ablation else 2
     if args.quick:
         args.windows, args.decode_windows = 2, 1
         ours = {k: v for k, v in ours.items() if k in ("sparsetx cascade", "sparsetx window")}

@@ -84,3 +84,38 @@ def test_decoder_stats_document(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(TraceError, match=r"step 1 layer 0 lacks \['kv_heads'\]"):
         read_stats(tmp_path / "bad.json")
+
+
+def test_decoder_trace_describes_the_work_done(tmp_path):
+    """After head pruning the CSV has rows only for the query heads computed (original ids);
+    value_fetch_num is the V rows one query read under local value pruning; if_requant marks the
+    heads whose rows refetched LSBs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsetx.attention.decoder import DecoderConfig, spatten_decoder
+    from sparsetx.attention.trace import decoder_trace_rows, write_spatten_csv
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=48)).eval()
+    cfg = DecoderConfig(head_keep=[1.0, 0.5, 0.5], value_topk=0.25)
+    with torch.no_grad(), spatten_decoder(llama, cfg) as rt:
+        llama.generate(input_ids=torch.randint(0, 64, (1, 12)), max_new_tokens=3, do_sample=False)
+    rows = decoder_trace_rows(rt.stats_document())
+    kept_kv = int(rt.alive[1][0])
+    for step in range(3):
+        heads = {layer: sorted(r.head_id for r in rows if r.iteration_id == step and r.layer_id == layer)
+                 for layer in range(3)}
+        assert heads[0] == [0, 1, 2, 3]
+        assert heads[1] == heads[2] == [2 * kept_kv, 2 * kept_kv + 1]     # the 2 query heads of the kept KV head
+    last = [r for r in rows if r.iteration_id == 2]
+    # step 2: 14 keys in the cache (12 prompt + 2 generated), ceil(0.25 x 14) = 4 V rows per query
+    assert {r.key_fetch_num for r in last} == {14} and {r.value_fetch_num for r in last} == {4}
+    assert {r.sentence_length_L for r in last} == {14}
+    write_spatten_csv(tmp_path / "t.csv", rows)
+    back, _ = read_spatten_csv(tmp_path / "t.csv")
+    assert back == rows
+    with torch.no_grad(), spatten_decoder(llama, DecoderConfig.quantized(requant_threshold=1.0)) as rt:
+        llama(input_ids=torch.randint(0, 64, (1, 6)), use_cache=True)
+    rows = decoder_trace_rows(rt.stats_document())
+    assert all(r.if_requant for r in rows) and {r.quant_key_bit for r in rows} == {8}
