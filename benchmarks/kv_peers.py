@@ -61,7 +61,7 @@ def sparsetx_methods(ablation: bool = False) -> dict:
     from sparsetx.attention.policies import Cascade, H2O, Sink, Window
 
     if ablation:
-        out = {"sparsetx cascade": dict(policy=Cascade())}
+        out = {"sparsetx cascade": dict(policy=Cascade(normalize=False), evict_after="layer")}   # the paper's
         for fwd in (False, True):
             for norm in (False, True):
                 for recent in (0, 64):
@@ -71,10 +71,12 @@ def sparsetx_methods(ablation: bool = False) -> dict:
                                                  f"recent {recent}" if recent else "") if x)
                     out[f"cascade: {name}"] = dict(policy=Cascade(normalize=norm, recent=recent),
                                                    evict_after="forward" if fwd else "layer")
-        out["cascade: per-layer budgets"] = dict(policy=Cascade(), pyramid=True)
+        out["cascade: per-layer budgets"] = dict(policy=Cascade(normalize=False), evict_after="layer", pyramid=True)
         return out
-    return {"sparsetx cascade": dict(policy=Cascade()), "sparsetx h2o": dict(policy=H2O()),
-            "sparsetx window": dict(policy=Window()), "sparsetx sink": dict(policy=Sink(sink_tokens=4))}
+    return {"sparsetx cascade": dict(policy=Cascade()),      # the default: per-query importance, cut after the forward
+            "sparsetx cascade, paper score": dict(policy=Cascade(normalize=False), evict_after="layer"),
+            "sparsetx h2o": dict(policy=H2O()), "sparsetx window": dict(policy=Window()),
+            "sparsetx sink": dict(policy=Sink(sink_tokens=4))}
 
 
 def decoder_config(kw: dict, budget: int, layers: int):
@@ -397,7 +399,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-windows", type=int, help="decode-time windows per text (default 2; 0 with --ablation)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="2 windows, a few methods: a smoke run")
-    p.add_argument("--only", help="comma-separated method names to run (default: all)")
+    p.add_argument("--only", help="method names to run, separated by | (default: all)")
     p.add_argument("--ablation", action="store_true",
                    help="the cascade's variants (prefill setting) against SnapKV and Knorm, instead of the peers")
     p.add_argument("--limit", type=int, help="run only the first N windows of each text (the spacing stays)")
@@ -426,7 +428,7 @@ def main(argv=None) -> int:
         ours = {k: v for k, v in ours.items() if k in ("sparsetx cascade", "sparsetx window")}
         presses = {k: v for k, v in presses.items() if k in ("kvpress SnapKV", "kvpress Knorm")}
     if args.only:
-        keep = set(args.only.split(","))
+        keep = set(args.only.split("|"))
         ours = {k: v for k, v in ours.items() if k in keep or k == "sparsetx cascade"}
         presses = {k: v for k, v in presses.items() if k in keep}
     settings = {"windows": args.windows, "decode_windows": args.decode_windows, "context": 1024, "continuation": 128,

@@ -263,7 +263,11 @@ def cmd_generate(args):
 
     if args.policy not in POLICIES:
         raise ValueError(f"unknown policy {args.policy!r}; valid: {', '.join(POLICIES)}")
+    if args.raw_importance and args.policy != "cascade":
+        raise ValueError("--raw-importance is a cascade setting")
     extra = {k: v for k, v in (("recent", args.recent), ("normalize", args.normalize)) if v}
+    if args.raw_importance:
+        extra["normalize"] = False
     if args.policy == "sink":
         extra["sink_tokens"] = args.sink_tokens
     try:
@@ -480,10 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--value-topk", type=float, help="local value pruning: fraction of keys whose V rows are read")
     s.add_argument("--policy", default="cascade", help="cascade (SpAtten), h2o, window or sink")
     s.add_argument("--recent", type=int, default=0, help="always keep the newest N tokens")
-    s.add_argument("--normalize", action="store_true",
-                   help="cascade/h2o: rank by importance per query that saw the token")
+    s.add_argument("--raw-importance", action="store_true",
+                   help="cascade: rank by the raw importance sum (the paper's), not per query that saw the token")
+    s.add_argument("--normalize", action="store_true", help="h2o: rank by attention per query that saw the token")
     s.add_argument("--sink-tokens", type=int, default=4, help="sink: the first N tokens always kept")
-    s.add_argument("--evict-after", choices=("layer", "forward"), default="layer",
+    s.add_argument("--evict-after", choices=("layer", "forward"), default="forward",
                    help="cut each layer's cache after its attention, or all after the whole forward")
     s.add_argument("--quant", action="store_true", help="progressive quantization (K 8+4 bits, V 8 bits)")
     s.add_argument("--threshold", type=float, default=0.1)

@@ -253,18 +253,36 @@ def test_policy_objects_counts_and_recent_window(llama):
         Cascade(recent=-1)
 
 
-def test_evict_after_forward_ranks_by_every_layer(llama):
-    """evict_after="forward": the cut comes after all layers, so even layer 0 keeps the top tokens
-    of the importance summed over every layer; "layer" cuts layer 0 by its own scores alone."""
+def test_evict_after_forward_ranks_by_every_layer():
+    """evict_after="forward" (the default): the cut comes after all layers, so even layer 0 keeps
+    the top tokens of the importance over every layer; "layer" cuts layer 0 by its own scores. The
+    default cascade ranks per query that saw a token; normalize=False ranks by the raw sum. A model
+    with peaked random attention (init 0.5) makes the four choices differ."""
+    from sparsetx.attention.policies import Cascade
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=96, initializer_range=0.5)
+    model = LlamaForCausalLM(cfg).eval()
     ids = _prompt(24, seed=12)
-    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=8, evict_after="forward")) as rt:
-        llama(input_ids=ids, use_cache=True)
-    expected = select_kept(rt.importance, 8).tolist()   # the whole prompt is new: nothing protected
-    assert all(p.tolist() == expected for p in rt.positions)       # a constant budget: one set for all layers
-    assert [s["tokens_after"] for s in rt.stats[0]] == [8] * 4 and [s["tokens"] for s in rt.stats[0]] == [24] * 4
-    with torch.no_grad(), spatten_decoder(llama, DecoderConfig(kv_budget=8)) as rt_layer:
-        llama(input_ids=ids, use_cache=True)
-    assert rt_layer.positions[0].tolist() == select_kept(rt_layer.layer_importance[0], 8).tolist()
+    chosen = {}
+    for evict_after in ("forward", "layer"):
+        for normalize in (True, False):
+            config = DecoderConfig(kv_budget=8, evict_after=evict_after, policy=Cascade(normalize=normalize))
+            with torch.no_grad(), spatten_decoder(model, config) as rt:
+                model(input_ids=ids, use_cache=True)
+            # the whole prompt is new: nothing protected; the cascade with a constant budget keeps
+            # layer 0's set in every layer
+            assert all(torch.equal(p, rt.positions[0]) for p in rt.positions)
+            if evict_after == "forward":
+                scores = rt.importance / rt.query_count if normalize else rt.importance
+            else:
+                scores = rt.layer_importance[0] / rt.layer_query_count[0] if normalize else rt.layer_importance[0]
+            assert rt.positions[0].tolist() == select_kept(scores, 8).tolist()
+            chosen[evict_after, normalize] = tuple(rt.positions[0].tolist())
+            assert [s["tokens_after"] for s in rt.stats[0]] == [8] * 4 and [s["tokens"] for s in rt.stats[0]] == [24] * 4
+    assert len(set(chosen.values())) == 4
+    assert DecoderConfig().evict_after == "forward" and Cascade().normalize
 
 
 def test_per_layer_budgets(llama):

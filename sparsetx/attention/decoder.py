@@ -65,9 +65,9 @@ class DecoderConfig:
     """kv_budget: max cached tokens per layer, one number or one per layer (None: no absolute
     budget). token_keep: fraction of the tokens seen kept per layer (a single ratio ramps after
     ``token_start`` as for encoders). policy: a name or a :mod:`~sparsetx.attention.policies`
-    object. evict_after: "layer" cuts each layer's cache right after its attention (the cascade then
-    ranks by the importance gathered so far); "forward" cuts every layer after the whole forward,
-    ranking by the importance of all its layers. Quantization is off when k_bits is None; the
+    object. evict_after: "forward" (default) cuts every layer's cache after the whole forward,
+    ranking by the importance of all its layers; "layer" cuts each layer's cache right after its
+    attention, by the importance gathered so far (in a prompt, layer 0 then decides alone). Quantization is off when k_bits is None; the
     default split follows SpAtten's GPT-2 medium trace: K 8 + 4 bits, V 8 bits, threshold 0.1."""
 
     kv_budget: int | list[int] | None = None
@@ -78,7 +78,7 @@ class DecoderConfig:
     value_topk: float | None = None        # local value pruning: fraction of a row's keys whose V rows are read
     policy: str | Policy = "cascade"
     sink_tokens: int = 4                   # StreamingLLM's sinks when policy is the name "sink"
-    evict_after: str = "layer"
+    evict_after: str = "forward"
     k_bits: int | None = None
     lsb_bits: int = 4
     v_bits: int = 8
