@@ -148,8 +148,10 @@ class PressReplay:
 
     @contextlib.contextmanager
     def __call__(self):
-        handles = [layer.self_attn.register_forward_hook(self.hook, with_kwargs=True)
-                   for layer in self.model.model.layers]
+        body = self.model.model
+        for layer in body.layers:   # as kvpress's own context manager does (ExpectedAttention reads it)
+            layer.self_attn.rotary_emb = body.rotary_emb
+        handles = [layer.self_attn.register_forward_hook(self.hook, with_kwargs=True) for layer in body.layers]
         try:
             yield self
         finally:
@@ -257,8 +259,10 @@ def check_replay(models, ids, context: int, presses: dict) -> None:
 
 
 @torch.no_grad()
-def decode_window(model, ids, prefill: int, ours: dict, presses: dict, budgets: list[int], layers: int) -> dict:
-    """One window of the decode-time setting: {method: {budget: {"nll", "seconds"}}} (or "error")."""
+def decode_window(models, ids, prefill: int, ours: dict, presses: dict, budgets: list[int], layers: int) -> dict:
+    """One window of the decode-time setting: {method: {budget: {"nll", "seconds"}}} (or "error").
+    ObservedAttention reads attention weights, so it decodes on the eager-attention model."""
+    model, eager = models
     import kvpress as kp
 
     from sparsetx.attention.decoder_eval import streaming_pass
@@ -278,9 +282,10 @@ def decode_window(model, ids, prefill: int, ours: dict, presses: dict, budgets: 
         out[name] = {}
         for b in budgets:
             press = kp.DecodingPress(base_press=cls(), compression_interval=1, target_size=b)
+            runner = eager if "Observed" in name else model
             t = time.perf_counter()
             try:
-                r = streaming_pass(model, ids, None, prefill, within=press(model))
+                r = streaming_pass(runner, ids, None, prefill, within=press(runner))
             except Exception as err:  # recorded: a press that cannot evict while decoding
                 out[name][str(b)] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
                 continue
@@ -457,7 +462,7 @@ def main(argv=None) -> int:
                 result = prefill_window((sdpa, eager), ids, 1024, ours, presses, layers)
             else:
                 ids = windows(texts[text], args.decode_windows, settings["decode_length"])[i]
-                result = decode_window(sdpa, ids, 64, ours, presses, settings["decode_budgets"], layers)
+                result = decode_window((sdpa, eager), ids, 64, ours, presses, settings["decode_budgets"], layers)
             record = {"setting": setting, "text": text, "window": i, "settings": settings, "result": result}
             with open(partial, "a") as f:
                 f.write(json.dumps(record) + "\n")
