@@ -65,7 +65,7 @@ def _strips(q, k, v, scale, query_pos, key_pos, importance, rows):
     group = hq // hkv
     # rows i * group + g: query position i of query head g of the KV head, so a strip spans
     # consecutive positions of every head in the group
-    qg = q.reshape(hkv, group, lq, d).transpose(1, 2).reshape(hkv, lq * group, d)
+    qg = q if group == 1 else q.reshape(hkv, group, lq, d).transpose(1, 2).reshape(hkv, lq * group, d)
     out = torch.empty(hkv, lq * group, d, dtype=q.dtype)
     received = torch.zeros(lk, dtype=torch.float64) if importance else None
     ordered = query_pos is not None and bool((key_pos[1:] >= key_pos[:-1]).all()) \
@@ -87,7 +87,9 @@ def _strips(q, k, v, scale, query_pos, key_pos, importance, rows):
         out[:, r0:r1] = p @ v[:, :kend]
         if importance:
             received[:kend] += p.sum(dim=(0, 1)).double()
-    return out.reshape(hkv, lq, group, d).transpose(1, 2).reshape(hq, lq, d), received
+    if group > 1:
+        out = out.reshape(hkv, lq, group, d).transpose(1, 2)
+    return out.reshape(hq, lq, d), received
 
 
 def _fused_c(lib, q, k, v, scale, query_pos, key_pos, importance):
