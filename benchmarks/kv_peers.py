@@ -4,7 +4,7 @@ Identical weights, identical token windows, one process (kvpress pins transforme
 runs in its own venv; sparsetx supports that transformers too):
 
     bash benchmarks/setup_kvpress.sh
-    benchmarks/.venv-kvpress/bin/python benchmarks/kv_peers.py            # ~1.5 h on 2 cores
+    benchmarks/.venv-kvpress/bin/python benchmarks/kv_peers.py            # ~2 h on 2 cores
     benchmarks/.venv-kvpress/bin/python benchmarks/kv_peers.py --quick    # a smoke run
 
 Two settings, each on Wikipedia (gensim's articles) and the held-out Shakespeare plays:
@@ -19,7 +19,8 @@ Two settings, each on Wikipedia (gensim's articles) and the held-out Shakespeare
   prefill under the SpAtten runtime.
 * decode-time eviction (streamed at a fixed budget): 64 tokens prefilled, the next 192 fed one at
   a time with the cache held at 32 / 64 / 128 tokens (12.5 / 25 / 50 % of 256), teacher-forced.
-  Each decoding step reads all 135 M weights (~0.1 s here), so this setting gets 2 windows per text.
+  Each decoding step reads all 135 M weights (~0.1 s here), so this setting gets 1 window per text
+  (about 16 min each); pass ``--decode-windows`` for more.
   kvpress: ``DecodingPress(press, compression_interval=1, target_size=budget)``; presses that
   cannot run this way are recorded with their error.
 
@@ -402,7 +403,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=24, help="prefill-compression windows per text")
-    p.add_argument("--decode-windows", type=int, help="decode-time windows per text (default 2; 0 with --ablation)")
+    p.add_argument("--decode-windows", type=int, help="decode-time windows per text (default 1; 0 with --ablation)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="2 windows, a few methods: a smoke run")
     p.add_argument("--only", help="method names to run, separated by | (default: all)")
@@ -430,7 +431,7 @@ def main(argv=None) -> int:
     if args.ablation:
         presses = {k: v for k, v in presses.items() if k in ("kvpress SnapKV", "kvpress Knorm")}
     if args.decode_windows is None:
-        args.decode_windows = 0 if args.ablation else 2
+        args.decode_windows = 0 if args.ablation else 1
     if args.quick:
         args.windows, args.decode_windows = 2, 1
         ours = {k: v for k, v in ours.items() if k in ("sparsetx cascade", "sparsetx window")}
