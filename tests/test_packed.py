@@ -182,12 +182,12 @@ def test_tampered_pattern_in_header(saved):
 def test_header_shape_mismatch(saved):
     layer = "bert.encoder.layer.0.attention.self.query"
     _rewrite_header(saved / WEIGHTS, lambda m: m["layers"][layer].update(shape=[16, 64]))
-    with pytest.raises(PackedFormatError, match="values of shape"):
+    with pytest.raises(PackedFormatError, match=f"layer {layer}: tensor .* has shape"):
         load_packed(saved)
 
 
 def test_header_lists_missing_tensor(saved):
-    _rewrite_header(saved / WEIGHTS, lambda m: m["sha256"].update({"ghost.weight": "00"}))
+    _rewrite_header(saved / WEIGHTS, lambda m: m["sha256"].update({"ghost.weight": "0" * 64}))
     with pytest.raises(PackedFormatError, match="ghost.weight"):
         load_packed(saved)
 

@@ -21,6 +21,8 @@ import copy
 import hashlib
 import json
 import os
+import re
+import stat
 from pathlib import Path
 
 import torch
@@ -30,12 +32,17 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..nm.pattern import NMPattern
-from .packed import VALUE_DTYPES, PackedFormatError, PackedNM, index_bits, pack_nm, unpack_nm
+from .packed import ENCODINGS, VALUE_DTYPES, PackedFormatError, PackedNM, index_bits, pack_nm, unpack_nm
 
 FORMAT = "sparsetx-nm"
 VERSION = 1
 WEIGHTS = "sparsetx.safetensors"
 VALUES, INDICES = ".nm_values", ".nm_indices"
+CONFIG = "config.json"
+MAX_HEADER_CHARS = 16 << 20        # the JSON header; a real one is a few hundred bytes per layer
+MAX_DIM = 1 << 31                  # one side of a weight
+HEADER_KEYS = {"format", "version", "encoding", "value_dtype", "layers", "tied", "sha256", "architecture"}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _sha256(t: torch.Tensor) -> str:
@@ -76,7 +83,8 @@ def pack_state(model: nn.Module, patterns: dict[str, NMPattern], value_dtype: st
         layers[name] = {"pattern": str(pattern), "shape": list(packed.shape), "index_bits": index_bits(pattern, encoding)}
     tensors.update({k: v.detach().contiguous() for k, v in state.items()})
     header = {"format": FORMAT, "version": VERSION, "encoding": encoding, "value_dtype": value_dtype,
-              "layers": layers, "tied": tied, "sha256": {k: _sha256(v) for k, v in tensors.items()}}
+              "architecture": type(model).__name__, "layers": layers, "tied": tied,
+              "sha256": {k: _sha256(v) for k, v in tensors.items()}}
     return tensors, header
 
 
@@ -101,8 +109,89 @@ def save_packed(model: nn.Module, folder: str | os.PathLike, patterns: dict[str,
     return folder
 
 
+def regular_file(folder: str | os.PathLike, name: str) -> Path:
+    """``folder/name`` if it is a regular file inside ``folder`` (a symlink is followed only when it
+    stays inside the folder); anything else (missing, a directory, a FIFO, a device, a link out of
+    the folder) is a :class:`PackedFormatError`, raised before the file is opened (a FIFO would hang)."""
+    folder = Path(folder)
+    path = folder / name
+    try:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            real, root = path.resolve(strict=True), folder.resolve(strict=True)
+            if root not in real.parents:
+                raise PackedFormatError(f"{path}: a symbolic link out of the folder (to {real}); refused")
+            mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        raise PackedFormatError(f"{path}: missing (or a broken link)") from None
+    except (OSError, RuntimeError) as err:   # RuntimeError: a symlink loop
+        raise PackedFormatError(f"{path}: cannot be read ({err})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise PackedFormatError(f"{path}: {kind}; a packed folder holds regular files only")
+    return path
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_header(header, where: str = "header") -> dict[str, NMPattern]:
+    """Validate a header's structure before anything is allocated from it; returns the patterns.
+
+    Types and ranges of every field: ``layers`` maps a name to a pattern 1 <= N < M <= 32, a shape
+    [out, in] of positive ints below 2^31 with ``in`` divisible by M, and the index width of the
+    pattern and encoding; ``tied`` maps names to names; ``sha256`` maps tensor names to 64 hex
+    digits. Raises :class:`PackedFormatError` naming the field."""
+    def bad(msg: str):
+        raise PackedFormatError(f"{where}: {msg}")
+
+    if not isinstance(header, dict):
+        bad(f"expected a JSON object, got {type(header).__name__}")
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        bad(f"format {header.get('format')!r} version {header.get('version')!r}; this sparsetx reads {FORMAT!r} version {VERSION}")
+    unknown = sorted(set(header) - HEADER_KEYS)
+    if unknown:
+        bad(f"unknown fields {unknown[:4]}")
+    encoding = header.get("encoding", "index")
+    if not isinstance(encoding, str) or encoding not in ENCODINGS:
+        bad(f"encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
+    if not isinstance(header.get("value_dtype"), str) or header["value_dtype"] not in VALUE_DTYPES:
+        bad(f"value_dtype {header.get('value_dtype')!r}; valid: {', '.join(VALUE_DTYPES)}")
+    if "architecture" in header and not isinstance(header["architecture"], str):
+        bad("architecture must be a string")
+    layers, tied, sums = header.get("layers"), header.get("tied", {}), header.get("sha256")
+    if not isinstance(layers, dict):
+        bad("layers must be an object")
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        bad("tied must map tensor names to tensor names")
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) and _HEX64.match(v)
+                                             for k, v in sums.items()):
+        bad("sha256 must map tensor names to 64 lower-case hex digits")
+    patterns = {}
+    for name, info in layers.items():
+        if not name or not isinstance(info, dict) or set(info) != {"pattern", "shape", "index_bits"}:
+            bad(f"layer {name!r}: expected an object with pattern, shape and index_bits")
+        if not isinstance(info["pattern"], str):
+            bad(f"layer {name}: pattern must be a string such as '2:8'")
+        try:
+            pattern = NMPattern.parse(info["pattern"])
+        except ValueError as err:
+            bad(f"layer {name}: {err}")
+        shape = info["shape"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and 0 < d < MAX_DIM for d in shape)):
+            bad(f"layer {name}: shape {shape!r} is not [out, in] of positive integers below 2^31")
+        if shape[1] % pattern.m:
+            bad(f"layer {name}: input size {shape[1]} is not divisible by M={pattern.m}")
+        if not _is_int(info["index_bits"]) or info["index_bits"] != index_bits(pattern, encoding):
+            bad(f"layer {name}: index_bits {info['index_bits']!r}, {pattern} with {encoding!r} codes needs "
+                f"{index_bits(pattern, encoding)}")
+        patterns[name] = pattern
+    return patterns
+
+
 def read_header(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / WEIGHTS
+    path = regular_file(folder, WEIGHTS)
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -110,51 +199,134 @@ def read_header(folder: str | os.PathLike) -> dict:
         raise PackedFormatError(f"{path}: not a readable safetensors file ({err}); truncated or corrupted?") from None
     if "sparsetx" not in meta:
         raise PackedFormatError(f"{path}: no sparsetx header; not a sparsetx packed file")
+    if len(meta["sparsetx"]) > MAX_HEADER_CHARS:
+        raise PackedFormatError(f"{path}: the sparsetx header is {len(meta['sparsetx']):,} characters "
+                                f"(at most {MAX_HEADER_CHARS:,})")
     try:
         header = json.loads(meta["sparsetx"])
-    except json.JSONDecodeError as err:
-        raise PackedFormatError(f"{path}: the sparsetx header is not valid JSON ({err})") from None
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise PackedFormatError(f"{path}: format {header.get('format')!r} version {header.get('version')!r}; "
-                                f"this sparsetx reads {FORMAT!r} version {VERSION}")
+    except (ValueError, RecursionError) as err:   # RecursionError: nesting deeper than the parser goes
+        raise PackedFormatError(f"{path}: the sparsetx header is not valid JSON ({type(err).__name__}: {err})") from None
+    check_header(header, f"{path}: header")
     return header
 
 
+_DTYPE_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
+
+
 def read_packed(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, PackedNM], dict]:
-    """Verified contents of a packed folder: (dense tensors, packed layers, header)."""
-    path = Path(folder) / WEIGHTS
+    """Verified contents of a packed folder: (dense tensors, packed layers, header).
+
+    Order of checks: the file is a regular file; the header's schema; the tensor names, shapes and
+    dtypes the file declares against the header (nothing is read yet); checksums; then the structure
+    the checksums cannot vouch for (a re-hashed file): index codes in range and strictly increasing,
+    finite values."""
+    path = regular_file(folder, WEIGHTS)
     header = read_header(folder)
+    patterns = check_header(header)
+    encoding = header.get("encoding", "index")
+    value_dtype = VALUE_DTYPES[header["value_dtype"]]
+    sums = header["sha256"]
     try:
         with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
+            declared = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            if set(sums) != set(declared):
+                raise PackedFormatError(f"{path}: header lists tensors {sorted(set(sums) ^ set(declared))[:4]} "
+                                        "that the file does not hold (or the reverse)")
+            for name, pattern in patterns.items():
+                key = f"{name}.weight"
+                out, inp = header["layers"][name]["shape"]
+                groups = out * (inp // pattern.m)
+                codes = groups * pattern.n if encoding == "index" else groups
+                expect = {key + VALUES: ((out, inp // pattern.m * pattern.n), value_dtype),
+                          key + INDICES: (((codes * index_bits(pattern, encoding) + 7) // 8,), torch.uint8)}
+                for k, (shape, dtype) in expect.items():
+                    if k not in declared:
+                        raise PackedFormatError(f"{path}: layer {name} is in the header but tensor {k} is missing")
+                    got_shape, got_dtype = declared[k]
+                    if got_shape != shape or _DTYPE_NAMES.get(got_dtype) != dtype:
+                        want = next(n for n, d in _DTYPE_NAMES.items() if d == dtype)
+                        raise PackedFormatError(f"{path}: layer {name}: tensor {k} has shape {list(got_shape)} "
+                                                f"({got_dtype}); a {out}x{inp} {pattern} layer needs {list(shape)} ({want})")
+            tensors = {k: f.get_tensor(k) for k in declared}
+    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        if isinstance(err, PackedFormatError):
+            raise
         raise PackedFormatError(f"{path}: cannot read tensors ({err}); truncated or corrupted?") from None
-    sums = header.get("sha256", {})
-    if set(sums) != set(tensors):
-        raise PackedFormatError(f"{path}: header lists tensors {sorted(set(sums) ^ set(tensors))[:4]} "
-                                "that the file does not hold (or the reverse)")
     for key, tensor in tensors.items():
         if _sha256(tensor) != sums[key]:
             raise PackedFormatError(f"{path}: checksum mismatch for tensor {key!r}: the file is corrupted")
-    value_dtype = VALUE_DTYPES.get(header.get("value_dtype"))
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise PackedFormatError(f"{path}: tensor {key!r} holds NaN or infinite values")
     packed = {}
-    for name, info in header["layers"].items():
+    for name, pattern in patterns.items():
         key = f"{name}.weight"
-        if key + VALUES not in tensors or key + INDICES not in tensors:
-            raise PackedFormatError(f"{path}: layer {name} is in the header but its packed tensors are missing")
-        try:
-            pattern = NMPattern.parse(info["pattern"])
-        except ValueError as err:
-            raise PackedFormatError(f"{path}: layer {name}: {err}") from None
-        p = PackedNM(pattern, tuple(info["shape"]), tensors.pop(key + VALUES), tensors.pop(key + INDICES),
-                     header.get("encoding", "index"))
-        if p.values.dtype != value_dtype:
-            raise PackedFormatError(f"{path}: layer {name} values are {p.values.dtype}, header says {header.get('value_dtype')}")
-        if len(p.shape) != 2 or p.shape[1] % pattern.m or info.get("index_bits") != index_bits(pattern, p.encoding):
-            raise PackedFormatError(f"{path}: layer {name}: shape {p.shape} / index bits do not fit pattern {pattern}")
+        p = PackedNM(pattern, tuple(header["layers"][name]["shape"]), tensors.pop(key + VALUES),
+                     tensors.pop(key + INDICES), encoding)
         p.validate(f"{path}: layer {name}")
         packed[name] = p
     return tensors, packed, header
+
+
+def read_config(folder: str | os.PathLike, header: dict | None = None):
+    """The folder's Hugging Face config, checked against the packed header: a config.json that
+    transformers cannot read, or that names another architecture than the header records, is a
+    :class:`PackedFormatError` naming the file."""
+    from transformers import AutoConfig
+
+    path = regular_file(folder, CONFIG)
+    try:
+        config = AutoConfig.from_pretrained(Path(folder), local_files_only=True)
+    except Exception as err:   # transformers raises anything from OSError to TypeError on a bad file
+        raise PackedFormatError(f"{path}: transformers cannot read it ({type(err).__name__}: {err})") from None
+    archs = getattr(config, "architectures", None)
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise PackedFormatError(f"{path}: architectures must be a list of class names, got {archs!r}")
+    if header is not None and "architecture" in header and archs != [header["architecture"]]:
+        raise PackedFormatError(f"{path}: architectures {archs!r} differ from the packed header's "
+                                f"{header['architecture']!r}")
+    recorded = getattr(config, "sparsetx", None)
+    if header is not None and isinstance(recorded, dict) and isinstance(recorded.get("patterns"), dict):
+        if {k: str(v) for k, v in recorded["patterns"].items()} != {k: v["pattern"] for k, v in header["layers"].items()}:
+            raise PackedFormatError(f"{path}: its sparsetx patterns differ from the packed header's layers")
+    return config
+
+
+def _build_model(folder: Path, config, tensors: dict[str, torch.Tensor], packed: dict[str, PackedNM], header: dict):
+    """The config's model, with every file tensor checked against it on the meta device first, so
+    a config that declares huge sizes fails before anything is allocated."""
+    from ..models import model_class  # models imports this module lazily; no cycle at import time
+
+    path = folder / CONFIG
+    layers = getattr(config, "num_hidden_layers", None)
+    if not (isinstance(layers, int) and 0 < layers <= len(tensors) + len(packed)):
+        # every layer stores tensors of its own: more layers than tensors is a bad config, and
+        # building millions of (meta) layers would take hours
+        raise PackedFormatError(f"{path}: num_hidden_layers = {layers!r} does not fit a file of "
+                                f"{len(tensors) + len(packed)} tensors")
+    try:
+        cls = model_class(config)
+        with torch.device("meta"):
+            skeleton = cls._from_config(config, dtype=torch.float32)
+    except Exception as err:   # noqa: BLE001 - whatever transformers raises on a config it cannot build
+        raise PackedFormatError(f"{path}: transformers cannot build a model from it ({type(err).__name__}: {err})") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    shapes.update({f"{name}.weight": p.shape for name, p in packed.items()})
+    for key, shape in shapes.items():
+        if key not in expected:
+            raise PackedFormatError(f"{folder}: tensor {key!r} does not belong to a {type(skeleton).__name__}")
+        if expected[key] != shape:
+            raise PackedFormatError(f"{folder}: tensor {key!r} has shape {shape}, the model expects {expected[key]}")
+    tied = header.get("tied", {})
+    missing = set(expected) - set(shapes) - set(tied)
+    if missing:
+        raise PackedFormatError(f"{folder}: tensors missing from the file: {sorted(missing)[:4]}")
+    bad_ties = {k: v for k, v in tied.items()
+                if k in shapes or k not in expected or v not in shapes or expected[k] != shapes[v]}
+    if bad_ties:
+        raise PackedFormatError(f"{folder}: tied entries that do not fit the model: {dict(list(bad_ties.items())[:2])}")
+    del skeleton
+    return cls._from_config(config, dtype=torch.float32)
 
 
 def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool = False):
@@ -164,31 +336,24 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     each packed layer for a :class:`sparsetx.kernels.nm_linear.SparseLinear` that computes from the
     packed weights with the N:M CPU kernel (inference only).
     """
-    from ..models import model_class  # models imports this module lazily; no cycle at import time
-
-    from transformers import AutoConfig
-
     folder = Path(folder)
+    if not folder.is_dir():
+        raise PackedFormatError(f"{folder}: not a folder")
     tensors, packed, header = read_packed(folder)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    model = model_class(config)._from_config(config, dtype=torch.float32)
+    config = read_config(folder, header)
+    model = _build_model(folder, config, tensors, packed, header)
     state = dict(tensors)
     for name, p in packed.items():
         state[f"{name}.weight"] = unpack_nm(p).float()
-    expected = model.state_dict()
     tied = header.get("tied", {})
-    for key, tensor in state.items():
-        if key not in expected:
-            raise PackedFormatError(f"{folder}: tensor {key!r} does not belong to a {type(model).__name__}")
-        if tuple(expected[key].shape) != tuple(tensor.shape):
-            raise PackedFormatError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                    f"the model expects {tuple(expected[key].shape)}")
-    missing = set(expected) - set(state) - set(tied)
-    if missing:
-        raise PackedFormatError(f"{folder}: tensors missing from the file: {sorted(missing)[:4]}")
     model.load_state_dict(state, strict=False)
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
+    loaded = model.state_dict()
+    for key, source in tied.items():   # a header that claims a tie the model does not make
+        if not torch.equal(loaded[key], loaded[source]):
+            raise PackedFormatError(f"{folder}: the header ties {key!r} to {source!r}, but the model does not "
+                                    "share them (config.json and header disagree)")
     model.eval()
     if fast:
         from ..kernels.nm_linear import SparseLinear  # kernels sit above formats: imported on demand
