@@ -112,7 +112,7 @@ def cmd_prune(args):
     if not all(r["nm_ok"] for r in report):
         raise RuntimeError("a pruned layer is not N:M: this is a bug")
     save_packed(model, args.out, recorded_patterns(model), args.value_dtype, args.encoding, tokenizer=tok,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, clamp=args.clamp_values)
     console.print(f"saved packed model to {args.out}")
     return report
 
@@ -158,7 +158,7 @@ def cmd_pack(args):
     if not patterns:
         raise ValueError(f"{args.model} records no N:M patterns; pass --pattern N:M")
     save_packed(model, args.out, patterns, args.value_dtype, args.encoding, tokenizer=load_tokenizer(args.model),
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, clamp=args.clamp_values)
     return cmd_info(argparse.Namespace(folder=args.out, json=None))
 
 
@@ -407,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", action="append", help="per-layer pattern, NAME_REGEX=N:M (repeatable)")
     s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16"))
     s.add_argument("--encoding", default="index", choices=("index", "rank"))
+    s.add_argument("--clamp-values", action="store_true",
+                   help="clamp weights beyond the value dtype's range (reported) instead of refusing them")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true")
     _add_train_flags(s)
@@ -428,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pattern", help="pattern if the folder does not record one")
     s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16"))
     s.add_argument("--encoding", default="index", choices=("index", "rank"))
+    s.add_argument("--clamp-values", action="store_true",
+                   help="clamp weights beyond the value dtype's range (reported) instead of refusing them")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_pack)
 

@@ -205,3 +205,41 @@ def test_no_pickle_anywhere():
         text = path.read_text()
         for banned in ("torch.save(", "torch.load(", "import pickle"):
             assert banned not in text, f"{path} uses {banned}"
+
+
+# --- numbers the value dtype cannot hold ------------------------------------------------------
+
+def test_non_finite_weights_are_refused_naming_the_layer(pruned_bert, tmp_path):
+    from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
+
+    layer = "bert.encoder.layer.0.intermediate.dense"
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            pack_nm(torch.tensor([[bad, 0.0, 0.0, 1.0]]), "2:4", name=layer)
+        with torch.no_grad():
+            saved = pruned_bert.get_submodule(layer).weight[0, 0].item()
+            pruned_bert.get_submodule(layer).weight[0, 0] = bad
+        try:
+            with pytest.raises(ValueError, match=f"{layer}: 1 NaN or infinite"):
+                save_packed(pruned_bert, tmp_path / "m", recorded_patterns(pruned_bert))
+            with pytest.raises(ValueError, match=f"{layer}: 1 NaN or infinite"):
+                sparsify(pruned_bert, NMConfig("2:8"))
+        finally:
+            with torch.no_grad():
+                pruned_bert.get_submodule(layer).weight[0, 0] = saved
+    assert not (tmp_path / "m").exists()
+
+
+def test_values_beyond_fp16_are_refused_or_clamped_on_request():
+    w = torch.tensor([[7e4, 0.0, 0.0, 1.0], [0.0, -1e5, 2.0, 0.0]])
+    with pytest.raises(ValueError, match=r"2 weight\(s\) beyond the float16 range"):
+        pack_nm(w, "2:4", torch.float16, name="big")
+    with pytest.warns(UserWarning, match=r"big: 2 clamped to \+-65504"):
+        p = pack_nm(w, "2:4", torch.float16, name="big", clamp=True)
+    assert unpack_nm(p).float().tolist() == [[65504.0, 0.0, 0.0, 1.0], [0.0, -65504.0, 2.0, 0.0]]
+    # bfloat16 holds them (fp32's range): no error, no warning
+    assert unpack_nm(pack_nm(w, "2:4", torch.bfloat16)).float()[0, 0].item() == 70144.0   # 7e4 rounded to 8 bits
+    # too small for fp16: rounds to 0 like any rounding, counted in a warning (1e-9 < fp16's 6e-8)
+    with pytest.warns(UserWarning, match="1 too small for float16 became 0"):
+        tiny = pack_nm(torch.tensor([[1e-9, 0.0, 0.0, 1.0]]), "2:4", torch.float16, name="tiny")
+    assert unpack_nm(tiny).tolist() == [[0.0, 0.0, 0.0, 1.0]]

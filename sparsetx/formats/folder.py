@@ -68,8 +68,9 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def pack_state(model: nn.Module, patterns: dict[str, NMPattern], value_dtype: str = "float16",
-               encoding: str = "index") -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and header for ``model`` with the weights of ``patterns`` packed."""
+               encoding: str = "index", clamp: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and header for ``model`` with the weights of ``patterns`` packed. Non-finite
+    tensors, and packed weights beyond the value dtype's range, are refused (``clamp``: clamped)."""
     if value_dtype not in VALUE_DTYPES:
         raise ValueError(f"value dtype {value_dtype!r} not supported; valid: {', '.join(VALUE_DTYPES)}")
     state, tied = _unique_state(model)
@@ -78,9 +79,12 @@ def pack_state(model: nn.Module, patterns: dict[str, NMPattern], value_dtype: st
         key = f"{name}.weight"
         if key not in state:
             raise ValueError(f"layer {name} has no weight in the model's state dict")
-        packed = pack_nm(state.pop(key), pattern, VALUE_DTYPES[value_dtype], encoding, name=name)
+        packed = pack_nm(state.pop(key), pattern, VALUE_DTYPES[value_dtype], encoding, name=name, clamp=clamp)
         tensors[key + VALUES], tensors[key + INDICES] = packed.values, packed.indices
         layers[name] = {"pattern": str(pattern), "shape": list(packed.shape), "index_bits": index_bits(pattern, encoding)}
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{key}: NaN or infinite values; refusing to pack a diverged model")
     tensors.update({k: v.detach().contiguous() for k, v in state.items()})
     header = {"format": FORMAT, "version": VERSION, "encoding": encoding, "value_dtype": value_dtype,
               "architecture": type(model).__name__, "layers": layers, "tied": tied,
@@ -90,12 +94,13 @@ def pack_state(model: nn.Module, patterns: dict[str, NMPattern], value_dtype: st
 
 def save_packed(model: nn.Module, folder: str | os.PathLike, patterns: dict[str, NMPattern],
                 value_dtype: str = "float16", encoding: str = "index", tokenizer=None,
-                overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
-    """Save ``model`` as a packed folder, atomically. Returns the folder."""
+                overwrite: bool = False, extra_files: dict[str, str] | None = None, clamp: bool = False) -> Path:
+    """Save ``model`` as a packed folder, atomically. Returns the folder. Weights that are not
+    finite, or beyond the value dtype's range, are refused (``clamp=True``: clamped, with a warning)."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    tensors, header = pack_state(model, patterns, value_dtype, encoding)
+    tensors, header = pack_state(model, patterns, value_dtype, encoding, clamp)
     config = copy.deepcopy(model.config)   # the caller's model keeps its own config
     config.sparsetx = {"patterns": {n: str(p) for n, p in patterns.items()}, "packed": True}
     config.architectures = [type(model).__name__]

@@ -18,6 +18,7 @@ lowest free positions, so every group holds exactly N codes.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,14 +136,46 @@ def _decode_positions(p: PackedNM, name: str = "weight") -> np.ndarray:
     return pos.reshape(p.shape[0], p.shape[1] // m, n)
 
 
+def check_values(weight: torch.Tensor, dtype: torch.dtype, name: str = "weight", clamp: bool = False) -> torch.Tensor:
+    """``weight`` in ``dtype``, refusing what would silently change: NaN or infinite weights, and
+    finite weights beyond the dtype's range (they would become inf), unless ``clamp`` (then they
+    are clamped to the largest finite value and counted in a warning). Weights too small for the
+    dtype round to zero like any rounding (their error is below the dtype's resolution; fp16: 6e-8,
+    far less than its rounding of ordinary weights): counted in the same warning, not refused."""
+    w = weight.detach()
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{name}: {bad} NaN or infinite weight(s); refusing to prune or pack a diverged model")
+    if not w.is_floating_point() or dtype == w.dtype:
+        return w.to(dtype)
+    limit = torch.finfo(dtype).max
+    over = w.abs() > limit
+    notes = []
+    if bool(over.any()):
+        if not clamp:
+            raise ValueError(f"{name}: {int(over.sum())} weight(s) beyond the {str(dtype).removeprefix('torch.')} range "
+                             f"(|w| up to {float(w.abs().max()):.3g} > {limit:.5g}); pick a wider value dtype "
+                             "(float32, bfloat16) or clamp them (clamp=True, CLI --clamp-values)")
+        w = w.clamp(-limit, limit)
+        notes.append(f"{int(over.sum())} clamped to +-{limit:.5g}")
+    out = w.to(dtype)
+    flushed = int(((out == 0) & (w != 0)).sum())
+    if flushed:
+        notes.append(f"{flushed} too small for {str(dtype).removeprefix('torch.')} became 0")
+    if notes:
+        warnings.warn(f"{name}: " + "; ".join(notes), stacklevel=3)
+    return out
+
+
 def pack_nm(weight: torch.Tensor, pattern: NMPattern | str, dtype: torch.dtype | None = None,
-            encoding: str = "index", name: str = "weight") -> PackedNM:
-    """Pack an N:M-sparse dense weight (out, in). Raises if any group has more than N non-zeros."""
+            encoding: str = "index", name: str = "weight", clamp: bool = False) -> PackedNM:
+    """Pack an N:M-sparse dense weight (out, in). Raises if any group has more than N non-zeros,
+    or on weights the value dtype cannot hold (see :func:`check_values`)."""
     pattern = NMPattern.parse(pattern)
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown index encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
     check_groupable(tuple(weight.shape), pattern, name)
-    w = weight.detach().to(dtype or weight.dtype).cpu()
+    w = check_values(weight.cpu(), dtype or weight.dtype, name, clamp)
     if w.dtype not in VALUE_DTYPES.values():
         raise ValueError(f"{name}: value dtype {w.dtype} not supported; valid: {', '.join(VALUE_DTYPES)}")
     out, inp = w.shape

@@ -71,6 +71,11 @@ def sparsify(model: nn.Module, config: NMConfig, calibration: Iterable[dict] | N
     Records the patterns in ``model.config.sparsetx`` so that a saved model can be packed later.
     """
     layers = config.layers(model)
+    for name in layers:   # a NaN would win or lose every magnitude comparison: a silent wrong mask
+        weight = model.get_submodule(name).weight
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"{name}: {int((~torch.isfinite(weight)).sum())} NaN or infinite weight(s); "
+                             "refusing to prune a diverged model")
     norms = None
     if config.criterion == "activation":
         if calibration is None:
