@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -11,6 +14,179 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)   # an error is one line, however long
+
+
+# --- flag values, checked at the door: a bad one is one line naming the flag and the valid range ---
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):   # one line, without the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bad(text: str, valid: str):
+    raise argparse.ArgumentTypeError(f"{text!r} is not valid; {valid}")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        _bad(text, "expected a whole number >= 1")
+    if value < 1:
+        _bad(text, "expected a whole number >= 1")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        _bad(text, "expected a whole number >= 0")
+    if value < 0:
+        _bad(text, "expected a whole number >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        _bad(text, "expected a positive number")
+    if not (math.isfinite(value) and value > 0):
+        _bad(text, "expected a positive, finite number")
+    return value
+
+
+def ratio(text: str) -> float:
+    """A keep ratio: 0 < r <= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        _bad(text, "expected a ratio 0 < r <= 1")
+    if not (0 < value <= 1):   # also false for NaN
+        _bad(text, "expected a ratio 0 < r <= 1")
+    return value
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        _bad(text, "expected a number in [0, 1]")
+    if not (0 <= value <= 1):
+        _bad(text, "expected a number in [0, 1]")
+    return value
+
+
+def listed(item):
+    """A comma-separated list of ``item`` values, kept as the text the commands split themselves."""
+    def parse(text: str) -> str:
+        parts = [x.strip() for x in str(text).split(",")]
+        if not all(parts):
+            _bad(text, "expected comma-separated values without empty entries")
+        for part in parts:
+            try:
+                item(part)
+            except argparse.ArgumentTypeError as err:
+                raise argparse.ArgumentTypeError(f"in {text!r}: {err}") from None
+        return text
+    return parse
+
+
+def pattern_arg(text: str) -> str:
+    from .nm.pattern import MAX_M, NMPattern
+
+    try:
+        NMPattern.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err} (valid: N:M with 1 <= N < M <= {MAX_M})") from None
+    return text
+
+
+def series_arg(text: str) -> str:
+    from .nm.pattern import parse_series
+
+    try:
+        parse_series(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def pattern_or_dense(text: str) -> str:
+    return text if text == "dense" else pattern_arg(text)
+
+
+def regex_arg(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as err:
+        _bad(text, f"not a regular expression ({err})")
+    return text
+
+
+def layer_arg(text: str) -> str:
+    name, sep, pat = text.rpartition("=")
+    if not sep or not name:
+        _bad(text, "expected NAME_REGEX=N:M, e.g. 'attention\\.self=1:8'")
+    regex_arg(name)
+    pattern_arg(pat)
+    return text
+
+
+def model_arg(text: str) -> str:
+    """'minilm', 'smollm2', or a model folder (with a config.json)."""
+    from .models import DEFAULT_MODEL, SMOLLM2
+
+    if text in (DEFAULT_MODEL, SMOLLM2):
+        return text
+    path = Path(text)
+    if not path.is_dir():
+        _bad(text, f"no such folder; expected a model folder, {DEFAULT_MODEL!r} or {SMOLLM2!r}")
+    if not (path / "config.json").is_file():
+        _bad(text, "the folder has no config.json; expected a Hugging Face model folder")
+    return text
+
+
+def out_arg(text: str) -> str:
+    """An output folder: not an existing file, and somewhere this user can write."""
+    if not text.strip():
+        _bad(text, "expected a folder path")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        _bad(text, "it is an existing file; expected a folder (new, or with --overwrite an old one)")
+    parent = path if path.exists() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        _bad(text, f"{parent} is not writable")
+    return text
+
+
+def out_file(text: str) -> str:
+    """An output file: not an existing folder, in a writable place."""
+    path = Path(text)
+    if path.is_dir():
+        _bad(text, "it is a folder; expected a file path")
+    out_arg(str(path.parent) if str(path.parent) else ".")
+    return text
+
+
+def prompt_arg(text: str) -> str:
+    if not text.strip():
+        _bad(text, "the prompt is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("the prompt is not valid UTF-8") from None
+    return text
+
+
+def existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        _bad(text, "no such file")
+    return text
 
 
 def _train_config(args: argparse.Namespace):
@@ -22,18 +198,18 @@ def _train_config(args: argparse.Namespace):
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (SR-STE / IDP / fine-tuning)")
-    g.add_argument("--steps", type=int, help="optimizer steps (per stage for IDP)")
-    g.add_argument("--batch-size", dest="batch_size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--lambda-w", dest="lambda_w", type=float, help="SR-STE decay on pruned weights (default 2e-4)")
-    g.add_argument("--mask-every", dest="mask_every", type=int, help="recompute masks every k steps (default 1)")
+    g.add_argument("--steps", type=positive_int, help="optimizer steps (per stage for IDP)")
+    g.add_argument("--batch-size", dest="batch_size", type=positive_int)
+    g.add_argument("--lr", type=positive_float)
+    g.add_argument("--lambda-w", dest="lambda_w", type=probability, help="SR-STE decay on pruned weights (default 2e-4)")
+    g.add_argument("--mask-every", dest="mask_every", type=positive_int, help="recompute masks every k steps (default 1)")
     g.add_argument("--unnested", dest="nested", action="store_false", default=None,
                    help="IDP: choose each stage's mask freely instead of inside the previous one")
-    g.add_argument("--max-length", dest="max_length", type=int)
+    g.add_argument("--max-length", dest="max_length", type=positive_int)
     g.add_argument("--seed", type=int)
-    g.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
-    g.add_argument("--eval-examples", dest="eval_examples", type=int, help="cap dev/test examples per evaluation")
-    g.add_argument("--train-examples", dest="train_examples", type=int)
+    g.add_argument("--checkpoint-every", dest="checkpoint_every", type=positive_int)
+    g.add_argument("--eval-examples", dest="eval_examples", type=positive_int, help="cap dev/test examples per evaluation")
+    g.add_argument("--train-examples", dest="train_examples", type=positive_int)
 
 
 def _layer_config(args: argparse.Namespace, pattern: str):
@@ -251,6 +427,16 @@ def cmd_generate(args):
     model, tok = load_model(args.model, fast=True), load_tokenizer(args.model)
     enc = tok(args.prompt, return_tensors="pt")
     inputs = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}   # no token_type_ids for an LM
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    length = inputs["input_ids"].shape[1]
+    if length == 0:
+        raise ValueError("--prompt: the prompt has no tokens")
+    if positions and length + args.max_new_tokens > positions:
+        raise ValueError(f"--prompt: {length} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                         f"{positions} positions")
+    if args.kv_budget and positions and args.kv_budget > positions:
+        raise ValueError(f"--kv-budget {args.kv_budget}: larger than the model's context of {positions} tokens "
+                         f"(valid: 1 to {positions})")
     torch.manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, top_k=50 if args.sample else None)
     if not args.spatten:
@@ -383,51 +569,51 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsetx", description="N:M sparse Transformers (STA) and sparse attention (SpAtten).")
+    p = _Parser(prog="sparsetx", description="N:M sparse Transformers (STA) and sparse attention (SpAtten).")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("data", help="print the data card of the offline corpora")
     s.set_defaults(fn=cmd_data)
 
     s = sub.add_parser("finetune", help="fine-tune the dense model on the sentiment task (the dense reference)")
-    s.add_argument("--model", default="minilm")
-    s.add_argument("--out", required=True)
+    s.add_argument("--model", default="minilm", type=model_arg)
+    s.add_argument("--out", required=True, type=out_arg)
     _add_train_flags(s)
     s.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("prune", help="N:M pruning: one-shot, SR-STE, or an IDP series; writes packed folders")
-    s.add_argument("--model", default="minilm", help="model folder (a fine-tuned classifier for srste/idp) or 'minilm'")
+    s.add_argument("--model", default="minilm", type=model_arg, help="model folder (a fine-tuned classifier for srste/idp) or 'minilm'")
     s.add_argument("--method", choices=("oneshot", "srste", "idp"), default="oneshot")
-    s.add_argument("--pattern", help="N:M for every selected layer, e.g. 2:4")
-    s.add_argument("--series", help="IDP: patterns from dense to sparse, e.g. 4:8,2:8,1:8")
+    s.add_argument("--pattern", type=pattern_arg, help="N:M for every selected layer, e.g. 2:4")
+    s.add_argument("--series", type=series_arg, help="IDP: patterns from dense to sparse, e.g. 4:8,2:8,1:8")
     s.add_argument("--criterion", choices=("magnitude", "activation"), default="magnitude")
-    s.add_argument("--calibration-batches", type=int, default=8)
-    s.add_argument("--include", action="append", help="regex of Linear names to prune (replaces the default block Linears)")
-    s.add_argument("--exclude", action="append", help="regex of Linear names to leave dense")
-    s.add_argument("--layer", action="append", help="per-layer pattern, NAME_REGEX=N:M (repeatable)")
+    s.add_argument("--calibration-batches", type=positive_int, default=8)
+    s.add_argument("--include", action="append", type=regex_arg, help="regex of Linear names to prune (replaces the default block Linears)")
+    s.add_argument("--exclude", action="append", type=regex_arg, help="regex of Linear names to leave dense")
+    s.add_argument("--layer", action="append", type=layer_arg, help="per-layer pattern, NAME_REGEX=N:M (repeatable)")
     s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16"))
     s.add_argument("--encoding", default="index", choices=("index", "rank"))
     s.add_argument("--clamp-values", action="store_true",
                    help="clamp weights beyond the value dtype's range (reported) instead of refusing them")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, type=out_arg)
     s.add_argument("--overwrite", action="store_true")
     _add_train_flags(s)
     s.set_defaults(fn=cmd_prune)
 
     s = sub.add_parser("eval", help="task accuracy and LM metric of a dense or packed model folder")
-    s.add_argument("--model", default="minilm")
+    s.add_argument("--model", default="minilm", type=model_arg)
     s.add_argument("--split", default="test", choices=("train", "dev", "test"))
-    s.add_argument("--examples", type=int)
-    s.add_argument("--reference", default="minilm", help="dense reference for the embedding metric of encoders")
-    s.add_argument("--passages", type=int, default=128)
+    s.add_argument("--examples", type=positive_int)
+    s.add_argument("--reference", default="minilm", type=model_arg, help="dense reference for the embedding metric of encoders")
+    s.add_argument("--passages", type=positive_int, default=128)
     s.add_argument("--no-lm", action="store_true")
-    s.add_argument("--json")
+    s.add_argument("--json", type=out_file)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("pack", help="pack a pruned dense folder")
-    s.add_argument("--model", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--pattern", help="pattern if the folder does not record one")
+    s.add_argument("--model", required=True, type=model_arg)
+    s.add_argument("--out", required=True, type=out_arg)
+    s.add_argument("--pattern", type=pattern_arg, help="pattern if the folder does not record one")
     s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16"))
     s.add_argument("--encoding", default="index", choices=("index", "rank"))
     s.add_argument("--clamp-values", action="store_true",
@@ -436,68 +622,68 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_pack)
 
     s = sub.add_parser("unpack", help="write a packed folder back as a dense Hugging Face folder")
-    s.add_argument("--model", required=True)
-    s.add_argument("--out", required=True)
+    s.add_argument("--model", required=True, type=model_arg)
+    s.add_argument("--out", required=True, type=out_arg)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_unpack)
 
     s = sub.add_parser("info", help="inspect a packed folder: patterns and bytes per layer")
-    s.add_argument("folder")
-    s.add_argument("--json")
+    s.add_argument("folder", type=model_arg)
+    s.add_argument("--json", type=out_file)
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("compare", help="dense vs one-shot vs SR-STE vs IDP on the sentiment task")
-    s.add_argument("--model", default="minilm")
-    s.add_argument("--out", default="runs/compare")
-    s.add_argument("--dense", help="an already fine-tuned dense folder")
-    s.add_argument("--dense-steps", type=int, default=400)
-    s.add_argument("--patterns", default="2:4,4:8,2:8,1:8")
+    s.add_argument("--model", default="minilm", type=model_arg)
+    s.add_argument("--out", default="runs/compare", type=out_arg)
+    s.add_argument("--dense", type=model_arg, help="an already fine-tuned dense folder")
+    s.add_argument("--dense-steps", type=positive_int, default=400)
+    s.add_argument("--patterns", default="2:4,4:8,2:8,1:8", type=listed(pattern_arg))
     s.add_argument("--series", default="4:8,2:4,2:8,1:8")
     s.add_argument("--no-unnested", action="store_true", help="skip the unnested IDP variant")
     _add_train_flags(s)
     s.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("attention-eval", help="SpAtten token/head pruning on encoders vs same-budget baselines")
-    s.add_argument("--model", default="minilm", help="sentence encoder for the embedding-fidelity metric")
-    s.add_argument("--classifier", help="fine-tuned classifier folder for accuracy (e.g. runs/compare/dense/candidate-dense)")
-    s.add_argument("--token-keep", default="1.0,0.75,0.5,0.3")
-    s.add_argument("--head-keep", default="1.0,0.75,0.5")
+    s.add_argument("--model", default="minilm", type=model_arg, help="sentence encoder for the embedding-fidelity metric")
+    s.add_argument("--classifier", type=model_arg, help="fine-tuned classifier folder for accuracy (e.g. runs/compare/dense/candidate-dense)")
+    s.add_argument("--token-keep", default="1.0,0.75,0.5,0.3", type=listed(ratio))
+    s.add_argument("--head-keep", default="1.0,0.75,0.5", type=listed(ratio))
     s.add_argument("--policies", default="cascade,local,random,first")
-    s.add_argument("--examples", type=int, default=512)
-    s.add_argument("--passages", type=int, default=64)
-    s.add_argument("--out", default="runs/attention-eval")
+    s.add_argument("--examples", type=positive_int, default=512)
+    s.add_argument("--passages", type=positive_int, default=64)
+    s.add_argument("--out", default="runs/attention-eval", type=out_arg)
     d = s.add_argument_group("decoders (instead of the encoder evaluation)")
-    d.add_argument("--decoder", help="evaluate a causal LM instead, e.g. smollm2")
-    d.add_argument("--context", type=int, default=512, help="tokens per text")
-    d.add_argument("--prefill", type=int, default=64)
-    d.add_argument("--kv-budgets", default="64,128,256")
+    d.add_argument("--decoder", type=model_arg, help="evaluate a causal LM instead, e.g. smollm2")
+    d.add_argument("--context", type=positive_int, default=512, help="tokens per text")
+    d.add_argument("--prefill", type=positive_int, default=64)
+    d.add_argument("--kv-budgets", default="64,128,256", type=listed(positive_int))
     d.add_argument("--decoder-policies", default="cascade,h2o,window,sink")
-    d.add_argument("--thresholds", default="0.05,0.1,0.2", help="progressive quantization thresholds")
+    d.add_argument("--thresholds", default="0.05,0.1,0.2", type=listed(probability), help="progressive quantization thresholds")
     s.set_defaults(fn=cmd_attention_eval)
 
     s = sub.add_parser("generate", help="generate text, optionally with SpAtten KV-cache pruning")
-    s.add_argument("--model", default="smollm2")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--model", default="smollm2", type=model_arg)
+    s.add_argument("--prompt", required=True, type=prompt_arg)
+    s.add_argument("--max-new-tokens", type=positive_int, default=32)
     s.add_argument("--sample", action="store_true", help="sample (top-k 50) instead of greedy")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--spatten", action="store_true", help="prune the KV cache with SpAtten")
-    s.add_argument("--kv-budget", type=int)
-    s.add_argument("--token-keep", type=float, default=1.0, help="fraction of seen tokens kept at the last layer")
-    s.add_argument("--head-keep", type=float, default=1.0, help="fraction of KV heads kept at the last layer")
-    s.add_argument("--value-topk", type=float, help="local value pruning: fraction of keys whose V rows are read")
+    s.add_argument("--kv-budget", type=positive_int)
+    s.add_argument("--token-keep", type=ratio, default=1.0, help="fraction of seen tokens kept at the last layer")
+    s.add_argument("--head-keep", type=ratio, default=1.0, help="fraction of KV heads kept at the last layer")
+    s.add_argument("--value-topk", type=ratio, help="local value pruning: fraction of keys whose V rows are read")
     s.add_argument("--policy", default="cascade", help="cascade (SpAtten), h2o, window or sink")
-    s.add_argument("--recent", type=int, default=0, help="always keep the newest N tokens")
+    s.add_argument("--recent", type=nonneg_int, default=0, help="always keep the newest N tokens")
     s.add_argument("--raw-importance", action="store_true",
                    help="cascade: rank by the raw importance sum (the paper's), not per query that saw the token")
     s.add_argument("--normalize", action="store_true", help="h2o: rank by attention per query that saw the token")
-    s.add_argument("--sink-tokens", type=int, default=4, help="sink: the first N tokens always kept")
+    s.add_argument("--sink-tokens", type=nonneg_int, default=4, help="sink: the first N tokens always kept")
     s.add_argument("--evict-after", choices=("layer", "forward"), default="forward",
                    help="cut each layer's cache after its attention, or all after the whole forward")
     s.add_argument("--quant", action="store_true", help="progressive quantization (K 8+4 bits, V 8 bits)")
-    s.add_argument("--threshold", type=float, default=0.1)
-    s.add_argument("--stats", help="write the per-layer statistics JSON here")
-    s.add_argument("--trace", help="write the official SpAtten trace CSV here")
+    s.add_argument("--threshold", type=probability, default=0.1)
+    s.add_argument("--stats", type=out_file, help="write the per-layer statistics JSON here")
+    s.add_argument("--trace", type=out_file, help="write the official SpAtten trace CSV here")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("sim", help="cycle-level simulators of the STA and SpAtten accelerators")
@@ -507,79 +693,93 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="bert-base",
                    help="preset (bert-base, bert-large, gpt2, gpt2-medium, vit-base, deit-small, minilm), a "
                         "config.json or a model folder")
-    r.add_argument("--tokens", type=int, default=128)
-    r.add_argument("--pattern", help="N:M of the linear layers (sta)")
-    r.add_argument("--token-keep", type=float, default=1.0, help="token keep ratio at the last layer (cascade ramp)")
-    r.add_argument("--head-keep", type=float, default=1.0)
-    r.add_argument("--value-keep", type=float, default=1.0, help="local value pruning (spatten)")
-    r.add_argument("--trace", help="official SpAtten trace CSV (spatten)")
-    r.add_argument("--stats", help="stats JSON of a SpAtten runtime run, e.g. from generate --stats (spatten)")
-    r.add_argument("--arch-config", help="YAML/JSON file overriding architecture parameters")
+    r.add_argument("--tokens", type=positive_int, default=128)
+    r.add_argument("--pattern", type=pattern_arg, help="N:M of the linear layers (sta)")
+    r.add_argument("--token-keep", type=ratio, default=1.0, help="token keep ratio at the last layer (cascade ramp)")
+    r.add_argument("--head-keep", type=ratio, default=1.0)
+    r.add_argument("--value-keep", type=ratio, default=1.0, help="local value pruning (spatten)")
+    r.add_argument("--trace", type=existing_file, help="official SpAtten trace CSV (spatten)")
+    r.add_argument("--stats", type=existing_file, help="stats JSON of a SpAtten runtime run, e.g. from generate --stats (spatten)")
+    r.add_argument("--arch-config", type=existing_file, help="YAML/JSON file overriding architecture parameters")
     r.add_argument("--measure", action="store_true", help="also time the workload on this CPU")
-    r.add_argument("--json", help="write the full result here")
-    r.add_argument("--plot", help="write latency / DRAM / speedup plots here (.png)")
+    r.add_argument("--json", type=out_file, help="write the full result here")
+    r.add_argument("--plot", type=out_file, help="write latency / DRAM / speedup plots here (.png)")
     r.set_defaults(fn=cmd_sim_run)
     v = simsub.add_parser("validate", help="the papers' headline figures next to the simulators'")
-    v.add_argument("--json", help="write the rows here")
+    v.add_argument("--json", type=out_file, help="write the rows here")
     v.set_defaults(fn=cmd_sim_validate)
     w = simsub.add_parser("sweep", help="N:M x token keep x head keep x PE array, with accuracy, Pareto plot")
     w.add_argument("--model", default="minilm")
-    w.add_argument("--tokens", type=int, default=128)
-    w.add_argument("--patterns", default="dense,2:4,4:8,2:8,1:8")
-    w.add_argument("--token-keep", default="1.0,0.75,0.5,0.25")
-    w.add_argument("--head-keep", default="1.0,0.75")
-    w.add_argument("--pe", default="8,16,32", help="PE array sides (an 8 means 8x8)")
-    w.add_argument("--nm-results", help="sparsetx compare's results.json (default: runs/compare/results.json if present)")
-    w.add_argument("--attention-results",
+    w.add_argument("--tokens", type=positive_int, default=128)
+    w.add_argument("--patterns", default="dense,2:4,4:8,2:8,1:8", type=listed(pattern_or_dense))
+    w.add_argument("--token-keep", default="1.0,0.75,0.5,0.25", type=listed(ratio))
+    w.add_argument("--head-keep", default="1.0,0.75", type=listed(ratio))
+    w.add_argument("--pe", default="8,16,32", type=listed(positive_int), help="PE array sides (an 8 means 8x8)")
+    w.add_argument("--nm-results", type=existing_file, help="sparsetx compare's results.json (default: runs/compare/results.json if present)")
+    w.add_argument("--attention-results", type=existing_file,
                    help="sparsetx attention-eval's JSON (default: runs/attention-eval/encoder_eval.json if present)")
     w.add_argument("--pareto-only", action="store_true", help="print only the Pareto points")
-    w.add_argument("--out", default="runs/sweep")
+    w.add_argument("--out", default="runs/sweep", type=out_arg)
     w.set_defaults(fn=cmd_sim_sweep)
 
     s = sub.add_parser("demo", help="a few minutes end to end on the embedded MiniLM")
-    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--out", default="runs/demo", type=out_arg)
     s.add_argument("--quick", action="store_true", help="tiny budgets (for tests)")
     s.set_defaults(fn=cmd_demo)
 
     p._subcommands = dict(sub.choices)
     for name in ("finetune", "prune", "compare"):
-        p._subcommands[name].add_argument("--config", help="YAML or JSON file of option defaults (flags override)")
+        p._subcommands[name].add_argument("--config", type=existing_file, help="YAML or JSON file of option defaults (flags override)")
     return p
 
 
 def _with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """``--config FILE`` (YAML or JSON, keys = flag names with underscores) sets defaults; flags win."""
+    """``--config FILE`` (YAML or JSON, keys = flag names with underscores) sets defaults; flags win.
+    Each value is checked as its flag would be."""
     args = parser.parse_args(argv)
     if not getattr(args, "config", None):
         return args
     import yaml
 
     path = Path(args.config)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} not found")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path}: not valid YAML/JSON ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path}: expected a mapping of option names to values")
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
     sub = parser._subcommands[args.command]
-    known = {a.dest for a in sub._actions}
-    unknown = sorted(set(values) - known)
+    actions = {a.dest: a for a in sub._actions}
+    unknown = sorted(set(map(str, values)) - set(actions))
     if unknown:
-        raise ValueError(f"config file {path}: unknown options {unknown} for '{args.command}'")
+        raise ValueError(f"--config {path}: unknown options {unknown} for '{args.command}'")
+    for key, value in values.items():
+        check = actions[key].type
+        if check is None or value is None:
+            continue
+        try:
+            for item in value if isinstance(value, list) else [value]:
+                check(str(item))
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"--config {path}: {key}: {err}") from None
     sub.set_defaults(**values)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (2 for a bad flag value or input, with one line
+    on stderr naming it; 130 when interrupted)."""
     parser = build_parser()
     try:
         args = _with_config_file(parser, argv)
-    except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
-    try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        console.print(f"[red]error:[/red] {err}")
+    except SystemExit as done:   # argparse: --help, or a bad flag value (already printed, one line)
+        return done.code if isinstance(done.code, int) else 2
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        return 130
+    except (ValueError, OSError) as err:   # bad input, missing/unwritable paths, corrupt files
+        errors.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
         return 2
     return 0
 

@@ -86,7 +86,7 @@ def test_cli_prune_info_eval_unpack(tmp_path, capsys):
     a, b = read_packed(out), read_packed(tmp_path / "again")
     assert a[2]["sha256"] == b[2]["sha256"]
     assert main(["prune", "--model", "minilm", "--pattern", "2:4", "--out", str(out)]) == 2  # exists
-    assert "overwrite" in capsys.readouterr().out
+    assert "overwrite" in capsys.readouterr().err
 
 
 def test_cli_config_file(tmp_path):
@@ -111,7 +111,7 @@ def test_cli_config_file(tmp_path):
 ])
 def test_cli_errors(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
-    assert message in capsys.readouterr().out.replace("\n", "")
+    assert message in capsys.readouterr().err.replace("\n", "")
     assert not (tmp_path / "x").exists()
 
 

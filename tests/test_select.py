@@ -39,7 +39,7 @@ def test_one_shot_report_and_per_layer_patterns():
     (dict(pattern="2:4", overrides={"encoder.layer.9.output": "2:4"}), "matches no Linear layer"),
     (dict(pattern="2:4", overrides={"query": "5:4"}), "layer 'query': N:M pattern 5:4"),
     (dict(pattern="2:4", overrides={"query": "2/4"}), "cannot parse"),
-    (dict(pattern="2:4", include=["attention"], exclude=["nothing_like_this"]), "exclude pattern"),
+    (dict(pattern="2:4", include=["attention"], exclude=["nothing_like_this"]), "exclude regex"),
     (dict(pattern="1:3"), "input size 32 is not divisible by M=3"),
 ])
 def test_bad_layer_configs(config, message):

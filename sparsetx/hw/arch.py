@@ -5,7 +5,6 @@ the rest are marked "assumed" with the reason, and are settings.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -108,20 +107,24 @@ def load_arch(kind: str, path: str | Path | None = None, **overrides):
     cls = ARCHS[kind]
     values = {}
     if path is not None:
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
+        import yaml
 
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
+        try:   # YAML reads JSON too
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid YAML/JSON ({str(err).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: an architecture file holds a mapping of parameters")
     values.update(overrides)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(map(str, values)) - set(known))
     if unknown:
         raise ValueError(f"{kind}: unknown parameter(s) {unknown}; known: {sorted(known)}")
+    for key, value in values.items():   # the type of the default: a string where a number goes is an error
+        want = type(known[key].default)
+        ok = isinstance(value, want) or (want is float and isinstance(value, int))
+        if not ok or isinstance(value, bool) != (want is bool):
+            raise ValueError(f"{kind}: parameter {key} = {value!r} should be a {want.__name__}")
     arch = cls(**values)
     arch.validate()
     return arch

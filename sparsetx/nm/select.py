@@ -52,10 +52,10 @@ def resolve_layers(model: nn.Module, pattern: NMPattern | str, include: list[str
                              f"(examples: {', '.join(linears[:4])})")
         return hits
 
-    names = sorted({n for r in include for n in matching(r, linears, "include pattern")}, key=linears.index) \
+    names = sorted({n for r in include for n in matching(r, linears, "include regex (--include)")}, key=linears.index) \
         if include else block_linears(model)
     for regex in exclude or []:
-        dropped = set(matching(regex, linears, "exclude pattern"))
+        dropped = set(matching(regex, linears, "exclude regex (--exclude)"))
         names = [n for n in names if n not in dropped]
     default = NMPattern.parse(pattern)
     chosen = {n: default for n in names}
@@ -63,8 +63,8 @@ def resolve_layers(model: nn.Module, pattern: NMPattern | str, include: list[str
         try:
             parsed = NMPattern.parse(pat)
         except ValueError as err:
-            raise ValueError(f"layer {regex!r}: {err}") from None
-        for n in matching(regex, linears, "layer"):
+            raise ValueError(f"--layer {regex!r}: {err}") from None
+        for n in matching(regex, linears, "layer regex (--layer)"):
             chosen[n] = parsed
     for name, pat in chosen.items():
         weight = model.get_submodule(name).weight
