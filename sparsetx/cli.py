@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from .atomic import out_lock
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)   # an error is one line, however long
@@ -772,7 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = _with_config_file(parser, argv)
-        args.fn(args)
+        out = getattr(args, "out", None)
+        primary = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 writes --out
+        with out_lock(out) if out and primary else contextlib.nullcontext():
+            args.fn(args)
     except SystemExit as done:   # argparse: --help, or a bad flag value (already printed, one line)
         return done.code if isinstance(done.code, int) else 2
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .data.sentiment import sentiment_splits
 from .evaluate import accuracy
-from .atomic import atomic_dir, recover_dir
+from .atomic import atomic_dir, atomic_path, recover_dir
 from .formats.folder import save_packed
 from .models import load_model, load_tokenizer, quiet_transformers
 from .nm.pattern import NMPattern
@@ -233,7 +233,8 @@ def run(spec: RunSpec, progress: bool = True) -> dict:
 
     step, history = 0, []
     ckpt = out / "checkpoint"
-    recover_dir(ckpt)   # a kill during a checkpoint write: back to the last whole one
+    for folder in [ckpt, *(out / f"candidate-{stage.name}" for stage in spec.stages)]:
+        recover_dir(folder)   # a kill during a write: back to the last whole folder, leftovers deleted
     if ckpt.exists():
         resume_stage = spec.stage_at(json.loads((ckpt / "trainer.json").read_text())["step"])
         for layer in srste_layers(model).values():  # masks and parents come with the state dict
@@ -242,7 +243,8 @@ def run(spec: RunSpec, progress: bool = True) -> dict:
         if rank == 0:
             console.print(f"resumed {out} at step {step}/{spec.total_steps}")
     if rank == 0:
-        (out / "run.json").write_text(json.dumps({**spec.to_dict(), "world_size": world}, indent=1))
+        with atomic_path(out / "run.json") as tmp:
+            tmp.write_text(json.dumps({**spec.to_dict(), "world_size": world}, indent=1))
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     model.train()
 
@@ -299,7 +301,8 @@ def run(spec: RunSpec, progress: bool = True) -> dict:
                     dist.barrier()
     result = {"run": spec.to_dict(), "world_size": world, "stages": history}
     if rank == 0:
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+        with atomic_path(out / "results.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

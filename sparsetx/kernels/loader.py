@@ -1,18 +1,22 @@
 """Build the C kernel once per machine (gcc, cached across processes) and load it with ctypes.
 
 The shared object lands in ``$SPARSETX_CACHE`` (default ``~/.cache/sparsetx/kernels``), named by a
-hash of the source and the flags; it is written to a temporary file and renamed into place, so
-concurrent first calls are safe. Without gcc, or if the build fails, :func:`library` returns None
-and sparsetx uses its pure-PyTorch path.
+hash of the source and the flags, with a ``.sha256`` of its bytes beside it. Builds hold an
+exclusive lock on the cache (two processes starting on an empty cache build once); the library is
+written to a temporary file and renamed into place. A cached file that does not match its
+checksum, or does not load (truncated, garbage), is rebuilt. Without gcc, or if the build fails,
+:func:`library` returns None with one warning, and sparsetx uses its pure-PyTorch path.
 """
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,6 +48,57 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPARSETX_CACHE", Path.home() / ".cache" / "sparsetx")) / "kernels"
 
 
+def _fallback(reason: str) -> None:
+    warnings.warn(f"sparsetx: the C kernels are not available ({reason}); using the PyTorch path "
+                  "(correct, slower)", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build(cc: str, flags: list[str], target: Path) -> str | None:
+    """Compile into ``target`` (with its checksum file); returns an error text, or None."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+        sums = Path(tmp + ".sha256")
+        sums.write_text(_digest(Path(tmp)))
+        os.replace(tmp, target)                      # the library first: a missing or stale
+        os.replace(sums, f"{target}.sha256")         # checksum only means one more rebuild
+        return None
+    except subprocess.CalledProcessError as err:
+        return f"gcc failed: {err.stderr.decode(errors='replace').strip().splitlines()[-1:]}"
+    except (subprocess.TimeoutExpired, OSError) as err:
+        return f"build failed: {err}"
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        Path(tmp + ".sha256").unlink(missing_ok=True)
+
+
+def _load(target: Path) -> ctypes.CDLL | None:
+    """The library at ``target`` with its signatures bound, or None if it is not whole."""
+    sums = Path(f"{target}.sha256")
+    try:
+        if not target.is_file() or not sums.is_file() or _digest(target) != sums.read_text().strip():
+            return None
+        lib = ctypes.CDLL(str(target))
+        i, i64, p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+        lib.nm_linear_tokens.argtypes = [p, i64, i, i, p, p, i, i, i, i, i, p, p, i]
+        lib.nm_linear_vector.argtypes = [p, p, p, i, i, i, i, i, p, p, i, i]
+        lib.has_f16c.argtypes, lib.has_f16c.restype = [], i
+        lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
+        lib.attention_fused.argtypes = [p, p, p, i, i, i, i, i, ctypes.c_float, p, p, p, p, i]
+        lib.attention_fused.restype = None
+        lib.topk_select.argtypes = [p, i, i, p, p]
+        lib.topk_select.restype = ctypes.c_int
+        return lib
+    except (OSError, AttributeError):   # not a loadable library, or an old one without a symbol
+        return None
+
+
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, or None when it cannot be built here (fallback: PyTorch)."""
@@ -51,31 +106,26 @@ def library() -> ctypes.CDLL | None:
         return None
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
-        return None
+        return _fallback(f"no C compiler {os.environ.get('CC', 'gcc')!r} on PATH")
     flags = compile_flags()
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / f"nm_cpu-{key}.so"
-    if not target.exists():
+    lib = _load(target)
+    if lib is not None:
+        return lib
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, target)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
-            Path(tmp).unlink(missing_ok=True)
-            return None
-    lib = ctypes.CDLL(str(target))
-    i, i64, p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
-    lib.nm_linear_tokens.argtypes = [p, i64, i, i, p, p, i, i, i, i, i, p, p, i]
-    lib.nm_linear_vector.argtypes = [p, p, p, i, i, i, i, i, p, p, i, i]
-    lib.has_f16c.argtypes, lib.has_f16c.restype = [], i
-    lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
-    lib.attention_fused.argtypes = [p, p, p, i, i, i, i, i, ctypes.c_float, p, p, p, p, i]
-    lib.attention_fused.restype = None
-    lib.topk_select.argtypes = [p, i, i, p, p]
-    lib.topk_select.restype = ctypes.c_int
-    return lib
+        with open(target.parent / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # one builder; the others wait, then load its result
+            lib = _load(target)
+            if lib is None:
+                error = _build(cc, flags, target)
+                if error:
+                    return _fallback(error)
+                lib = _load(target)
+    except OSError as err:
+        return _fallback(f"cache {target.parent}: {err}")
+    return lib if lib is not None else _fallback(f"{target} does not load after a fresh build")
 
 
 def ptr(t) -> ctypes.c_void_p | None:
