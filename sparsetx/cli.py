@@ -499,7 +499,8 @@ def cmd_sim_run(args):
 
     cfg = SimConfig(arch=args.arch, model=args.model, tokens=args.tokens, pattern=args.pattern,
                     token_keep=args.token_keep, head_keep=args.head_keep, value_keep=args.value_keep,
-                    trace=args.trace, stats=args.stats, arch_config=args.arch_config, measure=args.measure)
+                    trace=args.trace, semantics=args.semantics, stats=args.stats, arch_config=args.arch_config,
+                    measure=args.measure)
     with console.status("simulating"):
         result = run(cfg)
     _print_tables(report_tables(result))
@@ -702,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--head-keep", type=ratio, default=1.0)
     r.add_argument("--value-keep", type=ratio, default=1.0, help="local value pruning (spatten)")
     r.add_argument("--trace", type=existing_file, help="official SpAtten trace CSV (spatten)")
+    r.add_argument("--semantics", choices=("official", "paper"), default="official",
+                   help="how a trace is read: as the official RTL simulator does (default) or as the paper reads")
     r.add_argument("--stats", type=existing_file, help="stats JSON of a SpAtten runtime run, e.g. from generate --stats (spatten)")
     r.add_argument("--arch-config", type=existing_file, help="YAML/JSON file overriding architecture parameters")
     r.add_argument("--measure", action="store_true", help="also time the workload on this CPU")

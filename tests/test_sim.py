@@ -146,7 +146,7 @@ def test_runtime_stats_drive_the_simulator(tmp_path):
 
 @needs_traces
 def test_official_trace_counts():
-    work, config = work_from_trace(TRACE)
+    work, config = work_from_trace(TRACE, semantics="paper")
     assert len(work) == 32 * 12 * 12 and "gpt2" in config
     r = simulate_spatten(work)
     assert r["key_fetch_fraction"] == pytest.approx(0.276, abs=0.001)   # SEEDS.md [trace] 27.6 %
@@ -236,3 +236,96 @@ def test_measure_this_cpu_through_sparse_kernels():
     m = measure_cpu(shape, tokens=16, pattern="2:8", repeats=2)
     # 2 layers of hidden 64 at 16 tokens: a few hundred microseconds here, far below a second
     assert 1e-6 < m["seconds"] < 1.0 and m["pattern"] == "2:8" and m["tokens"] == 16
+
+
+# --- official trace semantics (the RTL simulator's reading of a row) ----------------------------
+
+HEADER = ("iteration_id,layer_id,head_id,embedding_length_D,sentence_length_L,key_fetch_num,quant_key_bit,"
+          "quant_query_bit,auto_requant_thres,if_requant,auto_requant_incre,value_fetch_num,quant_value_bit,"
+          "if_accumulate_importance,if_rescale_previous_importance,if_topk,topk")
+
+
+def test_official_semantics_of_one_row_by_hand(tmp_path):
+    from sparsetx.hw.spatten import official_arch
+
+    csv = tmp_path / "t.csv"
+    csv.write_text(HEADER + "\n"
+                   "0,0,0,64.0,993,500,12,16,0.05,False,-1,300,12,True,False,True,700\n"    # 12-bit K: forced refetch
+                   "1,0,0,64.0,994,993,6,16,0.05,True,4,204,6,True,False,False,-1\n")     # 6-bit K, flat row
+    work, _ = work_from_trace(csv)
+    a, b = work
+    # every row is one query, iteration 0 included; counts round up to multiples of 8; Q is not fetched
+    assert (a.queries, a.keys, a.values, a.key_bits, a.lsb_bits, a.requant, a.value_bits) == (1, 504, 304, 8, 4, True, 8)
+    assert (b.queries, b.keys, b.values, b.key_bits, b.lsb_bits, b.requant, b.value_bits) == (1, 1000, 208, 6, 4, True, 6)
+    assert a.token_topk is None                      # the RTL never simulates the token top-k columns
+    assert a.topk_stream == 38 and b.topk_stream == 13   # ceil(304 / 8); ceil(208 / 8) / 2 (paired 6-bit heads)
+    assert a.dram_bytes() == {"q": 0.0, "k_msb": 504 * 64, "k_lsb": 504 * 64 / 2, "v": 304 * 64}
+    assert b.dram_bytes() == {"q": 0.0, "k_msb": 1000 * 64 * 6 / 8, "k_lsb": 1000 * 64 / 2, "v": 208 * 64 * 6 / 8}
+    arch = official_arch(SpAttenArch())
+    assert arch.softmax_latency == 0 and arch.softmax_rate == 8
+    r = simulate_spatten([a], arch)
+    # Q x K: 512 multipliers / D = 64 -> 8 keys a cycle: 504 / 8 = 63 cycles, again for the recompute
+    assert r["cycles_by_op"]["qk"] == 63 and r["cycles_by_op"]["qk_requant"] == 63
+    assert r["cycles_by_op"]["softmax"] == 63 and r["macs"]["qk"] == 2 * 504 * 64
+    # the paper semantics read the same row as the 993-token prompt pass, Q fetched
+    (p, _) = work_from_trace(csv, semantics="paper")[0]
+    assert p.queries == 993 and p.keys == 500 and p.dram_bytes()["q"] == 993 * 64 * 2
+
+
+def test_softmax_scales_with_the_multipliers():
+    assert SpAttenArch(qk_multipliers=1024, pv_multipliers=1024).softmax_rate == 16
+    assert SpAttenArch(softmax_per_cycle=4).softmax_rate == 4
+    w = [HeadWork(0, 0, h, 64, 1024, 64, 1024, 1024, 8, 8, 0, False, 0) for h in range(16)]   # 64 queries: compute-bound
+    one, two = simulate_spatten(w, SpAttenArch()), simulate_spatten(w, SpAttenArch(qk_multipliers=1024, pv_multipliers=1024,
+                                                                                   dram_bytes_per_cycle=1024))
+    assert one["cycles"] / two["cycles"] > 1.9   # compute-bound rows: doubling the array doubles the speed
+
+
+@needs_traces
+@pytest.mark.parametrize("name", ["summary-gpt2-small-wikitext2-per8.csv",
+                                  "summary-gpt2-medium-wikitext2-per0-hp-step5+dedic+glob_p+local_p+hp+topk+quant.csv"])
+def test_official_traces_bytes_by_the_rules(name):
+    """DRAM bytes of a whole official trace in official semantics, recomputed here from the CSV by
+    the rules (an independent reading), and Q x K MACs of one query a row."""
+    import csv as csvmod
+
+    path = SHARED / "spatten-traces" / name
+    expect = {"k_msb": 0.0, "k_lsb": 0.0, "v": 0.0}
+    macs = 0
+    with open(path) as f:
+        for row in csvmod.DictReader(f):
+            if not row["iteration_id"].isdigit():
+                continue
+            kb, vb = int(row["quant_key_bit"]), int(row["quant_value_bit"])
+            keys = -(-int(row["key_fetch_num"]) // 8) * 8
+            values = -(-int(row["value_fetch_num"]) // 8) * 8
+            forced = kb in (-1, 10, 12)
+            refetch = forced or row["if_requant"] == "True"
+            expect["k_msb"] += keys * 64 * (8 if forced else kb) / 8
+            expect["k_lsb"] += keys * 64 * (4 if forced else max(int(row["auto_requant_incre"]), 0)) / 8 if refetch else 0
+            expect["v"] += values * 64 * (8 if vb in (-1, 10, 12) else vb) / 8
+            macs += keys * 64 * (2 if refetch else 1)
+    work, _ = work_from_trace(path)
+    r = simulate_spatten(work, __import__("sparsetx.hw.spatten", fromlist=["official_arch"]).official_arch(SpAttenArch()))
+    assert r["dram_bytes"]["q"] == 0
+    for k, v in expect.items():
+        assert r["dram_bytes"][k] == pytest.approx(v, rel=1e-12), k
+    assert r["macs"]["qk"] == macs
+    assert {w.queries for w in work} == {1}
+    paper = simulate_spatten(work_from_trace(path, semantics="paper")[0])
+    assert paper["cycles"] > 5 * r["cycles"]   # the paper reading adds a 993-token prompt pass at iteration 0
+
+
+def test_cli_trace_semantics(tmp_path, capsys):
+    csv = tmp_path / "t.csv"
+    csv.write_text(HEADER + "\n" + "\n".join(
+        f"{it},0,{h},64.0,{993 + it},993,12,16,0.05,False,-1,400,12,True,False,False,-1" for it in range(2) for h in range(2)))
+    out = {}
+    for sem in ("official", "paper"):
+        assert main(["sim", "run", "--arch", "spatten", "--trace", str(csv), "--semantics", sem,
+                     "--json", str(tmp_path / f"{sem}.json")]) == 0
+        out[sem] = json.loads((tmp_path / f"{sem}.json").read_text())
+    assert out["official"]["config"]["semantics"] == "official"
+    assert out["official"]["arch_params"]["softmax_latency"] == 0 and out["paper"]["arch_params"]["softmax_latency"] == 87
+    assert out["paper"]["cycles"] > 10 * out["official"]["cycles"]
+    assert main(["sim", "run", "--arch", "spatten", "--trace", str(csv), "--semantics", "rtl"]) == 2

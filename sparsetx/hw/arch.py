@@ -24,7 +24,7 @@ class SpAttenArch:
     topk_comparators: int = 16            # P of the top-k engine (no gain beyond 16, per the paper)
     topk_pipeline: int = 3                # cycles of pipeline per quick-select round
     softmax_latency: int = 87             # 7 + 21 + 23 + 29 + 7 pipeline stages (behavioural model)
-    softmax_per_cycle: int = 8            # assumed: matches Q x K's 8 scores a cycle at D = 64
+    softmax_per_cycle: int = 0            # 0: one score a cycle per 64 Q x K multipliers (the RTL: 8 at 512)
     kv_buffer_bytes: int = 196 * 1024     # each of K and V: 1024 tokens x 64 x 12 bits, double-buffered
     datapath_bits: int = 12               # fixed-point datapath (unquantized K/V are fetched at this width)
     query_bits: int = 16
@@ -32,12 +32,20 @@ class SpAttenArch:
 
     def validate(self) -> None:
         _positive(self, ("clock_ghz", "dram_bytes_per_cycle", "qk_multipliers", "pv_multipliers",
-                         "topk_comparators", "softmax_per_cycle", "kv_buffer_bytes", "datapath_bits", "max_context"))
+                         "topk_comparators", "kv_buffer_bytes", "datapath_bits", "max_context"))
+        if self.softmax_per_cycle < 0:
+            raise ValueError(f"{self.name}: softmax_per_cycle must be >= 0 (0: derived), got {self.softmax_per_cycle}")
         _dram(self.dram)
         one_tile = 2 * 64 * self.datapath_bits // 8  # double-buffered: at least one 64-wide key row each
         if self.kv_buffer_bytes < one_tile:
             raise ValueError(f"spatten: kv_buffer_bytes {self.kv_buffer_bytes} is smaller than one "
                              f"double-buffered key row ({one_tile} bytes)")
+
+    @property
+    def softmax_rate(self) -> int:
+        """Scores the softmax takes a cycle: as set, or one per 64 Q x K multipliers (its units
+        scale with the array in the RTL, so doubling the multipliers doubles it)."""
+        return self.softmax_per_cycle or max(1, self.qk_multipliers // 64)
 
     @classmethod
     def eighth(cls) -> SpAttenArch:

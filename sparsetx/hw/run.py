@@ -12,7 +12,7 @@ from ..attention.encoder import SpAttenConfig
 from ..attention.importance import keep_schedule
 from .arch import load_arch
 from .baselines import PLATFORMS, measure_cpu, roofline_seconds
-from .spatten import HeadWork, simulate_spatten, work_from_shape, work_from_stats, work_from_trace
+from .spatten import HeadWork, official_arch, simulate_spatten, work_from_shape, work_from_stats, work_from_trace
 from .sta import simulate_sta, sta_workload
 from .workload import ModelShape, Op
 
@@ -32,6 +32,7 @@ class SimConfig:
     value_keep: float = 1.0            # local value pruning (SpAtten)
     start: float = TOKEN_START         # fraction of layers before token pruning begins (SEEDS.md ~15 %)
     trace: str | None = None           # official SpAtten CSV (SpAtten only)
+    semantics: str = "official"        # how a trace is read: "official" (the RTL's) or "paper" (spatten.py)
     stats: str | None = None           # our runtime's stats JSON (SpAtten only)
     arch_config: str | None = None     # YAML/JSON overrides of the architecture
     measure: bool = False              # time the same workload on this CPU (sparsetx runtime)
@@ -80,7 +81,8 @@ def run(cfg: SimConfig) -> dict:
         if cfg.trace and cfg.stats:
             raise ValueError("give --trace or --stats, not both")
         if cfg.trace:
-            work, _ = work_from_trace(cfg.trace, arch)
+            work, _ = work_from_trace(cfg.trace, arch, cfg.semantics)
+            arch = official_arch(arch) if cfg.semantics == "official" else arch
             shape = None
         elif cfg.stats:
             work, shape = work_from_stats(cfg.stats, arch), None

@@ -9,12 +9,30 @@ are double-buffered, so the next head's fetch overlaps this head's compute.
 
 Workloads are rows in the official trace format (one per step, layer, head), read from
 spatten-traces/ or built from a model config plus keep ratios (encoders) or from our runtime's stats.
+
+A trace is read in one of two semantics (``work_from_trace(..., semantics=)``, CLI ``--semantics``):
+
+* ``official`` (the default): what the official simulator does with a row (mit-han-lab/spatten:
+  TestSpAtten.scala, MatrixFetcher.scala, TopKLatencyModel.scala). Every row is ONE query (the
+  traces are generation steps after the prompt, iteration 0 included); keys stored at -1 (fp), 10
+  or 12 bits are fetched as 8 MSBs plus a forced 4-bit LSB refetch with a Q x K recompute, values
+  at those widths as 8 bits; other widths use their own fetch format (4, 6 or 8 bits; two 6-bit
+  heads share one request); key and value counts round up to multiples of 8; the query is not
+  fetched from DRAM; a top-k pays its quick-select rounds plus ceil(k / 8) cycles to stream the
+  result (once per pair of 6-bit heads); the cascade token top-k columns are not simulated; the
+  softmax is the RTL's 0-latency placeholder.
+* ``paper``: our reading of the paper: iteration 0 is the prompt pass (L queries), the trace's
+  widths and counts as written, the query fetched, the token top-k simulated, and the softmax's
+  87-cycle pipeline of the behavioural model.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
+
+SEMANTICS = ("official", "paper")
+FORCED_REFETCH_BITS = (-1, 10, 12)   # official: key widths fetched as 8 MSBs + a forced 4-bit LSB refetch
 
 from ..attention.trace import TraceRow, read_spatten_csv, read_stats
 from .arch import SpAttenArch
@@ -42,9 +60,14 @@ class HeadWork:
     lsb_bits: int
     token_topk: int | None = None   # cascade token pruning's k, on the head that carries it
     topk_n: int = 0                 # ... and its candidates (the tokens alive before this layer)
+    topk_stream: float = 0.0        # cycles to stream a top-k's result out (official semantics)
 
     @classmethod
-    def from_trace(cls, row: TraceRow, arch: SpAttenArch) -> HeadWork:
+    def from_trace(cls, row: TraceRow, arch: SpAttenArch, semantics: str = "official") -> HeadWork:
+        if semantics not in SEMANTICS:
+            raise ValueError(f"unknown trace semantics {semantics!r}; valid: {', '.join(SEMANTICS)}")
+        if semantics == "official":
+            return cls._official(row)
         bits = lambda b: arch.datapath_bits if b < 0 else b  # noqa: E731  (-1 = unquantized)
         # Step 0 of generation processes the whole prompt (SpAtten's summarization stage); later
         # steps one new token. Assumed from the traces' layout; SEEDS.md does not say.
@@ -53,6 +76,21 @@ class HeadWork:
                    queries, row.key_fetch_num, row.value_fetch_num, bits(row.quant_key_bit), bits(row.quant_value_bit),
                    bits(row.quant_query_bit) if row.quant_query_bit > 0 else arch.query_bits, row.if_requant,
                    max(row.auto_requant_incre, 0), row.topk if row.if_topk and row.topk > 0 else None)
+
+    @classmethod
+    def _official(cls, row: TraceRow) -> HeadWork:
+        """One row as the official simulator runs it (module docstring, ``official``)."""
+        up8 = lambda n: -(-int(n) // 8) * 8  # noqa: E731  (MatrixFetcher fetches rows in groups of 8)
+        if row.quant_key_bit in FORCED_REFETCH_BITS:
+            key_bits, requant, lsb = 8, True, 4
+        else:
+            key_bits, requant, lsb = row.quant_key_bit, row.if_requant, max(row.auto_requant_incre, 0)
+        value_bits = 8 if row.quant_value_bit in FORCED_REFETCH_BITS else row.quant_value_bit
+        keys, values = up8(row.key_fetch_num), up8(row.value_fetch_num)
+        # a top-k streams its k winners out 8 a cycle; two 6-bit heads share one request and one stream
+        stream = math.ceil(values / 8) * (0.5 if key_bits == 6 else 1.0) if values < keys else 0.0
+        return cls(row.iteration_id, row.layer_id, row.head_id, int(row.embedding_length_D), row.sentence_length_L,
+                   1, keys, values, key_bits, value_bits, 0, bool(requant), lsb, None, 0, stream)
 
     # --- counts (level 1 of validation: exact) -------------------------------------------------
     @property
@@ -107,7 +145,7 @@ def head_jobs(work: list[HeadWork], arch: SpAttenArch) -> list[list[Stage]]:
     for w in work:
         b = w.dram_bytes()
         qk = math.ceil(w.queries * w.keys * w.head_dim / arch.qk_multipliers)
-        sm = math.ceil(w.queries * w.keys / arch.softmax_per_cycle)
+        sm = math.ceil(w.queries * w.keys / arch.softmax_rate)
         redo = w.requant
         # Local value pruning: one top-k a head over its keys' probabilities (summed over the
         # queries when there are several), choosing the V rows to fetch (assumed: the trace's
@@ -115,6 +153,7 @@ def head_jobs(work: list[HeadWork], arch: SpAttenArch) -> list[list[Stage]]:
         vt = topk_cycles(w.keys, w.values, arch.topk_comparators, arch.topk_pipeline) if w.values < w.keys else 0.0
         tt = topk_cycles(w.topk_n, w.token_topk, arch.topk_comparators, arch.topk_pipeline) \
             if w.token_topk else 0.0
+        vt += w.topk_stream
         jobs.append([
             Stage("dram", (b["q"] + b["k_msb"]) / bw, "fetch_k"),
             Stage("qk", qk, "qk"),
@@ -129,6 +168,12 @@ def head_jobs(work: list[HeadWork], arch: SpAttenArch) -> list[list[Stage]]:
     buffer_deps(jobs, fetch=0, frees=4)   # K buffer: free once this head's Q x K (incl. recompute) is done
     buffer_deps(jobs, fetch=7, frees=8)   # V buffer: free after P x V
     return jobs
+
+
+def official_arch(arch: SpAttenArch) -> SpAttenArch:
+    """The architecture as the official RTL simulates it: the softmax is a 0-latency placeholder
+    (our 87-cycle pipeline comes from the behavioural model, the paper semantics)."""
+    return replace(arch, softmax_latency=0)
 
 
 def simulate_spatten(work: list[HeadWork], arch: SpAttenArch | None = None) -> dict:
@@ -195,10 +240,15 @@ def _generation(work: list[HeadWork], sched, arch: SpAttenArch) -> dict | None:
 
 # --- workloads ---------------------------------------------------------------------------------
 
-def work_from_trace(path, arch: SpAttenArch | None = None) -> tuple[list[HeadWork], str | None]:
+def work_from_trace(path, arch: SpAttenArch | None = None,
+                    semantics: str = "official") -> tuple[list[HeadWork], str | None]:
+    """An official trace's rows as head work, read in ``semantics`` (module docstring). Official
+    semantics come with :func:`official_arch` (the RTL's 0-latency softmax)."""
     arch = arch or SpAttenArch()
     rows, config = read_spatten_csv(path)
-    work = [HeadWork.from_trace(r, arch) for r in rows]
+    work = [HeadWork.from_trace(r, arch, semantics) for r in rows]
+    if semantics == "official":
+        return work, config
     # a layer's token top-k ranks the tokens the previous layer kept (the whole sequence at layer 0)
     alive = {(w.step, w.layer): w.keys for w in work}
     work = [replace(w, topk_n=alive.get((w.step, w.layer - 1), w.length)) if w.token_topk else w for w in work]

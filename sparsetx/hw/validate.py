@@ -53,7 +53,7 @@ def reproduce(progress=None) -> list[dict]:
     else:
         for name, file in TRACES.items():
             tick(f"SpAtten on the {name} trace")
-            work, _ = work_from_trace(tdir / file, sp)
+            work, _ = work_from_trace(tdir / file, sp, "paper")   # the figures below read the trace as the paper does
             runs[name] = (work, simulate_spatten(work, sp), simulate_spatten(_unquantized(work), sp))
         small = runs["gpt2-small"][1]
         ours["spatten.key_fetch_fraction"] = (small["key_fetch_fraction"], "GPT-2 small trace, summed over steps and layers")
