@@ -11,10 +11,13 @@ group of M enters as M / lanes sub-groups with identity indices, so utilisation 
 modes.
 
 Memory: weights stream from DRAM in row blocks (pe_rows output features x K, packed: values plus
-ceil(log2 M)-bit indices), double-buffered against compute; activations stay on chip when a
-layer's fit in the activation buffer, else they stream in per row block and out per tile.
+ceil(log2 M)-bit indices), double-buffered against compute. A linear layer's activations
+(:func:`linear_plan`) stay on chip when its input and output fit the activation buffer; otherwise
+the tokens are tiled so that one tile's input and one row block's output fit, and of the two loop
+orders (token tiles outside, the weights streamed once per tile; or row blocks outside, the input
+re-streamed once per block) the one that moves fewer bytes is taken.
 Attention runs per head: Q K^T tiles feed the softmax unit; with ``onchip_softmax=False`` the scores
-are written to DRAM and read back (the baseline STA avoids).
+are written to DRAM and read back (the baseline STA avoids), and P x V waits for them to return.
 """
 from __future__ import annotations
 
@@ -62,9 +65,43 @@ def dense_cycles(op: Op, arch: STAArch) -> int:
     return math.ceil(op.n / arch.pe_rows) * math.ceil(op.m / arch.pe_cols) * tile_cycles(arch, op.k, 1, 1)
 
 
-def op_jobs(op: Op, arch: STAArch, act_resident: bool) -> list[list[Stage]]:
-    """Jobs for one operation: weight row blocks (linear layers) or heads (attention)."""
+def linear_plan(op: Op, arch: STAArch) -> tuple[str, int]:
+    """How a linear op's activations move, and the token tile: ("resident", T) when its input and
+    output (T x (K + O)) fit the activation buffer; else tiles of Tt tokens, a multiple of pe_cols,
+    such that a tile's input and one row block's output (Tt x (K + pe_rows)) fit, in the cheaper
+    loop order: "tokens-outer" (weights streamed once per tile, activations once) or
+    "weights-outer" (weights once, the input re-streamed once per row block)."""
     vb = arch.value_bits / 8
+    if op.m * (op.k + op.n) * vb <= arch.act_buffer_bytes:
+        return "resident", op.m
+    fit = int(arch.act_buffer_bytes // ((op.k + arch.pe_rows) * vb))
+    tile = min(op.m, max(arch.pe_cols, fit // arch.pe_cols * arch.pe_cols))
+    if tile * (op.k + arch.pe_rows) * vb > arch.act_buffer_bytes:
+        raise ValueError(f"sta: {op.name}: not even {arch.pe_cols} tokens of a {op.k}-wide input fit the "
+                         f"activation buffer ({arch.act_buffer_bytes} bytes)")
+    d = linear_dram(op, arch, ("tokens-outer", tile)), linear_dram(op, arch, ("weights-outer", tile))
+    return ("tokens-outer", tile) if sum(d[0].values()) <= sum(d[1].values()) else ("weights-outer", tile)
+
+
+def linear_dram(op: Op, arch: STAArch, plan: tuple[str, int]) -> dict[str, float]:
+    """DRAM bytes (weights, activations) of a linear op under ``plan`` (see :func:`linear_plan`)."""
+    n, m, bits = weight_format(op, arch)
+    vb = arch.value_bits / 8
+    weights = op.n * op.k * n / m * bits / 8
+    mode, tile = plan
+    if mode == "resident":
+        return {"weights": weights, "activations": 0.0}
+    x, y = op.m * op.k * vb, op.m * op.n * vb
+    if mode == "tokens-outer":
+        return {"weights": math.ceil(op.m / tile) * weights, "activations": x + y}
+    return {"weights": weights, "activations": math.ceil(op.n / arch.pe_rows) * x + y}
+
+
+def op_jobs(op: Op, arch: STAArch) -> list[list[Stage]]:
+    """Jobs for one operation: weight row blocks (linear layers, per token tile when tiled) or
+    heads (attention)."""
+    vb = arch.value_bits / 8
+    bw = arch.dram_bytes_per_cycle
     if op.kind == "sparse_dense":
         n, m, bits = weight_format(op, arch)
         arch.check_pattern(n, m)
@@ -73,13 +110,23 @@ def op_jobs(op: Op, arch: STAArch, act_resident: bool) -> list[list[Stage]]:
         if block_bytes > arch.weight_buffer_bytes / 2:
             raise ValueError(f"sta: a weight row block of {op.name} ({block_bytes:.0f} bytes) does not fit half "
                              f"the weight buffer ({arch.weight_buffer_bytes} bytes, double-buffered)")
-        col_tiles = math.ceil(op.m / arch.pe_cols)
         per_tile = tile_cycles(arch, op.k, n, m)
-        act_in = 0.0 if act_resident else op.m * op.k * vb       # re-streamed per row block
-        act_out = 0.0 if act_resident else arch.pe_rows * op.m * vb
-        jobs = [[Stage("dram", (block_bytes + act_in) / arch.dram_bytes_per_cycle, "fetch_w"),
-                 Stage("engine", col_tiles * per_tile, op.name),
-                 Stage("dram", act_out / arch.dram_bytes_per_cycle, "write_act")] for _ in range(blocks)]
+        mode, tile = linear_plan(op, arch)
+        jobs = []
+        if mode == "weights-outer":   # the whole input re-streamed with every row block
+            for _ in range(blocks):
+                jobs.append([Stage("dram", (block_bytes + op.m * op.k * vb) / bw, "fetch_w"),
+                             Stage("engine", math.ceil(op.m / arch.pe_cols) * per_tile, op.name),
+                             Stage("dram", arch.pe_rows * op.m * vb / bw, "write_act")])
+            return jobs
+        for start in range(0, op.m, tile):   # resident: one tile of all the tokens
+            t = min(tile, op.m - start)
+            for b in range(blocks):
+                act_in = t * op.k * vb if mode == "tokens-outer" and b == 0 else 0.0
+                act_out = arch.pe_rows * t * vb if mode == "tokens-outer" else 0.0
+                jobs.append([Stage("dram", (block_bytes + act_in) / bw, "fetch_w"),
+                             Stage("engine", math.ceil(t / arch.pe_cols) * per_tile, op.name),
+                             Stage("dram", act_out / bw, "write_act")])
         return jobs  # the weight buffer's double buffering spans operations: simulate_sta adds it
     if op.name == "qk":   # per head: Q (T x d) x K^T; scores stream into the softmax unit
         spill = 0.0 if arch.onchip_softmax else op.m * op.n * vb / arch.dram_bytes_per_cycle  # each way
@@ -103,11 +150,10 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None) -> dict:
     jobs: list[list[Stage]] = []
     owner: list[Op] = []
     last_compute: tuple[int, int] | None = None
-    widest = max((max(o.k, o.n) for o in ops if o.kind == "sparse_dense"), default=0)
-    tokens = max(o.m for o in ops)
-    act_resident = 2 * tokens * widest * arch.value_bits / 8 <= arch.act_buffer_bytes  # input + output
+    plans = {id(op): linear_plan(op, arch) for op in ops if op.kind == "sparse_dense"}
+    scores: list[tuple[int, int]] = []
     for op in ops:
-        new = op_jobs(op, arch, act_resident)
+        new = op_jobs(op, arch)
         if not new:
             continue
         first = len(jobs)
@@ -115,11 +161,20 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None) -> dict:
             for st in job:
                 st.after = [(j + first, s) for j, s in st.after]
         compute_stage = 1 if op.kind == "sparse_dense" else 0
-        if last_compute is not None:          # data dependency: an op starts after the previous one
-            new[0][compute_stage].after.append(last_compute)
+        # P x V of a head waits for that head's probabilities: on chip, its softmax stage; off
+        # chip, the scores' return trip from DRAM (the cost the scalable softmax avoids)
+        probs = 2 if arch.onchip_softmax else 3
+        if op.name == "pv" and len(scores) == len(new):
+            for head, job in enumerate(new):
+                job[0].after.append(scores[head])
+        elif last_compute is not None:        # data dependency: every job of an op waits for the previous op
+            for job in new:
+                job[compute_stage].after.append(last_compute)
         jobs += new
         owner += [op] * len(new)
-        last_compute = (first + len(new) - 1, compute_stage if op.name != "qk" else 2)
+        if op.name == "qk":
+            scores = [(first + h, probs) for h in range(len(new))]
+        last_compute = (first + len(new) - 1, compute_stage if op.name != "qk" else probs)
     # One weight buffer, double-buffered across the whole run: the k-th row block's fetch waits
     # until the (k-2)-th block's compute has freed its half.
     weight_jobs = [j for j, op in enumerate(owner) if op.kind == "sparse_dense"]
@@ -139,9 +194,8 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None) -> dict:
         if op.kind == "sparse_dense":
             n, m, bits = weight_format(op, arch)
             dens = n / m
-            dram["weights"] += op.n * op.k * dens * bits / 8
-            if not act_resident:
-                dram["activations"] += math.ceil(op.n / arch.pe_rows) * op.m * op.k * vb + op.m * op.n * vb
+            for key, value in linear_dram(op, arch, plans[id(op)]).items():
+                dram[key] += value
             macs["sparse_dense"] += op.macs
             sram = [a + b for a, b in zip(sram, buffer_reads(op.macs, 1 / dens, bits / 8, vb, arch))]
         elif op.kind == "dense_dense":
@@ -166,7 +220,10 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None) -> dict:
         "utilisation": {u: sched.utilisation(u) for u in ("dram", "engine", "softmax")},
         "engine_mac_utilisation": (macs["sparse_dense"] + macs["dense_dense"]) / (sched.makespan * peak)
         if sched.makespan else 0.0,
-        "dram_bytes": dram, "dram_bytes_total": dram_total, "activations_on_chip": act_resident,
+        "dram_bytes": dram, "dram_bytes_total": dram_total,
+        "activations_on_chip": all(mode == "resident" for mode, _ in plans.values()),
+        "activation_plans": {mode: sum(m == mode for m, _ in plans.values())
+                             for mode in ("resident", "tokens-outer", "weights-outer")},
         "macs": macs, "dense_equivalent_macs": sum(o.m * o.k * o.n * o.count for o in ops if o.kind != "softmax"),
         "sram_bytes": {"activations": sram[0], "weights": sram[1]}, "energy_pj": energy, "energy_j": sum(energy.values()) * 1e-12,
         "layer_cycles": span_by(sched, [op.layer for op in owner]),
