@@ -49,10 +49,11 @@ def test_spatten_one_head_by_hand():
     arch = SpAttenArch()
     w = HeadWork(0, 0, 0, 64, 128, 1, 128, 128, 12, 12, 16, False, 0)
     r = simulate_spatten([w], arch)
-    # fetch Q (64 x 16 bits = 128 B) + K (128 x 64 x 12 bits = 12288 B) at 512 B/cycle = 24.25;
-    # Q x K ceil(128 * 64 / 512) = 16; softmax ceil(128 / 8) = 16 + 87 latency; no refetch, no top-k;
-    # fetch V 12288 / 512 = 24; P x V 16
-    assert r["cycles"] == pytest.approx(24.25 + 16 + 16 + 87 + 24 + 16)
+    # DRAM: 16 channels x min(15.1, 16 x 32 B / 40) = 204.8 B/cycle, 40 cycles of latency.
+    # fetch Q (64 x 16 bits = 128 B: 4 bursts) + K (128 rows of 96 B: 3 bursts each) = 388 x 32 B
+    # / 204.8 = 60.625 + 40; Q x K ceil(128 * 64 / 512) = 16; softmax ceil(128 / 8) = 16 + 87 latency;
+    # no refetch, no top-k; fetch V 384 bursts: 60 + 40; P x V 16
+    assert r["cycles"] == pytest.approx(60.625 + 40 + 16 + 16 + 87 + 60 + 40 + 16)
     assert r["dram_bytes"] == {"q": 128, "k_msb": 12288, "k_lsb": 0, "v": 12288}
     assert r["macs"] == {"qk": 128 * 64, "pv": 128 * 64}
     # progressive quantization: 6 MSB bits first, 4 LSB bits refetched, Q x K and softmax recomputed
@@ -277,7 +278,7 @@ def test_softmax_scales_with_the_multipliers():
     assert SpAttenArch(softmax_per_cycle=4).softmax_rate == 4
     w = [HeadWork(0, 0, h, 64, 1024, 64, 1024, 1024, 8, 8, 0, False, 0) for h in range(16)]   # 64 queries: compute-bound
     one, two = simulate_spatten(w, SpAttenArch()), simulate_spatten(w, SpAttenArch(qk_multipliers=1024, pv_multipliers=1024,
-                                                                                   dram_bytes_per_cycle=1024))
+                                                                                   dram_channels=32))
     assert one["cycles"] / two["cycles"] > 1.9   # compute-bound rows: doubling the array doubles the speed
 
 
@@ -372,3 +373,32 @@ def test_off_chip_softmax_pays_its_round_trip_by_hand():
     # off chip: 64 x 64 fp16 scores = 8 KB out and back at 96 B a cycle, on the path to P x V
     assert off["cycles"] == pytest.approx(on["cycles"] + 2 * 64 * 64 * 2 / 96)
     assert off["dram_bytes"]["scores"] == 2 * 64 * 64 * 2 and on["dram_bytes"]["scores"] == 0
+
+
+# --- DRAM by transactions ----------------------------------------------------------------------------
+
+def test_dram_transaction_model_calibration_by_hand():
+    from sparsetx.hw.dram import DRAM
+
+    hbm = SpAttenArch().dram_model
+    assert hbm.channel_rate == pytest.approx(12.8)               # 16 pending x 32 B / 40 cycles < 15.1
+    assert SpAttenArch().dram_bytes_per_cycle == pytest.approx(204.8)     # Ramulator2: ~205-220 B/cycle
+    assert SpAttenArch.eighth().dram_bytes_per_cycle == pytest.approx(25.6)   # 2 channels: ~26 measured
+    assert DRAM(16, max_inflight=1000).sustained_bytes_per_cycle == pytest.approx(16 * 15.1)
+    # granularity: 8-bit rows of 64 values are 2 bursts; 12-bit rows 96 B = 3; 6-bit rows pack two heads
+    assert hbm.bursts(10, 64) == 20 and hbm.bursts(10, 96) == 30 and hbm.bursts(10, 48, packed=True) == 15
+    assert hbm.bursts(10, 40) == 20                               # 40 B rows waste 24 B each
+    # a small fetch reaches few channels: 3 bursts use 3 channels, 96 B / (3 x 12.8)
+    assert hbm.fetch(3) == (pytest.approx(96 / 38.4), 40.0)
+    assert hbm.fetch(0) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="channels must be positive"):
+        DRAM(0)
+
+
+def test_kv_buffer_constrains_timing_and_saturates():
+    # 64 generation-step heads of 1024 12-bit keys (96 KB each with their LSBs) and 8-bit values
+    work = [HeadWork(0, h // 16, h % 16, 64, 1024, 1, 1024, 512, 8, 8, 0, True, 4) for h in range(64)]
+    cycles = {kb: simulate_spatten(work, SpAttenArch(kv_buffer_bytes=kb * 1024))["cycles"] for kb in (48, 96, 196, 392)}
+    assert cycles[48] > 1.2 * cycles[196]          # one head at a time: fetch and compute cannot overlap
+    assert cycles[392] > 0.97 * cycles[196]        # two heads in flight already hide the fetches: saturated
+    assert cycles[48] == cycles[96]                # a 96 KB head needs the whole buffer either way

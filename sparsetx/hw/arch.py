@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .dram import DRAM
 from .energy import DRAM_PJ_PER_BIT
 
 
@@ -17,7 +18,11 @@ class SpAttenArch:
 
     name: str = "spatten"
     clock_ghz: float = 1.0                # RTL CLOCK_PERIOD 1000 ps
-    dram_bytes_per_cycle: int = 512       # 16 HBM2 channels x 32 B a cycle = 512 GB/s
+    dram_channels: int = 16               # HBM2, as the official Ramulator2 configuration
+    dram_channel_bytes_per_cycle: float = 15.1   # Ramulator2 on SpAtten's gather pattern, unlimited pending requests
+    dram_latency: int = 40                # calibrated: 16 pending 32-B requests / 40 cycles = 12.8 B/cycle a
+                                          # channel, the ~13 measured with the official fetcher (205 B/cycle in all)
+    dram_max_inflight: int = 16           # MatrixFetcher: 16 pending 32-B requests per channel
     dram: str = "hbm2"
     qk_multipliers: int = 512             # Q x K module: 8 query-key dot products a cycle at D = 64
     pv_multipliers: int = 512             # P x V module
@@ -31,7 +36,8 @@ class SpAttenArch:
     max_context: int = 1024
 
     def validate(self) -> None:
-        _positive(self, ("clock_ghz", "dram_bytes_per_cycle", "qk_multipliers", "pv_multipliers",
+        _positive(self, ("clock_ghz", "dram_channels", "dram_channel_bytes_per_cycle", "dram_latency",
+                         "dram_max_inflight", "qk_multipliers", "pv_multipliers",
                          "topk_comparators", "kv_buffer_bytes", "datapath_bits", "max_context"))
         if self.softmax_per_cycle < 0:
             raise ValueError(f"{self.name}: softmax_per_cycle must be >= 0 (0: derived), got {self.softmax_per_cycle}")
@@ -42,6 +48,15 @@ class SpAttenArch:
                              f"double-buffered key row ({one_tile} bytes)")
 
     @property
+    def dram_model(self) -> DRAM:
+        return DRAM(self.dram_channels, self.dram_channel_bytes_per_cycle, self.dram_latency, self.dram_max_inflight)
+
+    @property
+    def dram_bytes_per_cycle(self) -> float:
+        """Sustained DRAM bandwidth of the transaction model (about 205 B/cycle for 16 channels)."""
+        return self.dram_model.sustained_bytes_per_cycle
+
+    @property
     def softmax_rate(self) -> int:
         """Scores the softmax takes a cycle: as set, or one per 64 Q x K multipliers (its units
         scale with the array in the RTL, so doubling the multipliers doubles it)."""
@@ -49,8 +64,9 @@ class SpAttenArch:
 
     @classmethod
     def eighth(cls) -> SpAttenArch:
-        """SpAtten_1/8: 64 multipliers a module, 2 HBM channels (the design compared with A3/MNNFast)."""
-        return cls(name="spatten-1/8", qk_multipliers=64, pv_multipliers=64, dram_bytes_per_cycle=64)
+        """SpAtten_1/8: 64 multipliers a module, 2 HBM channels (about 26 B/cycle; the design compared
+        with A3/MNNFast)."""
+        return cls(name="spatten-1/8", qk_multipliers=64, pv_multipliers=64, dram_channels=2)
 
 
 @dataclass(frozen=True)

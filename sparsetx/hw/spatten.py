@@ -37,7 +37,7 @@ FORCED_REFETCH_BITS = (-1, 10, 12)   # official: key widths fetched as 8 MSBs + 
 from ..attention.trace import TraceRow, read_spatten_csv, read_stats
 from .arch import SpAttenArch
 from .energy import EXP_PJ, add_pj, dram_pj_per_byte, mac_pj, sram_pj_per_byte
-from .events import Stage, buffer_deps, simulate, span_by
+from .events import Stage, simulate, span_by
 from .topk import TopKEngine
 
 
@@ -138,12 +138,24 @@ def kv_bank_bytes(arch: SpAttenArch) -> int:
     return arch.kv_buffer_bytes // banks
 
 
+def k_buffer_bytes(w: HeadWork) -> float:
+    """Bytes a head's keys take in the K buffer (full width once the LSBs are refetched)."""
+    return w.keys * w.head_dim * (w.key_bits + (w.lsb_bits if w.requant else 0)) / 8
+
+
 def head_jobs(work: list[HeadWork], arch: SpAttenArch) -> list[list[Stage]]:
-    """Each head as a job of stages on the units dram, qk, softmax, topk, pv."""
+    """Each head as a job of stages on the units dram, qk, softmax, topk, pv. DRAM fetches go
+    through the transaction model (:mod:`sparsetx.hw.dram`); the K and V buffers hold as many
+    heads' rows as fit (at least one), which is how far fetching can run ahead of compute."""
     jobs = []
-    bw = arch.dram_bytes_per_cycle
+    dram = arch.dram_model
+
+    def fetch(op: str, rows: int, bits: float, extra_bursts: int = 0) -> Stage:
+        bursts = dram.bursts(rows, rows and w.head_dim * bits / 8, packed=bits == 6) + extra_bursts
+        cycles, latency = dram.fetch(bursts)
+        return Stage("dram", cycles, op, latency=latency)
+
     for w in work:
-        b = w.dram_bytes()
         qk = math.ceil(w.queries * w.keys * w.head_dim / arch.qk_multipliers)
         sm = math.ceil(w.queries * w.keys / arch.softmax_rate)
         redo = w.requant
@@ -154,19 +166,27 @@ def head_jobs(work: list[HeadWork], arch: SpAttenArch) -> list[list[Stage]]:
         tt = topk_cycles(w.topk_n, w.token_topk, arch.topk_comparators, arch.topk_pipeline) \
             if w.token_topk else 0.0
         vt += w.topk_stream
+        q_bursts = dram.bursts(w.queries, w.head_dim * w.query_bits / 8) if w.query_bits else 0
         jobs.append([
-            Stage("dram", (b["q"] + b["k_msb"]) / bw, "fetch_k"),
+            fetch("fetch_k", w.keys, w.key_bits, q_bursts),
             Stage("qk", qk, "qk"),
             Stage("softmax", sm, "softmax", latency=arch.softmax_latency),
-            Stage("dram", b["k_lsb"] / bw, "fetch_k_lsb"),
+            fetch("fetch_k_lsb", w.keys if redo else 0, w.lsb_bits),
             Stage("qk", qk if redo else 0, "qk_requant"),
             Stage("softmax", sm if redo else 0, "softmax_requant", latency=arch.softmax_latency if redo else 0),
             Stage("topk", vt + tt, "topk"),
-            Stage("dram", b["v"] / bw, "fetch_v"),
+            fetch("fetch_v", w.values, w.value_bits),
             Stage("pv", math.ceil(w.queries * w.values * w.head_dim / arch.pv_multipliers), "pv"),
         ])
-    buffer_deps(jobs, fetch=0, frees=4)   # K buffer: free once this head's Q x K (incl. recompute) is done
-    buffer_deps(jobs, fetch=7, frees=8)   # V buffer: free after P x V
+    # K buffer: a head's fetch waits until a buffer slot is free (the head `depth` back is done with
+    # Q x K, recompute included); V buffer: likewise after P x V. depth = heads that fit, >= 1.
+    for j, w in enumerate(work):
+        k_depth = max(1, min(8, int(arch.kv_buffer_bytes // max(k_buffer_bytes(w), 1))))
+        v_depth = max(1, min(8, int(arch.kv_buffer_bytes // max(w.values * w.head_dim * w.value_bits / 8, 1))))
+        if j >= k_depth:
+            jobs[j][0].after.append((j - k_depth, 4))
+        if j >= v_depth:
+            jobs[j][7].after.append((j - v_depth, 8))
     return jobs
 
 
