@@ -410,6 +410,8 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", action="store_true",
                    help="the cascade's variants (prefill setting) against SnapKV and Knorm, instead of the peers")
     p.add_argument("--limit", type=int, help="run only the first N windows of each text (the spacing stays)")
+    p.add_argument("--setting", choices=("prefill", "decode"),
+                   help="run only this setting's windows (e.g. two processes, one per setting, on one JSONL)")
     p.add_argument("--report", action="store_true",
                    help="only summarise the windows already in the JSONL file (e.g. of an interrupted run)")
     p.add_argument("--out", default="benchmarks/results/kv_peers")
@@ -453,6 +455,8 @@ def main(argv=None) -> int:
     jobs = [("prefill", t, i) for t in texts for i in range(limit(args.windows))]
     jobs += [("decode", t, i) for t in texts for i in range(limit(args.decode_windows))]
     wall = {"prefill": {}}
+    if args.setting:
+        jobs = [j for j in jobs if j[0] == args.setting]
     if args.report:
         jobs = []
     with Progress() as bar:
@@ -474,7 +478,8 @@ def main(argv=None) -> int:
                 f.write(json.dumps(record) + "\n")
             records.append(record)
             bar.advance(task)
-        for text in texts if not (args.ablation or args.report) else []:   # a user's wait (real hooks), 25 % kept
+        for text in texts if not (args.ablation or args.report or args.setting == "decode") else []:
+            # a user's wait (real hooks), 25 % kept
             ids = windows(texts[text], args.windows, 1024 + 129)[0]
             press_wall_time((sdpa, eager), ids, 1024, presses, 0.25)  # warm-up
             wall["prefill"][text] = press_wall_time((sdpa, eager), ids, 1024, presses, 0.25)
