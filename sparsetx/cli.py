@@ -518,21 +518,29 @@ def cmd_sim_validate(args):
 
     with console.status("reproducing the papers' figures") as status:
         rows = reproduce(progress=lambda msg: status.update(f"simulating: {msg}"))
-    table = Table(title="simulators vs the papers (goal: within the tolerance; n/a = cannot be reproduced here)")
-    for col in ("#", "figure", "paper", "ours", "ratio", "status"):
-        table.add_column(col, overflow="fold")
-    for i, r in enumerate(rows, 1):
-        ours = "-" if r["ours"] is None else f"{r['ours']:.4g}"
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        color = {"ok": "green", "off": "yellow", "n/a": "dim"}[r["status"]]
-        table.add_row(str(i), f"{r['paper']}: {r['what']}", f"{r['value']:g} {r['unit']}", ours, ratio,
-                      f"[{color}]{r['status']}[/{color}]")
-    console.print(table)
+    titles = {"independent": "independent figures: what the papers measured (goal: within the tolerance; "
+                             "n/a = cannot be reproduced here)",
+              "self-check": "self-checks: numbers our own formulas or the trace determine (plumbing, not reproduction)"}
+    number = {id(r): i for i, r in enumerate(rows, 1)}
+    for kind, title in titles.items():
+        table = Table(title=title)
+        for col in ("#", "figure", "paper", "ours", "ratio", "tolerance", "status"):
+            table.add_column(col, overflow="fold")
+        for r in (r for r in rows if r["kind"] == kind):
+            ours = "-" if r["ours"] is None else f"{r['ours']:.4g}"
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+            color = {"ok": "green", "off": "yellow", "n/a": "dim"}[r["status"]]
+            table.add_row(str(number[id(r)]), f"{r['paper']}: {r['what']}", f"{r['value']:g} {r['unit']}", ours, ratio,
+                          f"{r['tolerance']:.0%}", f"[{color}]{r['status']}[/{color}]")
+        console.print(table)
     console.print("how each figure was computed, or why it cannot be:")
     for i, r in enumerate(rows, 1):
-        console.print(f"  {i:2d}. {r['how']} (paper: {r['source']})", highlight=False, markup=False)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "off", "n/a")}
-    console.print(f"{counts['ok']} within tolerance, {counts['off']} outside, {counts['n/a']} not reproducible here")
+        console.print(f"  {i:2d}. {r['how']} (source: {r['source']})", highlight=False, markup=False)
+    for kind in titles:
+        counts = {s: sum(r["status"] == s for r in rows if r["kind"] == kind) for s in ("ok", "off", "n/a")}
+        label = "independent figures: reproduced" if kind == "independent" else "self-checks: consistent"
+        console.print(f"{label} {counts['ok']}, outside the tolerance {counts['off']}, "
+                      f"not reproducible here {counts['n/a']}")
     if args.json:
         write_json(rows, args.json)
         console.print(f"wrote {args.json}")
