@@ -31,55 +31,26 @@ def _bad(text: str, valid: str):
     raise argparse.ArgumentTypeError(f"{text!r} is not valid; {valid}")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        _bad(text, "expected a whole number >= 1")
-    if value < 1:
-        _bad(text, "expected a whole number >= 1")
-    return value
+def _number(kind, ok, valid: str, name: str):
+    """A flag checker: ``kind(text)`` that passes ``ok`` (false for NaN too), else an error saying ``valid``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            _bad(text, valid)
+        if not ok(value):
+            _bad(text, valid)
+        return value
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        _bad(text, "expected a whole number >= 0")
-    if value < 0:
-        _bad(text, "expected a whole number >= 0")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        _bad(text, "expected a positive number")
-    if not (math.isfinite(value) and value > 0):
-        _bad(text, "expected a positive, finite number")
-    return value
-
-
-def ratio(text: str) -> float:
-    """A keep ratio: 0 < r <= 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        _bad(text, "expected a ratio 0 < r <= 1")
-    if not (0 < value <= 1):   # also false for NaN
-        _bad(text, "expected a ratio 0 < r <= 1")
-    return value
-
-
-def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        _bad(text, "expected a number in [0, 1]")
-    if not (0 <= value <= 1):
-        _bad(text, "expected a number in [0, 1]")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "expected a whole number >= 1", "positive_int")
+nonneg_int = _number(int, lambda v: v >= 0, "expected a whole number >= 0", "nonneg_int")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "expected a positive, finite number",
+                         "positive_float")
+ratio = _number(float, lambda v: 0 < v <= 1, "expected a ratio 0 < r <= 1", "ratio")           # a keep ratio
+probability = _number(float, lambda v: 0 <= v <= 1, "expected a number in [0, 1]", "probability")
 
 
 def listed(item):
