@@ -11,7 +11,7 @@ from ..formats.packed import packed_bytes
 from ..nm.pattern import NMPattern
 from .arch import SpAttenArch, STAArch
 from .baselines import PLATFORMS, implied_efficiency
-from .spatten import simulate_spatten, topk_cycles, work_from_shape, work_from_trace
+from .spatten import official_arch, simulate_spatten, topk_cycles, work_from_shape, work_from_trace
 from .sta import simulate_sta, sta_workload
 from .workload import ModelShape
 
@@ -77,6 +77,16 @@ def reproduce(progress=None) -> list[dict]:
         ours["spatten.gpt2_tflops"] = (sum(gen) / 2, "generation steps (one query a step; SpAtten's GPT-2 focus), mean of "
                                        "the traces (small {:.2f}, medium {:.2f}); with the 993-token prompt stage "
                                        "counted: {:.2f} / {:.2f}".format(*gen, *whole))
+        # design-space claims, on the traces as the official RTL simulator reads them
+        tick("SpAtten design sweeps (official semantics)")
+        official = {name: work_from_trace(tdir / file, sp)[0] for name, file in TRACES.items()}
+        cyc = lambda name, **kw: simulate_spatten(official[name], official_arch(replace(sp, **kw)))["cycles"]  # noqa: E731
+        c16, c32 = cyc("gpt2-small", topk_comparators=16), cyc("gpt2-small", topk_comparators=32)
+        ours["spatten.topk_comparators_saturate"] = (c16 / c32, f"GPT-2-small trace, official semantics: {c16:,.0f} "
+                                                     f"cycles at 16 comparators, {c32:,.0f} at 32")
+        kv = {kb: cyc("gpt2-medium", kv_buffer_bytes=kb * 1024) for kb in (48, 196, 392)}
+        ours["spatten.kv_sram_saturate"] = (kv[196] / kv[392], "GPT-2-medium trace (96-KB heads), official semantics: "
+                                            "{:,.0f} / {:,.0f} / {:,.0f} cycles at 48 / 196 / 392 KB".format(*kv.values()))
         for key, plat, speedup in (("speedup_titan_xp", "titan-xp", 162), ("speedup_xeon", "xeon-e5-2640v4", 347)):
             eff = _attention_implied(runs["gpt2-small"][0], small["seconds"], speedup, PLATFORMS[plat])
             ours[f"spatten.{key}"] = (None, f"baseline latency was measured on the platform, not given; if {speedup}x held "
