@@ -128,6 +128,10 @@ def test_bad_arch_config(text, message, tmp_path, capsys):
 @pytest.mark.integration
 @needs_smollm2
 def test_prompt_and_budget_beyond_the_models_positions(capsys):
+    from sparsetx.models import smollm2_path
+
+    smollm2_path()   # a fresh machine converts SmolLM2 on first use (its progress is not the error line)
+    capsys.readouterr()
     code, err = _run(["generate", "--prompt", "a " * 9000, "--max-new-tokens", "1"], capsys)
     _assert_one_line(code, err, "--prompt")
     assert "8192 positions" in err
