@@ -448,8 +448,13 @@ def main(argv=None) -> int:
     name = "kv_peers" + (".quick" if args.quick else "") + (".ablation" if args.ablation else "")
     partial = out / f"{name}.jsonl"
     records = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
-    records = [r for r in records if r.get("settings") == settings]
-    done = {(r["setting"], r["text"], r["window"]) for r in records}
+    settings = json.loads(json.dumps(settings))   # as the JSONL holds it (tuples become lists): resumable
+    unique = {}
+    for r in records:   # the first record of each window (a window rerun by a killed run is not counted twice)
+        if r.get("settings") == settings:
+            unique.setdefault((r["setting"], r["text"], r["window"]), r)
+    records = list(unique.values())
+    done = set(unique)
     texts = {name: tok(text, return_tensors="pt").input_ids[0] for name, text in lm_eval_texts().items()}
     limit = lambda n: min(n, args.limit) if args.limit else n  # noqa: E731
     jobs = [("prefill", t, i) for t in texts for i in range(limit(args.windows))]
