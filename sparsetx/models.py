@@ -6,8 +6,10 @@ variables are set).
 """
 from __future__ import annotations
 
+import io
+
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import torch
@@ -49,7 +51,8 @@ def smollm2_path() -> Path:
     if (folder / "config.json").exists():
         return folder
     gguf = package_file(*SMOLLM2_GGUF)
-    with quiet_transformers():
+    # transformers' GGUF reader draws its own tqdm bar on stderr, outside its logging switches
+    with quiet_transformers(), redirect_stderr(io.StringIO()):
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **LOCAL)
         quantized = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                                       dtype=torch.float32, **LOCAL)

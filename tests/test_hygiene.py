@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from conftest import needs_smollm2
 from sparsetx.atomic import atomic_dir, recover_dir
 
 
@@ -99,3 +100,18 @@ def test_transformers_progress_bars_stay_out_of_sparsetx_output(tmp_path, capfd,
     out = capfd.readouterr()
     assert "Writing model shards" not in out.out + out.err and "Loading weights" not in out.out + out.err
     assert (tmp_path / "dense" / "model.safetensors").exists()
+
+
+@pytest.mark.integration
+@needs_smollm2
+def test_first_use_conversion_of_smollm2_prints_no_foreign_progress_bar(tmp_path, capfd, monkeypatch):
+    """transformers' GGUF reader draws a tqdm bar outside its logging switches; the conversion
+    that a fresh machine runs on first use must keep it out of sparsetx's output."""
+    from sparsetx.models import smollm2_path
+
+    monkeypatch.setenv("SPARSETX_ASSETS", str(tmp_path))
+    capfd.readouterr()
+    folder = smollm2_path()
+    out = capfd.readouterr()
+    assert (folder / "config.json").exists() and folder.parent == tmp_path
+    assert "de-quantizing" not in out.out + out.err and out.err.strip() == ""
