@@ -411,3 +411,20 @@ def test_kv_buffer_constrains_timing_and_saturates():
     assert cycles[48] > 1.2 * cycles[196]          # one head at a time: fetch and compute cannot overlap
     assert cycles[392] > 0.97 * cycles[196]        # two heads in flight already hide the fetches: saturated
     assert cycles[48] == cycles[96]                # a 96 KB head needs the whole buffer either way
+
+
+@needs_traces
+def test_official_trace_cycles_regression():
+    """Regression pins: cycles of each official trace in official semantics with the default
+    architecture. The parts a hand can derive are checked above (bytes by the RTL's rules, Q x K
+    cycles of a row); these pins make any change to the timing model a deliberate one."""
+    from sparsetx.hw.spatten import official_arch
+
+    pins = {"summary-gpt2-small-wikitext2-per8.csv": 440_257.375,
+            "summary-gpt2-medium-wikitext2-per0-hp-step5+dedic+glob_p+local_p+hp+topk+quant.csv": 3_511_852.75}
+    for name, cycles in pins.items():
+        work, _ = work_from_trace(SHARED / "spatten-traces" / name)
+        r = simulate_spatten(work, official_arch(SpAttenArch()))
+        assert r["cycles"] == pytest.approx(cycles, rel=1e-9), name
+        # and the DRAM is the bottleneck it should be: busy most of the run on one query a row
+        assert r["utilisation"]["dram"] > 0.5, name
