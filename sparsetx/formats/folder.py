@@ -196,7 +196,12 @@ def check_header(header, where: str = "header") -> dict[str, NMPattern]:
 
 
 def read_header(folder: str | os.PathLike) -> dict:
-    path = regular_file(folder, WEIGHTS)
+    """The validated sparsetx header of a packed folder's weights file."""
+    return _read_header(regular_file(folder, WEIGHTS))[0]
+
+
+def _read_header(path: Path) -> tuple[dict, dict[str, NMPattern]]:
+    """(header, patterns) of a weights file already checked to be a regular file."""
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -211,8 +216,7 @@ def read_header(folder: str | os.PathLike) -> dict:
         header = json.loads(meta["sparsetx"])
     except (ValueError, RecursionError) as err:   # RecursionError: nesting deeper than the parser goes
         raise PackedFormatError(f"{path}: the sparsetx header is not valid JSON ({type(err).__name__}: {err})") from None
-    check_header(header, f"{path}: header")
-    return header
+    return header, check_header(header, f"{path}: header")
 
 
 _DTYPE_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
@@ -226,8 +230,7 @@ def read_packed(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     the checksums cannot vouch for (a re-hashed file): index codes in range and strictly increasing,
     finite values."""
     path = regular_file(folder, WEIGHTS)
-    header = read_header(folder)
-    patterns = check_header(header)
+    header, patterns = _read_header(path)
     encoding = header.get("encoding", "index")
     value_dtype = VALUE_DTYPES[header["value_dtype"]]
     sums = header["sha256"]
