@@ -97,9 +97,9 @@ def linear_dram(op: Op, arch: STAArch, plan: tuple[str, int]) -> dict[str, float
     return {"weights": weights, "activations": math.ceil(op.n / arch.pe_rows) * x + y}
 
 
-def op_jobs(op: Op, arch: STAArch) -> list[list[Stage]]:
-    """Jobs for one operation: weight row blocks (linear layers, per token tile when tiled) or
-    heads (attention)."""
+def op_jobs(op: Op, arch: STAArch, plan: tuple[str, int] | None = None) -> list[list[Stage]]:
+    """Jobs for one operation: weight row blocks (linear layers, per token tile when tiled; ``plan``
+    from :func:`linear_plan`, computed if not given) or heads (attention)."""
     vb = arch.value_bits / 8
     bw = arch.dram_bytes_per_cycle
     if op.kind == "sparse_dense":
@@ -111,7 +111,7 @@ def op_jobs(op: Op, arch: STAArch) -> list[list[Stage]]:
             raise ValueError(f"sta: a weight row block of {op.name} ({block_bytes:.0f} bytes) does not fit half "
                              f"the weight buffer ({arch.weight_buffer_bytes} bytes, double-buffered)")
         per_tile = tile_cycles(arch, op.k, n, m)
-        mode, tile = linear_plan(op, arch)
+        mode, tile = plan or linear_plan(op, arch)
         jobs = []
         if mode == "weights-outer":   # the whole input re-streamed with every row block
             for _ in range(blocks):
@@ -153,7 +153,7 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None) -> dict:
     plans = {id(op): linear_plan(op, arch) for op in ops if op.kind == "sparse_dense"}
     scores: list[tuple[int, int]] = []
     for op in ops:
-        new = op_jobs(op, arch)
+        new = op_jobs(op, arch, plans.get(id(op)))
         if not new:
             continue
         first = len(jobs)
