@@ -65,6 +65,11 @@ def test_spatten_one_head_by_hand():
     # P = 16 comparators, the first over all 128 (11 cycles); with random pivots the rounds see
     # about 2n elements over about log2(n) = 7 rounds: ~2 x 8 + 7 x 3 = 37, so between 11 and 66.
     assert 11 <= rq["cycles_by_op"]["topk"] <= 66
+    # top-k energy: 2 x 128 candidates, each a 12-bit compare (0.03 x 12 / 8 pJ) and 1.5 accesses of
+    # a 22-bit (score, 10-bit index) entry in a 1024-entry buffer (2.75 KB: the 8 KB SRAM floor,
+    # 10 pJ / 8 B = 1.25 pJ a byte)
+    assert rq["energy_pj"]["topk"] == pytest.approx(2 * 128 * (0.045 + 1.5 * 2.75 * 1.25))
+    assert r["energy_pj"]["topk"] == 0
 
 
 def test_sta_one_op_by_hand():
@@ -78,6 +83,30 @@ def test_sta_one_op_by_hand():
     assert r["cycles"] == pytest.approx(608 / 96 + 24)
     assert r["dram_bytes"]["weights"] == 32 * 64 / 4 * 19 / 8
     assert r["macs"]["sparse_dense"] == 32 * 64 * 32 // 4
+
+
+def test_sta_energy_select_control_static_by_hand():
+    from sparsetx.hw.energy import MUX2_PJ_PER_BIT, mac_pj
+    arch = STAArch()
+    op = Op(0, "ffn_in", "sparse_dense", m=32, k=64, n=32, pattern="2:8")
+    r = simulate_sta([op], arch)
+    e = r["energy_pj"]
+    kept = 32 * 64 * 32 // 4
+    # an 8:1 mux of 16-bit operands = 7 x 16 mux bits, plus 8 select lines decoded, per kept weight
+    assert e["select"] == pytest.approx(kept * (7 * 16 + 8) * MUX2_PJ_PER_BIT)
+    assert MUX2_PJ_PER_BIT == pytest.approx(0.03 / 8 * 12 / 28)
+    assert e["engine"] == pytest.approx(kept * mac_pj(16))
+    assert e["control"] == pytest.approx(0.1 * (e["engine"] + e["select"] + e["softmax"] + e["sram"]))
+    assert e["static"] == pytest.approx(1.0 * r["seconds"] * 1e12)     # 1 W for the run
+    assert r["energy_j"] == pytest.approx(sum(e.values()) * 1e-12)
+    # dense weights pass the lanes' 4:1 muxes with identity indices and decode no index
+    d = simulate_sta([Op(0, "ffn_in", "sparse_dense", m=32, k=64, n=32)], arch)["energy_pj"]
+    assert d["select"] == pytest.approx(32 * 64 * 32 * 3 * 16 * MUX2_PJ_PER_BIT)
+    # the assumptions are settings: zero control and static power remove exactly those terms
+    z = simulate_sta([op], STAArch(control_fraction=0.0, static_watts=0.0))["energy_pj"]
+    assert z["control"] == 0 and z["static"] == 0 and z["select"] == e["select"]
+    with pytest.raises(ValueError, match="static_watts"):
+        simulate_sta([op], STAArch(static_watts=-1.0))
 
 
 def test_dense_equals_sparse_at_n_equals_m_and_keep_one():
@@ -194,6 +223,18 @@ def test_sim_validate_reports_every_figure(tmp_path, capsys):
     # design sweeps on the official traces: K/V SRAM gains saturate from 196 KB; 32 comparators gain a little
     assert rows["spatten.kv_sram_saturate"]["status"] == "ok" and rows["spatten.kv_sram_saturate"]["ours"] >= 1.0
     assert 1.0 <= rows["spatten.topk_comparators_saturate"]["ours"] < 1.15
+    # GPT-2 speedup breakdown: pruning and then progressive quantization each speed generation up
+    assert rows["spatten.gpt2_prune_speedup"]["ours"] > 2 and rows["spatten.gpt2_quant_speedup"]["ours"] > 1.5
+    assert "medium" in rows["spatten.gpt2_prune_speedup"]["how"]
+    # power: arithmetic + SRAM only, so below the paper's chip (reported off, with the reason)
+    power = rows["spatten.power_w"]
+    assert 0.1 < power["ours"] < 8.30 and power["status"] == "off" and "leakage" in power["how"]
+    assert 0 < rows["spatten.topk_power_share"]["ours"] < 0.1 and "bracket" in rows["spatten.topk_power_share"]["how"]
+    for key in ("energy_titan_xp", "energy_xeon", "energy_a3", "energy_mnnfast", "area_mm2", "topk_area_share"):
+        assert rows[f"spatten.{key}"]["status"] == "n/a" and rows[f"spatten.{key}"]["kind"] == "independent"
+    assert "implies a baseline drawing" in rows["spatten.energy_xeon"]["how"]
+    for key in ("energy_efficiency_fpga", "mac_efficiency_fpga"):
+        assert rows[f"sta.{key}"]["status"] == "n/a" and "ours" in rows[f"sta.{key}"]["how"]
     out = capsys.readouterr().out
     assert "independent figures: reproduced" in out and "self-checks: consistent" in out
 
@@ -428,3 +469,24 @@ def test_official_trace_cycles_regression():
         assert r["cycles"] == pytest.approx(cycles, rel=1e-9), name
         # and the DRAM is the bottleneck it should be: busy most of the run on one query a row
         assert r["utilisation"]["dram"] > 0.5, name
+
+
+def test_dense_mode_against_recorded_scalesim_cycles():
+    """SCALE-Sim 3.0.0's cycles (benchmarks/scalesim_check.py, kept as data) on BERT-base GEMMs,
+    16 x 16 output-stationary: our engine with one multiplier a PE takes K + 1 cycles a fold (no
+    skew), SCALE-Sim's systolic array K + rows + cols - 2; with the skew added, cycle for cycle."""
+    from pathlib import Path
+
+    from sparsetx.hw.sta import dense_cycles
+
+    doc = json.loads((Path(__file__).parents[1] / "benchmarks/results/scalesim/scalesim_check.json").read_text())
+    rows, cols = doc["array"]
+    arch = STAArch(pe_rows=rows, pe_cols=cols, lanes=1)
+    assert len(doc["rows"]) >= 4
+    for r in doc["rows"]:
+        m, n, k, ref = r["m"], r["n"], r["k"], r["scalesim_cycles"]
+        folds = -(-m // cols) * -(-n // rows)
+        ours = dense_cycles(Op(0, "qk", "dense_dense", m=m, k=k, n=n), arch)
+        assert ours == folds * (k + 1)
+        assert abs(folds * (k + rows + cols - 2) - ref) <= 1          # the skew explains all of it
+        assert ours < ref and (ref - ours) / ours <= (rows + cols) / (k + 1)

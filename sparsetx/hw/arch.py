@@ -88,10 +88,17 @@ class STAArch:
     softmax_per_cycle: int = 16           # assumed: one score per PE column a cycle
     softmax_latency: int = 32             # assumed pipeline depth (max, exp, sum, reciprocal)
     onchip_softmax: bool = True           # False: the baseline that writes scores to DRAM and reads them back
+    control_fraction: float = 0.1         # assumed (no source): control, sequencing and pipeline registers as a
+                                          # fraction of the datapath + SRAM dynamic energy; report 0.05-0.2
+    static_watts: float = 1.0             # assumed: static power of a mid-range FPGA fabric (order of 1 W; the
+                                          # part is not known), paid for the whole run
 
     def validate(self) -> None:
         _positive(self, ("clock_ghz", "pe_rows", "pe_cols", "lanes", "act_width", "value_bits",
                          "weight_buffer_bytes", "act_buffer_bytes", "dram_bytes_per_cycle", "softmax_per_cycle"))
+        for name in ("control_fraction", "static_watts"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{self.name}: {name} must be >= 0, got {getattr(self, name)!r}")
         _dram(self.dram)
 
     @property

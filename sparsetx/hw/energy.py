@@ -11,6 +11,13 @@ Softmax exp: SpAtten evaluates exp by a 5th-order Taylor series in floating poin
 5 FP16 adds = 7.5 pJ an element (ours, from the table), plus one FP16 add for the running sum.
 DRAM per bit: HBM2 3.9 pJ (O'Connor et al., MICRO 2017; 6.25 pJ in another source is the
 sensitivity bound), LPDDR4 8 pJ, DDR4 20 pJ (the low end of Horowitz's 20-40 pJ for DDR3/DDR4).
+Operand selection (ours, from the same table): a static CMOS 2:1 multiplexer bit is 12 transistors
+against a 28-transistor mirror full adder (Weste & Harris, CMOS VLSI Design, 4th ed., ch. 11), so a
+mux bit is taken as 12/28 of Horowitz's adder bit (0.03 pJ / 8): 1.6 fJ. An M:1 multiplexer over
+b-bit operands is a tree of (M - 1) 2:1 muxes per bit whose inputs all toggle when the activations
+change; decoding a ceil(log2 M)-bit index into M select lines is taken as M mux-bit equivalents.
+Control and static power have no figure in the sources above: they are settings of the architecture
+(STAArch.control_fraction, STAArch.static_watts), assumed, with the sensitivity stated where used.
 Both simulators use 45 nm numbers: SpAtten was taped out at 40 nm and STA is an FPGA, so absolute
 energies are estimates; ratios between configurations are what the table is for.
 """
@@ -36,6 +43,19 @@ def add_pj(bits: int) -> float:
 def mac_pj(bits: int) -> float:
     """One multiply-accumulate: a bits x bits multiply into a 2*bits accumulator."""
     return mult_pj(bits) + add_pj(2 * bits)
+
+
+MUX2_PJ_PER_BIT = 0.03 / 8 * 12 / 28   # a 2:1 mux bit: 12/28 of an adder bit (see the module docstring)
+
+
+def mux_pj(inputs: int, bits: int) -> float:
+    """One selection by an ``inputs``:1 multiplexer of ``bits``-bit operands: (inputs - 1) 2:1 muxes a bit."""
+    return max(inputs - 1, 0) * bits * MUX2_PJ_PER_BIT
+
+
+def index_decode_pj(m: int) -> float:
+    """Decoding one kept weight's in-group index into M select lines (M gate equivalents)."""
+    return m * MUX2_PJ_PER_BIT if m > 1 else 0.0
 
 
 EXP_PJ = 5 * 1.1 + 5 * 0.4 + 0.4  # 5th-order Taylor exp in FP16, plus the running-sum add

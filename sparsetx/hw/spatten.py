@@ -130,6 +130,14 @@ def topk_cycles(n: int, k: int, comparators: int, pipeline: int) -> float:
     return TopKEngine(comparators, pipeline).mean_cycles(n, k, trials=24, seed=n * 7919 + k, final_pass=False)
 
 
+def topk_candidate_pj(arch: SpAttenArch) -> float:
+    """Energy a quick-select spends on one candidate: one comparison, and one read plus (about half
+    the time) one write of the (score, index) pair in the engine's candidate buffer, a
+    max_context-entry SRAM (assumed; the zero eliminator's shifters are not counted)."""
+    entry = (arch.datapath_bits + math.ceil(math.log2(arch.max_context))) / 8
+    return add_pj(arch.datapath_bits) + 1.5 * entry * sram_pj_per_byte(int(arch.max_context * entry))
+
+
 def kv_bank_bytes(arch: SpAttenArch) -> int:
     """The K and V buffers must deliver a key row for every multiplier each cycle, so they are
     banked into (multipliers x datapath bits / 64) 64-bit banks (assumed); energy follows the
@@ -222,7 +230,7 @@ def simulate_spatten(work: list[HeadWork], arch: SpAttenArch | None = None) -> d
     kv_sram += sum(w.queries * (w.keys * w.key_bits * (2 if w.requant else 1) + w.values * w.value_bits) * w.head_dim / 8
                    for w in work)                                # read by every query row
     energy = {"qk": qk_macs * mac_pj(arch.datapath_bits), "pv": pv_macs * mac_pj(arch.datapath_bits),
-              "softmax": exps * EXP_PJ, "topk": comparisons * add_pj(arch.datapath_bits),
+              "softmax": exps * EXP_PJ, "topk": comparisons * topk_candidate_pj(arch),
               "sram": kv_sram * sram_pj_per_byte(kv_bank_bytes(arch)),
               "dram": dram_total * dram_pj_per_byte(arch.dram)}
     seconds = sched.makespan / (arch.clock_ghz * 1e9)

@@ -26,7 +26,7 @@ import math
 from ..formats.packed import index_bits
 from ..nm.pattern import NMPattern
 from .arch import STAArch
-from .energy import EXP_PJ, dram_pj_per_byte, mac_pj, sram_pj_per_byte
+from .energy import EXP_PJ, dram_pj_per_byte, index_decode_pj, mac_pj, mux_pj, sram_pj_per_byte
 from .events import Stage, simulate, span_by
 from .workload import ModelShape, Op, model_ops
 
@@ -184,6 +184,7 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None) -> dict:
     dram = {"weights": 0.0, "activations": 0.0, "scores": 0.0}
     macs = {"sparse_dense": 0, "dense_dense": 0}
     exps = 0
+    select_pj = 0.0     # operand multiplexers and index decoding
     sram = [0.0, 0.0]   # activation buffer, weight buffer
     op_cycles: dict[str, float] = {}
     for job in jobs:
@@ -197,23 +198,31 @@ def simulate_sta(ops: list[Op], arch: STAArch | None = None) -> dict:
             for key, value in linear_dram(op, arch, plans[id(op)]).items():
                 dram[key] += value
             macs["sparse_dense"] += op.macs
+            # every kept weight's index is decoded and drives an M:1 mux; dense weights pass through
+            # the same muxes with identity indices, a sub-group of `lanes` activations at a time
+            select_pj += op.macs * (mux_pj(m, arch.value_bits) + index_decode_pj(m) if m > 1
+                                    else mux_pj(arch.lanes, arch.value_bits))
             sram = [a + b for a, b in zip(sram, buffer_reads(op.macs, 1 / dens, bits / 8, vb, arch))]
         elif op.kind == "dense_dense":
             macs["dense_dense"] += op.macs
+            select_pj += op.macs * mux_pj(arch.lanes, arch.value_bits)
             sram = [a + b for a, b in zip(sram, buffer_reads(op.macs, 1.0, vb, vb, arch))]
         elif op.kind == "softmax":
             exps += op.m * op.k * op.count
             if not arch.onchip_softmax:
                 dram["scores"] += 2 * op.m * op.k * op.count * vb
     dram_total = sum(dram.values())
+    seconds = sched.makespan / (arch.clock_ghz * 1e9)
     energy = {"engine": (macs["sparse_dense"] + macs["dense_dense"]) * mac_pj(arch.value_bits),
+              "select": select_pj,
               "softmax": exps * EXP_PJ,
               "sram": sram[0] * sram_pj_per_byte(bank_bytes(arch.act_buffer_bytes, arch.pe_cols * arch.act_width
                                                             * arch.value_bits))
               + sram[1] * sram_pj_per_byte(bank_bytes(arch.weight_buffer_bytes, arch.pe_rows * arch.lanes
-                                                      * (arch.value_bits + max(1, math.ceil(math.log2(arch.act_width)))))),
-              "dram": dram_total * dram_pj_per_byte(arch.dram)}
-    seconds = sched.makespan / (arch.clock_ghz * 1e9)
+                                                      * (arch.value_bits + max(1, math.ceil(math.log2(arch.act_width))))))}
+    energy["control"] = arch.control_fraction * sum(energy.values())
+    energy["static"] = arch.static_watts * seconds * 1e12
+    energy["dram"] = dram_total * dram_pj_per_byte(arch.dram)
     peak = arch.pes * arch.lanes
     return {
         "arch": arch.name, "cycles": sched.makespan, "seconds": seconds, "cycles_by_op": op_cycles,

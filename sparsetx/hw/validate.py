@@ -49,7 +49,9 @@ def reproduce(progress=None) -> list[dict]:
     if tdir is None:
         reason = "official traces not found (set SPARSETX_TRACES or place shared/spatten-traces beside the checkout)"
         for k in ("key_fetch_fraction", "lsb_refetch", "pruning_dram_reduction", "quant_dram_reduction",
-                  "dram_reduction", "gpt2_tflops", "speedup_titan_xp", "speedup_xeon"):
+                  "dram_reduction", "gpt2_tflops", "speedup_titan_xp", "speedup_xeon", "topk_comparators_saturate",
+                  "kv_sram_saturate", "gpt2_prune_speedup", "gpt2_quant_speedup", "power_w", "topk_power_share",
+                  "energy_titan_xp", "energy_xeon"):
             ours[f"spatten.{k}"] = (None, reason)
     else:
         for name, file in TRACES.items():
@@ -78,21 +80,60 @@ def reproduce(progress=None) -> list[dict]:
         ours["spatten.gpt2_tflops"] = (sum(gen) / 2, "generation steps (one query a step; SpAtten's GPT-2 focus), mean of "
                                        "the traces (small {:.2f}, medium {:.2f}); with the 993-token prompt stage "
                                        "counted: {:.2f} / {:.2f}".format(*gen, *whole))
-        # design-space claims, on the traces as the official RTL simulator reads them
+        # GPT-2 speedup breakdown: generation steps (one query each), dense fp32 -> cascade pruning
+        # (fp32) -> progressive quantization, each on the same simulated datapath
+        tick("SpAtten GPT-2 speedup breakdown")
+        steps = {}
+        for name, (work, _, _) in runs.items():
+            gen = [w for w in work if w.step > 0]
+            dense = [replace(w, keys=w.length, values=w.length, token_topk=None, topk_n=0) for w in _unquantized(gen)]
+            steps[name] = [simulate_spatten(ws, sp)["cycles"] for ws in (dense, _unquantized(gen), gen)]
+        prune = {n: c[0] / c[1] for n, c in steps.items()}
+        quant = {n: c[1] / c[2] for n, c in steps.items()}
+        which = "the paper's text we have does not say which GPT-2 the breakdown used; the datapath bar (over the GPU) needs the GPU's measured latency"
+        ours["spatten.gpt2_prune_speedup"] = (sum(prune.values()) / 2, "generation steps, dense fp32 vs pruned fp32 cycles, mean of the traces "
+                                              "(small {:.2f}x: it keeps 27.6 % of the keys; medium {:.2f}x); ".format(*prune.values()) + which)
+        ours["spatten.gpt2_quant_speedup"] = (sum(quant.values()) / 2, "generation steps, pruned fp32 vs pruned with the trace's progressive "
+                                              "quantization, mean of the traces (small {:.2f}x, medium {:.2f}x)".format(*quant.values()))
+        # design-space claims and power, on the traces as the official RTL simulator reads them
         tick("SpAtten design sweeps (official semantics)")
         official = {name: work_from_trace(tdir / file, sp)[0] for name, file in TRACES.items()}
         cyc = lambda name, **kw: simulate_spatten(official[name], official_arch(replace(sp, **kw)))["cycles"]  # noqa: E731
-        c16, c32 = cyc("gpt2-small", topk_comparators=16), cyc("gpt2-small", topk_comparators=32)
+        base = {name: simulate_spatten(w, official_arch(sp)) for name, w in official.items()}
+        c16, c32 = base["gpt2-small"]["cycles"], cyc("gpt2-small", topk_comparators=32)
         ours["spatten.topk_comparators_saturate"] = (c16 / c32, f"GPT-2-small trace, official semantics: {c16:,.0f} "
                                                      f"cycles at 16 comparators, {c32:,.0f} at 32")
-        kv = {kb: cyc("gpt2-medium", kv_buffer_bytes=kb * 1024) for kb in (48, 196, 392)}
+        kv = {48: cyc("gpt2-medium", kv_buffer_bytes=48 * 1024), 196: base["gpt2-medium"]["cycles"],
+              392: cyc("gpt2-medium", kv_buffer_bytes=392 * 1024)}
         ours["spatten.kv_sram_saturate"] = (kv[196] / kv[392], "GPT-2-medium trace (96-KB heads), official semantics: "
                                             "{:,.0f} / {:,.0f} / {:,.0f} cycles at 48 / 196 / 392 KB".format(*kv.values()))
-        for key, plat, speedup in (("speedup_titan_xp", "titan-xp", 162), ("speedup_xeon", "xeon-e5-2640v4", 347)):
+        chip = {n: _power(r, chip_only=True) for n, r in base.items()}
+        total = {n: _power(r, chip_only=False) for n, r in base.items()}
+        topk = {n: r["energy_pj"]["topk"] / sum(v for k, v in r["energy_pj"].items() if k != "dram") for n, r in base.items()}
+        ours["spatten.power_w"] = (sum(chip.values()) / 2, "on-chip dynamic power on the GPT-2 traces, official semantics "
+                                   "(small {:.2f} W, medium {:.2f} W; with HBM2: {:.2f} / {:.2f} W). The energy table counts "
+                                   "arithmetic and SRAM accesses only (45 nm): no clock tree, pipeline registers, control, "
+                                   "crossbar or leakage, which a 1 GHz synthesised chip pays".format(*chip.values(), *total.values()))
+        at_paper = {n: r["energy_pj"]["topk"] * 1e-12 / r["seconds"] / 8.30 for n, r in base.items()}
+        ours["spatten.topk_power_share"] = (sum(topk.values()) / 2, "top-k energy (comparators + candidate buffer) over "
+                                            "on-chip energy, GPT-2 traces, official semantics (small {:.2%}, medium "
+                                            "{:.2%}); the denominator misses the same overheads as the power: against "
+                                            "the paper's 8.30 W the engine's power is {:.2%} / {:.2%}, so the figure lies "
+                                            "in that bracket".format(*topk.values(), *at_paper.values()))
+        for key, plat, speedup, saving in (("speedup_titan_xp", "titan-xp", 162, 1193), ("speedup_xeon", "xeon-e5-2640v4", 347, 4059)):
             eff = _attention_implied(runs["gpt2-small"][0], small["seconds"], speedup, PLATFORMS[plat])
             ours[f"spatten.{key}"] = (None, f"baseline latency was measured on the platform, not given; if {speedup}x held "
                                             f"over our GPT-2-small latency, the {PLATFORMS[plat].name} would run at "
                                             f"{eff:.1%} of its roofline ({'consistent' if eff <= 1 else 'INCONSISTENT'})")
+            # energy saving = speedup x (baseline power / SpAtten power): the baseline's power is implied
+            implied = [saving / speedup * p for p in (sum(chip.values()) / 2, sum(total.values()) / 2, 8.30)]
+            energy_key = "energy_" + key.split("_", 1)[1]
+            ours[f"spatten.{energy_key}"] = (None, f"needs the {PLATFORMS[plat].name}'s measured energy; with the paper's "
+                                             f"{speedup}x speedup the saving implies a baseline drawing {saving / speedup:.2f}x "
+                                             f"SpAtten's power: {implied[0]:.1f} W against our on-chip power, {implied[1]:.1f} W "
+                                             f"with HBM2, {implied[2]:.1f} W against the paper's 8.30 W (TDP "
+                                             f"{PLATFORMS[plat].watts} W: " + ("within it)" if implied[2] <= PLATFORMS[plat].watts else
+                                                 "above it: the measured energy must include more than the package, e.g. DRAM or a second socket)"))
     tick("SpAtten on BERT-base")
     bert = ModelShape.from_config("bert-base")
     # The paper's per-task lengths are not given (9 GLUE tasks, SQuAD): a bracket over plausible
@@ -107,8 +148,11 @@ def reproduce(progress=None) -> list[dict]:
                                    f"to 0.5, heads to 0.9); the per-task lengths are not known here: over 64-512 tokens, "
                                    f"pruning off or on, {lo:.2f}-{hi:.2f} TFLOPS. Our pipeline keeps the Q x K and P x V "
                                    f"arrays ~97 % busy on encoders; the RTL's 79 % includes stalls we do not model")
-    for key in ("speedup_a3", "speedup_mnnfast"):
+    for key in ("speedup_a3", "speedup_mnnfast", "energy_a3", "energy_mnnfast"):
         ours[f"spatten.{key}"] = (None, "no model of A3 or MNNFast here (their designs' parameters are not in SEEDS.md/HW.md)")
+    for key, what in (("area_mm2", "the chip's"), ("topk_area_share", "the top-k engine's share of")):
+        ours[f"spatten.{key}"] = (None, f"no area model: {what} area needs synthesis or per-cell areas at 40 nm, which "
+                                        f"none of our sources give")
 
     # --- STA ----------------------------------------------------------------------------------
     for pat, key in (("2:4", "2_4"), ("2:8", "2_8"), ("1:8", "1_8")):
@@ -127,6 +171,14 @@ def reproduce(progress=None) -> list[dict]:
                                     f"assumed STA (2:8, BERT-base, 128 tokens: {sparse['seconds'] * 1e3:.2f} ms) the "
                                     f"{PLATFORMS[plat].name} would run at {eff:.1%} of its roofline")
     ours["sta.speedup_fpga"] = (None, "the compared FPGA accelerators' configurations are not known here")
+    mac_eff = sparse["macs"]["sparse_dense"] + sparse["macs"]["dense_dense"]
+    dense_eq = sparse["dense_equivalent_macs"] / (sparse["cycles"] * sta.pes * sta.lanes)
+    ours["sta.mac_efficiency_fpga"] = (None, f"needs the compared accelerators' throughput per DSP; ours (2:8, BERT-base, "
+                                             f"128 tokens, assumed 16 x 16 x 4 multipliers): {dense_eq:.2f} dense-equivalent "
+                                             f"MACs a multiplier a cycle ({mac_eff / (sparse['cycles'] * sta.pes * sta.lanes):.2f} real)")
+    ours["sta.energy_efficiency_fpga"] = (None, f"needs the compared accelerators' measured power; ours (2:8, BERT-base, 128 "
+                                                f"tokens, assumed FPGA): {sparse['energy_j'] * 1e3:.1f} mJ, "
+                                                f"{2 * sparse['dense_equivalent_macs'] / sparse['energy_j'] / 1e9:.1f} dense-equivalent GOP/J")
 
     rows = []
     for f in figures:
@@ -135,6 +187,12 @@ def reproduce(progress=None) -> list[dict]:
         status = "n/a" if ratio is None else ("ok" if abs(ratio - 1) <= f["tolerance"] else "off")
         rows.append({**f, "ours": value, "ratio": ratio, "status": status, "how": how})
     return rows
+
+
+def _power(report: dict, chip_only: bool) -> float:
+    """Average watts of a simulated run: its energy (on chip, or with DRAM) over its time."""
+    pj = sum(v for k, v in report["energy_pj"].items() if not (chip_only and k == "dram"))
+    return pj * 1e-12 / report["seconds"]
 
 
 def _attention_implied(work, seconds, speedup, platform) -> float:
