@@ -1,0 +1,548 @@
+"""sparsetx side by side with the CPU runtimes users pick instead, in one run on this machine.
+
+Encoder: the MiniLM sentiment classifier (a fine-tuned dense model and its IDP N:M candidates from
+``sparsetx compare``) at 128 and 512 tokens, batch 1 and 8, 1 and 2
+threads. Contenders: Hugging Face dense fp32 (eager and sdpa: the faster one is "HF dense"),
+ONNX Runtime on the dense model exported with ``torch.onnx.export`` (graph optimisations on; fp32,
+and ``quantize_dynamic`` int8), OpenVINO (dense, f32), DeepSparse (recorded with its install
+error when it cannot install), and sparsetx: 2:8 and 1:8 on the N:M kernel, each also with
+SpAtten cascade token pruning (keep 1.0 in layer 0, then 0.5).
+
+Decoder: SmolLM2-135M, 64 new tokens after a 512- and a 2048-token prompt: HF dense fp32,
+llama.cpp (llama-cpp-python) on the original Q4_1 GGUF, sparsetx with the SpAtten KV cache at 25 %.
+
+Every contender's output is checked against its PyTorch model before it is timed (cosine of the
+logits; > 0.999 required of exact contenders, reported for int8). Cases of a setting are
+interleaved, one warm-up each, then the median (min, max) of --repeats. Accuracy beside speed:
+sentiment test accuracy for every encoder contender, perplexity on the Wikipedia excerpt for every
+decoder contender.
+
+    bash benchmarks/setup_peers.sh
+    sparsetx compare --dense runs/demo/compare/dense/candidate-dense --patterns 2:8 --series 2:8,1:8 \
+        --no-unnested --steps 20 --out runs/peers-models
+    benchmarks/.venv-peers/bin/python benchmarks/peers.py --models runs/peers-models
+Results: benchmarks/results/peers/peers.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+OUT = ROOT / "benchmarks" / "results" / "peers"
+SPATTEN_KEEP = 0.5
+TARGETS = {"2:8": 1.5, "1:8": 2.0}     # issue 12: end-to-end ratio over the fastest dense peer
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def timed(cases: dict, repeats: int) -> dict[str, dict]:
+    """One warm-up each, then ``repeats`` rounds calling every case once per round (interleaved)."""
+    for fn in cases.values():
+        fn()
+    times = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "runs": len(v)}
+            for k, v in times.items()}
+
+
+def install_errors() -> dict[str, str]:
+    """What benchmarks/setup_peers.sh recorded for contenders that failed to install."""
+    log = OUT / "install.log"
+    if not log.exists():
+        return {}
+    errors, name, lines = {}, None, []
+    for line in log.read_text().splitlines():
+        if ": FAILED:" in line:
+            name, lines = line.split(":")[0], [line]
+            errors[name] = ""
+        elif ": installed" in line:
+            name = None
+        elif name:
+            lines.append(line)
+            errors[name] = "\n".join(lines[-12:])
+    return errors
+
+
+# --- encoder contenders ---------------------------------------------------------------------------
+
+def load_encoders(models: Path):
+    """(dense fine-tuned classifier, {pattern: IDP candidate folder}) from a ``sparsetx compare``
+    output folder (``dense/candidate-dense``, ``idp/candidate-2_8``, ``idp/candidate-1_8``)."""
+    from sparsetx.models import load_model
+
+    dense_dir = models / "dense" / "candidate-dense"
+    if not (dense_dir / "config.json").exists():
+        raise SystemExit(f"{models}: no fine-tuned dense classifier at {dense_dir}; run `sparsetx compare "
+                         f"--series 2:8,1:8` (or `sparsetx demo`, whose compare folder has 2:8 only) and pass --models")
+    sparse = {p: models / "idp" / f"candidate-{p.replace(':', '_')}" for p in ("2:8", "1:8")}
+    sparse = {p: d for p, d in sparse.items() if (d / "config.json").exists()}
+    return dense_dir, load_model(dense_dir, task="sentiment"), sparse
+
+
+class Contender:
+    """One runtime on one model: ``run(ids, mask) -> logits`` (numpy), its reference PyTorch model,
+    and whether it computes the same function exactly (fp32) or approximately (int8)."""
+
+    def __init__(self, name, run, reference, exact=True, note=""):
+        self.name, self.run, self.reference, self.exact, self.note = name, run, reference, exact, note
+
+
+def torch_runner(model, ctx=None):
+    def run(ids, mask):
+        with torch.inference_mode(), (ctx() if ctx else nullcontext()):
+            return model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+    return run
+
+
+def export_onnx(model, folder: Path) -> Path:
+    """The dense classifier as ONNX (dynamic batch and length), exported by torch.onnx.export."""
+    path = folder / "minilm_fp32.onnx"
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    ids = torch.ones(2, 16, dtype=torch.long)
+    with torch.inference_mode():
+        torch.onnx.export(eager, (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                                        "logits": {0: "batch"}})
+    return path
+
+
+def ort_runner(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    def run(ids, mask):
+        return sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    return run
+
+
+def openvino_runner(path: Path, threads: int):
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
+                                   "PERFORMANCE_HINT": "LATENCY"})
+    req = compiled.create_infer_request()
+
+    def run(ids, mask):
+        return req.infer({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[compiled.output(0)].copy()
+    return run
+
+
+def encoder_contenders(dense, sparse_dirs: dict, onnx: dict, threads: int, errors: dict, skipped: dict):
+    from sparsetx.attention.encoder import SpAttenConfig, spatten
+    from sparsetx.models import load_model
+
+    layers = dense.config.num_hidden_layers
+    keep = SpAttenConfig(token_keep=[1.0] + [SPATTEN_KEEP] * (layers - 1))
+    ref = torch_runner(dense)
+    sdpa = copy.deepcopy(dense)
+    sdpa.config._attn_implementation = "sdpa"
+    eager = copy.deepcopy(dense)
+    eager.config._attn_implementation = "eager"
+    out = [Contender("HF eager", torch_runner(eager), ref), Contender("HF sdpa", torch_runner(sdpa), ref)]
+    if "fp32" in onnx:
+        out.append(Contender("ORT fp32", ort_runner(onnx["fp32"], threads), ref))
+        out.append(Contender("ORT int8", ort_runner(onnx["int8"], threads), ref, exact=False))
+    if onnx.get("openvino"):
+        out.append(Contender("OpenVINO f32", openvino_runner(onnx["fp32"], threads), ref))
+    for pattern, folder in sparse_dirs.items():
+        fast = load_model(folder, task="sentiment", fast=True)
+        slow = load_model(folder, task="sentiment")          # the same weights on PyTorch's dense path
+        sref = torch_runner(slow)
+        out.append(Contender(f"sparsetx {pattern}", torch_runner(fast), sref))
+        out.append(Contender(f"sparsetx {pattern} + tokens {SPATTEN_KEEP:.0%}",
+                             torch_runner(fast, lambda m=fast: spatten(m, keep)), sref, exact=False,
+                             note="token pruning changes the function: accuracy reported"))
+    out.append(Contender(f"sparsetx dense + tokens {SPATTEN_KEEP:.0%}", torch_runner(dense, lambda: spatten(dense, keep)),
+                         ref, exact=False, note="token pruning changes the function: accuracy reported"))
+    return out
+
+
+def encoder_inputs(tokenizer, length: int, batch: int):
+    """``batch`` different rows of exactly ``length`` tokens of held-out Shakespeare (no padding)."""
+    from sparsetx.data.text import shakespeare_plays
+
+    plays = shakespeare_plays()["heldout"]
+    text = " ".join(plays[k] for k in sorted(plays))
+    ids = tokenizer(text[:400_000], add_special_tokens=False).input_ids
+    body = length - 2
+    rows = [[tokenizer.cls_token_id] + ids[i * body:(i + 1) * body] + [tokenizer.sep_token_id] for i in range(batch)]
+    t = torch.tensor(rows, dtype=torch.long)
+    return t, torch.ones_like(t)
+
+
+def test_accuracy(c: Contender, tokenizer, data, batch_size: int = 32) -> float:
+    correct = 0
+    for i in range(0, len(data.texts), batch_size):
+        enc = tokenizer(data.texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=128)
+        logits = c.run(enc.input_ids, enc.attention_mask)
+        correct += int((logits.argmax(-1) == np.asarray(data.labels[i:i + batch_size])).sum())
+    return correct / len(data.texts)
+
+
+def encoder_part(args, errors: dict) -> dict:
+    from sparsetx.data.sentiment import sentiment_splits
+    from sparsetx.models import load_tokenizer
+
+    dense_dir, dense, sparse_dirs = load_encoders(Path(args.models))
+    tok = load_tokenizer(dense_dir)
+    skipped = {}
+    onnx = {}
+    work = Path(tempfile.mkdtemp(prefix="sparsetx-peers-"))
+    try:
+        import onnxruntime  # noqa: F401
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        onnx["fp32"] = export_onnx(dense, work)
+        onnx["int8"] = work / "minilm_int8.onnx"
+        quantize_dynamic(str(onnx["fp32"]), str(onnx["int8"]), weight_type=QuantType.QInt8)
+    except Exception as err:  # recorded, not fatal: the other contenders still run
+        skipped["ONNX Runtime"] = f"{type(err).__name__}: {err}"
+    try:
+        import openvino  # noqa: F401
+        onnx["openvino"] = "fp32" in onnx
+    except Exception as err:
+        skipped["OpenVINO"] = f"{type(err).__name__}: {err}"
+    for name, err in errors.items():
+        skipped.setdefault(name, err)
+
+    result = {"models": {"dense": str(dense_dir), **{p: str(d) for p, d in sparse_dirs.items()}},
+              "skipped": skipped, "settings": [], "accuracy": {}, "checks": {}}
+    test = sentiment_splits()["test"].subset(args.test_limit)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        contenders = encoder_contenders(dense, sparse_dirs, onnx, threads, errors, skipped)
+        # outputs first: every contender against its PyTorch model, on a real 128-token batch
+        ids, mask = encoder_inputs(tok, 128, 2)
+        for c in contenders:
+            got, want = c.run(ids, mask), c.reference(ids, mask)
+            cos = cosine(got, want)
+            ok = cos > 0.999 if c.exact else True
+            result["checks"].setdefault(c.name, {})[f"{threads}t"] = {
+                "cosine": cos, "max_abs_diff": float(np.abs(np.asarray(got) - np.asarray(want)).max()),
+                "same_argmax": bool((np.asarray(got).argmax(-1) == np.asarray(want).argmax(-1)).all()),
+                "exact": c.exact, "ok": ok}
+            if not ok:
+                raise SystemExit(f"{c.name}: logits cosine {cos:.6f} <= 0.999 against its PyTorch model; not timed")
+        if threads == args.threads[-1]:
+            for c in contenders:
+                result["accuracy"][c.name] = test_accuracy(c, tok, test)
+                print(f"  accuracy {c.name}: {result['accuracy'][c.name]:.4f}", flush=True)
+        for length in args.lengths:
+            for batch in args.batches:
+                ids, mask = encoder_inputs(tok, length, batch)
+                cases = {c.name: (lambda c=c: c.run(ids, mask)) for c in contenders}
+                t = timed(cases, args.repeats)
+                setting = {"threads": threads, "tokens": length, "batch": batch, "times": t}
+                hf = min(t["HF eager"]["median_s"], t["HF sdpa"]["median_s"])
+                peers = {k: v["median_s"] for k, v in t.items() if k.startswith(("HF", "ORT", "OpenVINO"))}
+                fastest = min(peers, key=peers.get)
+                setting["hf_dense_s"] = hf
+                setting["fastest_dense_peer"] = fastest
+                setting["ratio_vs_fastest_peer"] = {k: peers[fastest] / v["median_s"] for k, v in t.items()}
+                result["settings"].append(setting)
+                print(f"{threads}t {length} tok x{batch}: " + ", ".join(
+                    f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in t.items()) + f" | fastest peer {fastest}", flush=True)
+        del contenders
+        gc.collect()
+    return result
+
+
+# --- decoder contenders ---------------------------------------------------------------------------
+
+def wiki_ids(tokenizer, n: int) -> list[int]:
+    from sparsetx.data.text import wikipedia_articles
+
+    text = "\n".join(wikipedia_articles().values())
+    ids = tokenizer(text[:2_000_000], add_special_tokens=False).input_ids
+    if len(ids) < n:
+        raise SystemExit(f"the Wikipedia excerpt has {len(ids)} tokens, {n} needed")
+    return ids[:n]
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python on the package's own Q4_1 GGUF, fed our token ids."""
+
+    def __init__(self, threads: int, n_ctx: int, logits_all: bool = False):
+        from llama_cpp import Llama
+
+        from sparsetx.data.assets import package_file
+        from sparsetx.models import SMOLLM2_GGUF
+
+        self.llm = Llama(model_path=str(package_file(*SMOLLM2_GGUF)), n_ctx=n_ctx, n_threads=threads,
+                         n_threads_batch=threads, n_batch=512, logits_all=logits_all, verbose=False)
+
+    def prefill(self, prompt: list[int]):
+        self.llm.reset()
+        self.llm.eval(prompt)
+
+    def generate(self, prompt: list[int], new: int) -> list[int]:
+        self.prefill(prompt)
+        out = []
+        for _ in range(new):
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(tok)
+            self.llm.eval([tok])
+        return out
+
+    def nll(self, window: list[int], start: int) -> list[float]:
+        self.prefill(window)
+        logits = np.asarray(self.llm.scores[:len(window)], dtype=np.float64)
+        out = []
+        for t in range(start, len(window)):
+            row = logits[t - 1]
+            out.append(float(np.logaddexp.reduce(row) - row[window[t]]))
+        return out
+
+
+def hf_nll(model, window: list[int], start: int) -> list[float]:
+    ids = torch.tensor([window])
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0].double()
+    lp = torch.log_softmax(logits[start - 1:-1], -1)
+    return (-lp.gather(1, ids[0, start:].unsqueeze(1))).squeeze(1).tolist()
+
+
+def decoder_part(args, errors: dict) -> dict:
+    from sparsetx.attention.decoder import DecoderConfig, spatten_decoder
+    from sparsetx.attention.decoder_eval import streaming_pass
+    from sparsetx.models import load_model, load_tokenizer
+
+    dense = load_model("smollm2")
+    tok = load_tokenizer("smollm2")
+    res = {"skipped": {}, "settings": [], "perplexity": {}, "checks": {}, "kv_keep": args.kv_keep}
+    try:
+        import llama_cpp  # noqa: F401
+        have_cpp = True
+    except Exception as err:
+        have_cpp = False
+        res["skipped"]["llama.cpp"] = errors.get("llama-cpp-python") or f"{type(err).__name__}: {err}"
+    # perplexity: the same token windows for every contender; tokens start..end-1 scored
+    win, start = args.ppl_window, args.ppl_window // 4
+    ids = wiki_ids(tok, win * args.ppl_windows + max(args.prompts) + 8)
+    windows = [ids[i * win:(i + 1) * win] for i in range(args.ppl_windows)]
+    torch.set_num_threads(max(args.threads))
+    nll = {"HF dense": [], f"sparsetx dense + KV {args.kv_keep:.0%}": []}
+    budget = int(win * args.kv_keep)
+    for w in windows:
+        nll["HF dense"] += hf_nll(dense, w, start)
+        s = streaming_pass(dense, torch.tensor([w]), DecoderConfig(kv_budget=budget), start)
+        nll[f"sparsetx dense + KV {args.kv_keep:.0%}"] += s.nll
+    if have_cpp:
+        cpp = LlamaCpp(max(args.threads), n_ctx=win, logits_all=True)
+        nll["llama.cpp Q4_1"] = [x for w in windows for x in cpp.nll(w, start)]
+        del cpp
+    res["perplexity"] = {k: math.exp(statistics.fmean(v)) for k, v in nll.items()}
+    res["perplexity_protocol"] = (f"{args.ppl_windows} Wikipedia windows of {win} tokens; tokens {start}..{win - 1} scored; "
+                                  f"KV budget {budget} tokens ({args.kv_keep:.0%} of the window) after a {start}-token prefill")
+    print("perplexity:", {k: round(v, 3) for k, v in res["perplexity"].items()}, flush=True)
+
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        cpp = LlamaCpp(threads, n_ctx=max(args.prompts) + args.new_tokens + 8) if have_cpp else None
+        for prompt_len in args.prompts:
+            prompt = ids[-prompt_len:]     # after the perplexity windows: not scored text
+            pt = torch.tensor([prompt])
+            kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+            cfg = DecoderConfig(kv_budget=int(prompt_len * args.kv_keep))
+
+            def hf_gen():
+                with torch.inference_mode():
+                    return dense.generate(input_ids=pt, **kw)[0, prompt_len:].tolist()
+
+            def kv_gen():
+                with torch.inference_mode(), spatten_decoder(dense, cfg):
+                    return dense.generate(input_ids=pt, **kw)[0, prompt_len:].tolist()
+
+            def hf_prefill():
+                with torch.inference_mode():
+                    dense(input_ids=pt)
+
+            full = {"HF dense": hf_gen, f"sparsetx dense + KV {args.kv_keep:.0%}": kv_gen}
+            pre = {"HF dense": hf_prefill, f"sparsetx dense + KV {args.kv_keep:.0%}": hf_prefill}
+            if cpp:
+                full["llama.cpp Q4_1"] = lambda: cpp.generate(prompt, args.new_tokens)
+                pre["llama.cpp Q4_1"] = lambda: cpp.prefill(prompt)
+            ref = hf_gen()
+            for k, fn in full.items():   # greedy tokens against HF dense's (Q4_1 and KV pruning may differ)
+                got = fn()
+                same = sum(a == b for a, b in zip(got, ref))
+                res["checks"].setdefault(k, {})[f"{threads}t {prompt_len}"] = {"tokens_equal_to_hf": same, "of": len(ref)}
+            t_full = timed(full, args.decoder_repeats)
+            t_pre = timed(pre, args.decoder_repeats)
+            rates = {k: args.new_tokens / max(t_full[k]["median_s"] - t_pre[k]["median_s"], 1e-9) for k in full}
+            res["settings"].append({"threads": threads, "prompt": prompt_len, "new_tokens": args.new_tokens,
+                                    "generate": t_full, "prefill": t_pre, "decode_tokens_per_s": rates})
+            print(f"decoder {threads}t prompt {prompt_len}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in rates.items()),
+                  flush=True)
+        del cpp
+        gc.collect()
+    return res
+
+
+def decoder_table(res: dict) -> list[str]:
+    if not res["settings"]:
+        return []
+    names = list(res["settings"][0]["decode_tokens_per_s"])
+    lines = ["| contender | Wikipedia ppl | " + " | ".join(f"{s['threads']}t, {s['prompt']}-token prompt" for s in res["settings"]) + " |",
+             "|---|---|" + "---|" * len(res["settings"])]
+    for n in names:
+        ppl = res["perplexity"].get(n)
+        cells = [f"{s['decode_tokens_per_s'][n]:.1f} tok/s ({s['generate'][n]['median_s']:.2f} s)" for s in res["settings"]]
+        lines.append(f"| {n} | {'-' if ppl is None else f'{ppl:.2f}'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+def encoder_table(res: dict) -> list[str]:
+    names = list(res["settings"][0]["times"]) if res["settings"] else []
+    lines = ["| contender | test acc | " + " | ".join(f"{s['threads']}t {s['tokens']}x{s['batch']}" for s in res["settings"]) + " |",
+             "|---|---|" + "---|" * len(res["settings"])]
+    for n in names:
+        acc = res["accuracy"].get(n)
+        cells = []
+        for s in res["settings"]:
+            t = s["times"][n]
+            cells.append(f"{t['median_s'] * 1e3:.1f} ms (x{s['ratio_vs_fastest_peer'][n]:.2f})")
+        lines.append(f"| {n} | {'-' if acc is None else f'{acc:.4f}'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def encoder_targets(res: dict) -> list[str]:
+    out = ["| setting | fastest dense peer | " + " | ".join(f"sparsetx {p} (target x{x})" for p, x in TARGETS.items()) + " |",
+           "|---|---|" + "---|" * len(TARGETS)]
+    for s in res["settings"]:
+        cells = []
+        for p, x in TARGETS.items():
+            r = s["ratio_vs_fastest_peer"].get(f"sparsetx {p}")
+            cells.append("-" if r is None else f"x{r:.2f} {'met' if r >= x else 'not met'}")
+        out.append(f"| {s['threads']}t, {s['tokens']} tokens, batch {s['batch']} | {s['fastest_dense_peer']} | "
+                   + " | ".join(cells) + " |")
+    return out
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = res["settings"]
+    names = list(settings[0]["times"])
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(settings)), 5))
+    w = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax.bar([j + i * w for j in range(len(settings))], [s["ratio_vs_fastest_peer"][n] for s in settings], w, label=n)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(settings))],
+                  [f"{s['threads']}t\n{s['tokens']}x{s['batch']}" for s in settings])
+    ax.set_ylabel("speed vs the fastest dense peer (higher is faster)")
+    ax.set_title("MiniLM classifier on this CPU: sparsetx vs ONNX Runtime / OpenVINO / HF")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="runs/peers-models", help="a `sparsetx compare` output folder")
+    ap.add_argument("--threads", default="1,2", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--lengths", default="128,512", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--batches", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--test-limit", type=int, default=None, help="first N test snippets only (default: all)")
+    ap.add_argument("--part", default="encoder,decoder", type=lambda s: s.split(","))
+    ap.add_argument("--prompts", default="512,2048", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--kv-keep", type=float, default=0.25)
+    ap.add_argument("--decoder-repeats", type=int, default=10)
+    ap.add_argument("--ppl-window", type=int, default=512)
+    ap.add_argument("--ppl-windows", type=int, default=4)
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    if args.repeats < 10:
+        print("note: fewer than 10 repeats: not the benchmark's standard", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    errors = install_errors()
+    import platform
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                          "python": platform.python_version()},
+              "versions": _versions(), "repeats": args.repeats}
+    md = ["# sparsetx vs CPU runtimes (one run)", ""]
+    if "encoder" in args.part:
+        result["encoder"] = enc = encoder_part(args, errors)
+        md += ["## MiniLM sentiment classifier", "",
+               "Median ms per forward (speed ratio vs the fastest dense peer of that setting; higher is faster).", "",
+               *encoder_table(enc), "", "Targets (issue 12):", "", *encoder_targets(enc), ""]
+        if enc["skipped"]:
+            md += ["Not run:", ""] + [f"- {k}: `{_first_error(v)}`" for k, v in enc["skipped"].items()] + [""]
+        plot(enc, out / "peers.png")
+    if "decoder" in args.part:
+        result["decoder"] = dec = decoder_part(args, errors)
+        md += ["## SmolLM2-135M decode", "", f"Decode tokens/s ({args.new_tokens} new tokens; generate time minus "
+               f"prefill time, medians of {args.decoder_repeats}); perplexity: {dec['perplexity_protocol']}.", "",
+               *decoder_table(dec), ""]
+        if dec["skipped"]:
+            md += ["Not run:", ""] + [f"- {k}: `{_first_error(v)}`" for k, v in dec["skipped"].items()] + [""]
+    (out / "peers.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "peers.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    print(f"wrote {out}/peers.json, peers.md" + (", peers.png" if "encoder" in args.part else ""))
+
+
+def _first_error(text: str) -> str:
+    """The most telling line of a pip or import failure."""
+    lines = [ln.strip(" |│") for ln in (text or "failed").splitlines() if ln.strip(" |│")]
+    for test in (lambda ln: "end-of-life" in ln, lambda ln: ln.startswith("ERROR:"), lambda ln: "error" in ln.lower()):
+        hit = next((ln for ln in lines if test(ln) and "FAILED" not in ln), None)
+        if hit:
+            return hit[:200]
+    return lines[0][:200]
+
+
+def _versions() -> dict:
+    import importlib
+
+    out = {}
+    for m in ("transformers", "onnxruntime", "openvino", "llama_cpp", "deepsparse"):
+        try:
+            out[m] = getattr(importlib.import_module(m), "__version__", "?")
+        except Exception as err:
+            out[m] = f"unavailable ({type(err).__name__})"
+    return out
+
+
+if __name__ == "__main__":
+    main()
