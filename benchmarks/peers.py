@@ -18,9 +18,11 @@ sentiment test accuracy for every encoder contender, perplexity on the Wikipedia
 decoder contender.
 
     bash benchmarks/setup_peers.sh
-    sparsetx compare --dense runs/demo/compare/dense/candidate-dense --patterns 2:8 --series 2:8,1:8 \
-        --no-unnested --steps 20 --out runs/peers-models
-    benchmarks/.venv-peers/bin/python benchmarks/peers.py --models runs/peers-models
+    sparsetx demo                                   # a fine-tuned dense classifier (runs/demo/compare)
+    sparsetx prune --method idp --model runs/demo/compare/dense/candidate-dense --series 2:8,1:8 \
+        --steps 150 --lr 1e-4 --out runs/peers-idp
+    benchmarks/.venv-peers/bin/python benchmarks/peers.py --models runs/peers-idp \
+        --dense runs/demo/compare/dense/candidate-dense
 Results: benchmarks/results/peers/peers.{json,md,png}.
 """
 from __future__ import annotations
@@ -88,17 +90,22 @@ def install_errors() -> dict[str, str]:
 
 # --- encoder contenders ---------------------------------------------------------------------------
 
-def load_encoders(models: Path):
-    """(dense fine-tuned classifier, {pattern: IDP candidate folder}) from a ``sparsetx compare``
-    output folder (``dense/candidate-dense``, ``idp/candidate-2_8``, ``idp/candidate-1_8``)."""
+def load_encoders(models: Path, dense_dir: Path | None = None):
+    """(dense fine-tuned classifier, {pattern: candidate folder}): a ``sparsetx compare`` output folder
+    (``dense/candidate-dense``, ``idp/candidate-2_8``, ``idp/candidate-1_8``) or a ``sparsetx prune
+    --method idp`` one (``candidate-2_8``, ...) with the dense model it started from (--dense)."""
     from sparsetx.models import load_model
 
-    dense_dir = models / "dense" / "candidate-dense"
+    dense_dir = dense_dir or models / "dense" / "candidate-dense"
     if not (dense_dir / "config.json").exists():
-        raise SystemExit(f"{models}: no fine-tuned dense classifier at {dense_dir}; run `sparsetx compare "
-                         f"--series 2:8,1:8` (or `sparsetx demo`, whose compare folder has 2:8 only) and pass --models")
-    sparse = {p: models / "idp" / f"candidate-{p.replace(':', '_')}" for p in ("2:8", "1:8")}
-    sparse = {p: d for p, d in sparse.items() if (d / "config.json").exists()}
+        raise SystemExit(f"no fine-tuned dense classifier at {dense_dir}; run `sparsetx compare` (or `sparsetx "
+                         f"demo`) and pass --models, or pass --dense")
+    sparse = {}
+    for p in ("2:8", "1:8"):
+        name = f"candidate-{p.replace(':', '_')}"
+        found = [d for d in (models / "idp" / name, models / name) if (d / "config.json").exists()]
+        if found:
+            sparse[p] = found[0]
     return dense_dir, load_model(dense_dir, task="sentiment"), sparse
 
 
@@ -215,7 +222,7 @@ def encoder_part(args, errors: dict) -> dict:
     from sparsetx.data.sentiment import sentiment_splits
     from sparsetx.models import load_tokenizer
 
-    dense_dir, dense, sparse_dirs = load_encoders(Path(args.models))
+    dense_dir, dense, sparse_dirs = load_encoders(Path(args.models), args.dense)
     tok = load_tokenizer(dense_dir)
     skipped = {}
     onnx = {}
@@ -424,6 +431,61 @@ def decoder_table(res: dict) -> list[str]:
     return lines
 
 
+# --- peak memory --------------------------------------------------------------------------------
+
+MEMORY_PROBE = """
+import json, sys
+import torch, transformers  # noqa: F401  (imported before the baseline is read)
+from sparsetx.models import load_model
+path, task, fast = sys.argv[1], sys.argv[2] or None, sys.argv[3] == "1"
+torch.set_num_threads(1)
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+open("/proc/self/clear_refs", "w").write("5")   # reset the high-water mark (VmHWM) to the current RSS
+base = status("VmRSS")
+model = load_model(path, task=task, fast=fast)
+loaded = status("VmHWM")
+with torch.inference_mode():
+    model(input_ids=torch.ones(1, 128, dtype=torch.long))
+print(json.dumps({"base_kib": base, "after_load_kib": loaded, "peak_kib": status("VmHWM")}))
+"""
+
+
+def peak_memory(path, task: str | None, fast: bool) -> dict:
+    """Peak RSS above the imports (torch, transformers) of loading ``path`` and running one 128-token
+    forward, in a fresh process (Linux VmHWM, reset after the imports through /proc/self/clear_refs)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), task or "", "1" if fast else "0"],
+                         check=True, capture_output=True, text=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return {"load_mib": (r["after_load_kib"] - r["base_kib"]) / 1024, "peak_mib": (r["peak_kib"] - r["base_kib"]) / 1024}
+
+
+def memory_part(args) -> dict:
+    dense_dir, _, sparse = load_encoders(Path(args.models), args.dense)
+    rows = {"MiniLM dense fp32 (HF)": peak_memory(dense_dir, "sentiment", False)}
+    for pattern, folder in sparse.items():
+        rows[f"MiniLM {pattern} packed, N:M kernel"] = peak_memory(folder, "sentiment", True)
+    base = rows["MiniLM dense fp32 (HF)"]["peak_mib"]
+    for r in rows.values():
+        r["vs_dense"] = r["peak_mib"] / base
+    print("peak memory:", {k: round(v["peak_mib"], 1) for k, v in rows.items()}, flush=True)
+    return rows
+
+
+def memory_table(rows: dict) -> list[str]:
+    lines = ["| model | after load (MiB) | peak, load + one 128-token forward (MiB) | vs dense (target <= 0.35x) |",
+             "|---|---|---|---|"]
+    for k, r in rows.items():
+        lines.append(f"| {k} | {r['load_mib']:.1f} | {r['peak_mib']:.1f} | x{r['vs_dense']:.2f} |")
+    return lines
+
+
 # --- report ---------------------------------------------------------------------------------------
 
 def encoder_table(res: dict) -> list[str]:
@@ -476,13 +538,15 @@ def plot(res: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="runs/peers-models", help="a `sparsetx compare` output folder")
+    ap.add_argument("--models", default="runs/peers-idp", help="a `sparsetx prune --method idp` or `compare` output folder")
+    ap.add_argument("--dense", type=Path, default=None, help="the fine-tuned dense classifier (default: "
+                    "MODELS/dense/candidate-dense)")
     ap.add_argument("--threads", default="1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--lengths", default="128,512", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--batches", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--test-limit", type=int, default=None, help="first N test snippets only (default: all)")
-    ap.add_argument("--part", default="encoder,decoder", type=lambda s: s.split(","))
+    ap.add_argument("--part", default="encoder,memory,decoder", type=lambda s: s.split(","))
     ap.add_argument("--prompts", default="512,2048", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--kv-keep", type=float, default=0.25)
@@ -509,6 +573,9 @@ def main(argv=None) -> None:
         if enc["skipped"]:
             md += ["Not run:", ""] + [f"- {k}: `{_first_error(v)}`" for k, v in enc["skipped"].items()] + [""]
         plot(enc, out / "peers.png")
+    if "memory" in args.part:
+        result["memory"] = memory_part(args)
+        md += ["## Peak memory (RSS above the imports, fresh process each)", "", *memory_table(result["memory"]), ""]
     if "decoder" in args.part:
         result["decoder"] = dec = decoder_part(args, errors)
         md += ["## SmolLM2-135M decode", "", f"Decode tokens/s ({args.new_tokens} new tokens; generate time minus "

@@ -17,6 +17,8 @@ no half-written folder. No pickle.
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import hashlib
 import json
@@ -334,7 +336,19 @@ def _build_model(folder: Path, config, tensors: dict[str, torch.Tensor], packed:
     if bad_ties:
         raise PackedFormatError(f"{folder}: tied entries that do not fit the model: {dict(list(bad_ties.items())[:2])}")
     del skeleton
-    return cls._from_config(config, dtype=torch.float32)
+    with _no_init():   # every weight is overwritten from the file: the random init is wasted work and memory
+        return cls._from_config(config, dtype=torch.float32)
+
+
+def _no_init():
+    """transformers' context that skips weight initialisation (its home moved between releases);
+    a no-op where neither is found (then the init runs, which is slower but correct)."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return getattr(__import__(where, fromlist=["no_init_weights"]), "no_init_weights")()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
 
 
 def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool = False):
@@ -351,8 +365,17 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     config = read_config(folder, header)
     model = _build_model(folder, config, tensors, packed, header)
     state = dict(tensors)
-    for name, p in packed.items():
-        state[f"{name}.weight"] = unpack_nm(p).float()
+    if fast:
+        from ..kernels.nm_linear import SparseLinear  # kernels sit above formats: imported on demand
+
+        # straight from the packed values as stored, before any dense weight of these layers is
+        # written: their (uninitialised) dense memory is freed untouched, so loading never holds a
+        # dense copy of a packed layer
+        for name, p in packed.items():
+            model.set_submodule(name, SparseLinear.from_packed(p, state.pop(f"{name}.bias", None)))
+    else:
+        for name, p in packed.items():
+            state[f"{name}.weight"] = unpack_nm(p).float()
     tied = header.get("tied", {})
     model.load_state_dict(state, strict=False)
     if tied and hasattr(model, "tie_weights"):
@@ -363,11 +386,6 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
             raise PackedFormatError(f"{folder}: the header ties {key!r} to {source!r}, but the model does not "
                                     "share them (config.json and header disagree)")
     model.eval()
-    if fast:
-        from ..kernels.nm_linear import SparseLinear  # kernels sit above formats: imported on demand
-
-        for name, p in packed.items():  # from the packed values as stored: no repacking of the masked weight
-            model.set_submodule(name, SparseLinear.from_packed(p, model.get_submodule(name).bias))
     return (model, packed) if with_sparse else model
 
 
