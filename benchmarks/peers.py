@@ -56,15 +56,22 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
+SETTLE_S = 0.05   # idle time before each timed call: other runtimes' worker threads stop spinning
+
+
 def timed(cases: dict, repeats: int) -> dict[str, dict]:
-    """One warm-up each, then ``repeats`` rounds calling every case once per round (interleaved)."""
+    """One warm-up each, then ``repeats`` rounds calling every case once per round (interleaved),
+    the order rotated every round, each call after SETTLE_S of idle time: ONNX Runtime's and
+    OpenVINO's worker threads spin for a while after a call and would slow whichever case follows."""
     for fn in cases.values():
         fn()
+    names = list(cases)
     times = {k: [] for k in cases}
-    for _ in range(repeats):
-        for k, fn in cases.items():
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(SETTLE_S)
             t = time.perf_counter()
-            fn()
+            cases[k]()
             times[k].append(time.perf_counter() - t)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "runs": len(v)}
             for k, v in times.items()}
