@@ -115,7 +115,16 @@ def test_packed_folder_loads_as_fast_model(tmp_path):
     sparsify(model, NMConfig("2:8", overrides={"intermediate": "1:8"}))
     save_packed(model, tmp_path / "m", recorded_patterns(model), "float16")
     dense = load_packed(tmp_path / "m")
-    fast = load_packed(tmp_path / "m", fast=True)
+    import sparsetx.formats.folder as folder
+
+    def no_unpack(*_):   # a fast load builds no dense copy of a packed layer
+        raise AssertionError("fast load unpacked a layer to a dense weight")
+
+    real, folder.unpack_nm = folder.unpack_nm, no_unpack
+    try:
+        fast = load_packed(tmp_path / "m", fast=True)
+    finally:
+        folder.unpack_nm = real
     assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == 12
     ids = torch.randint(0, 100, (3, 21))
     with torch.no_grad():
