@@ -35,7 +35,6 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -44,6 +43,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from timing import interleaved_stats  # noqa: E402
 OUT = ROOT / "benchmarks" / "results" / "peers"
 SPATTEN_KEEP = 0.5
 TARGETS = {"2:8": 1.5, "1:8": 2.0}     # issue 12: end-to-end ratio over the fastest dense peer
@@ -60,21 +61,10 @@ SETTLE_S = 0.05   # idle time before each timed call: other runtimes' worker thr
 
 
 def timed(cases: dict, repeats: int) -> dict[str, dict]:
-    """One warm-up each, then ``repeats`` rounds calling every case once per round (interleaved),
-    the order rotated every round, each call after SETTLE_S of idle time: ONNX Runtime's and
-    OpenVINO's worker threads spin for a while after a call and would slow whichever case follows."""
-    for fn in cases.values():
-        fn()
-    names = list(cases)
-    times = {k: [] for k in cases}
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            time.sleep(SETTLE_S)
-            t = time.perf_counter()
-            cases[k]()
-            times[k].append(time.perf_counter() - t)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "runs": len(v)}
-            for k, v in times.items()}
+    """Interleaved, the order rotated every round, each call after SETTLE_S of idle time: ONNX
+    Runtime's and OpenVINO's worker threads spin for a while after a call and would slow whichever
+    case follows."""
+    return interleaved_stats(cases, repeats, settle=SETTLE_S, rotate=True)
 
 
 def install_errors() -> dict[str, str]:
@@ -173,7 +163,7 @@ def openvino_runner(path: Path, threads: int):
     return run
 
 
-def encoder_contenders(dense, sparse_dirs: dict, onnx: dict, threads: int, errors: dict, skipped: dict):
+def encoder_contenders(dense, sparse_dirs: dict, onnx: dict, threads: int):
     from sparsetx.attention.encoder import SpAttenConfig, spatten
     from sparsetx.models import load_model
 
@@ -256,7 +246,7 @@ def encoder_part(args, errors: dict) -> dict:
     test = sentiment_splits()["test"].subset(args.test_limit)
     for threads in args.threads:
         torch.set_num_threads(threads)
-        contenders = encoder_contenders(dense, sparse_dirs, onnx, threads, errors, skipped)
+        contenders = encoder_contenders(dense, sparse_dirs, onnx, threads)
         # outputs first: every contender against its PyTorch model, on a real 128-token batch
         ids, mask = encoder_inputs(tok, 128, 2)
         for c in contenders:

@@ -15,16 +15,29 @@ def per_call(fn, inner: int = 1) -> float:
     return (time.perf_counter() - t) / inner
 
 
-def interleaved(cases: dict, repeats: int, inner: int = 1) -> dict[str, float]:
+def interleaved_stats(cases: dict, repeats: int, inner: int = 1, settle: float = 0.0,
+                      rotate: bool = False) -> dict[str, dict]:
     """One warm-up each, then ``repeats`` rounds calling every case once per round (so drift in the
-    machine's speed hits all cases alike); the median seconds per call of each."""
+    machine's speed hits all cases alike): median, min and max seconds per call of each. ``rotate``
+    turns the order by one case every round; ``settle`` idles that many seconds before each timed
+    call (other runtimes' worker threads spin for a while after a call and would slow the next case)."""
     for fn in cases.values():
         per_call(fn, inner)
+    names = list(cases)
     times = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            times[name].append(per_call(fn, inner))
-    return {name: statistics.median(t) for name, t in times.items()}
+    for r in range(repeats):
+        shift = r % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            if settle:
+                time.sleep(settle)
+            times[name].append(per_call(cases[name], inner))
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "runs": len(t)}
+            for name, t in times.items()}
+
+
+def interleaved(cases: dict, repeats: int, inner: int = 1) -> dict[str, float]:
+    """The median seconds per call of each case (:func:`interleaved_stats`, fixed order)."""
+    return {name: s["median_s"] for name, s in interleaved_stats(cases, repeats, inner).items()}
 
 
 def bench_args(doc: str, out: str, argv=None, repeats: int = 5, threads: int | None = None) -> argparse.Namespace:

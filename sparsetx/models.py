@@ -7,7 +7,6 @@ variables are set).
 from __future__ import annotations
 
 import io
-
 import os
 from contextlib import contextmanager, redirect_stderr
 from pathlib import Path

@@ -18,9 +18,9 @@ no half-written folder. No pickle.
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -345,7 +345,7 @@ def _no_init():
     a no-op where neither is found (then the init runs, which is slower but correct)."""
     for where in ("transformers.initialization", "transformers.modeling_utils"):
         try:
-            return getattr(__import__(where, fromlist=["no_init_weights"]), "no_init_weights")()
+            return importlib.import_module(where).no_init_weights()
         except (ImportError, AttributeError):
             continue
     return contextlib.nullcontext()

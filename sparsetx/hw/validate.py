@@ -37,6 +37,7 @@ def _unquantized(work):
 def reproduce(progress=None) -> list[dict]:
     """Every figure of paper_figures.json with ours, the ratio and a status."""
     figures = json.loads(FIGURES.read_text())["figures"]
+    paper = {f["id"]: f["value"] for f in figures}   # the paper's side, quoted once (in the JSON)
     ours: dict[str, tuple[float | None, str]] = {}
     tick = progress or (lambda msg: None)
 
@@ -107,31 +108,32 @@ def reproduce(progress=None) -> list[dict]:
               392: cyc("gpt2-medium", kv_buffer_bytes=392 * 1024)}
         ours["spatten.kv_sram_saturate"] = (kv[196] / kv[392], "GPT-2-medium trace (96-KB heads), official semantics: "
                                             "{:,.0f} / {:,.0f} / {:,.0f} cycles at 48 / 196 / 392 KB".format(*kv.values()))
-        chip = {n: _power(r, chip_only=True) for n, r in base.items()}
-        total = {n: _power(r, chip_only=False) for n, r in base.items()}
-        topk = {n: r["energy_pj"]["topk"] / sum(v for k, v in r["energy_pj"].items() if k != "dram") for n, r in base.items()}
+        chip = {n: _energy_pj(r, chip_only=True) * 1e-12 / r["seconds"] for n, r in base.items()}
+        total = {n: _energy_pj(r, chip_only=False) * 1e-12 / r["seconds"] for n, r in base.items()}
+        topk = {n: r["energy_pj"]["topk"] / _energy_pj(r, chip_only=True) for n, r in base.items()}
+        watts = paper["spatten.power_w"]
         ours["spatten.power_w"] = (sum(chip.values()) / 2, "on-chip dynamic power on the GPT-2 traces, official semantics "
                                    "(small {:.2f} W, medium {:.2f} W; with HBM2: {:.2f} / {:.2f} W). The energy table counts "
                                    "arithmetic and SRAM accesses only (45 nm): no clock tree, pipeline registers, control, "
                                    "crossbar or leakage, which a 1 GHz synthesised chip pays".format(*chip.values(), *total.values()))
-        at_paper = {n: r["energy_pj"]["topk"] * 1e-12 / r["seconds"] / 8.30 for n, r in base.items()}
+        at_paper = {n: r["energy_pj"]["topk"] * 1e-12 / r["seconds"] / watts for n, r in base.items()}
         ours["spatten.topk_power_share"] = (sum(topk.values()) / 2, "top-k energy (comparators + candidate buffer) over "
                                             "on-chip energy, GPT-2 traces, official semantics (small {:.2%}, medium "
                                             "{:.2%}); the denominator misses the same overheads as the power: against "
-                                            "the paper's 8.30 W the engine's power is {:.2%} / {:.2%}, so the figure lies "
-                                            "in that bracket".format(*topk.values(), *at_paper.values()))
-        for key, plat, speedup, saving in (("speedup_titan_xp", "titan-xp", 162, 1193), ("speedup_xeon", "xeon-e5-2640v4", 347, 4059)):
+                                            "the paper's {:.2f} W the engine's power is {:.2%} / {:.2%}, so the figure lies "
+                                            "in that bracket".format(*topk.values(), watts, *at_paper.values()))
+        for target, plat in (("titan_xp", "titan-xp"), ("xeon", "xeon-e5-2640v4")):
+            key, speedup, saving = f"speedup_{target}", paper[f"spatten.speedup_{target}"], paper[f"spatten.energy_{target}"]
             eff = _attention_implied(runs["gpt2-small"][0], small["seconds"], speedup, PLATFORMS[plat])
             ours[f"spatten.{key}"] = (None, f"baseline latency was measured on the platform, not given; if {speedup}x held "
                                             f"over our GPT-2-small latency, the {PLATFORMS[plat].name} would run at "
                                             f"{eff:.1%} of its roofline ({'consistent' if eff <= 1 else 'INCONSISTENT'})")
             # energy saving = speedup x (baseline power / SpAtten power): the baseline's power is implied
-            implied = [saving / speedup * p for p in (sum(chip.values()) / 2, sum(total.values()) / 2, 8.30)]
-            energy_key = "energy_" + key.split("_", 1)[1]
-            ours[f"spatten.{energy_key}"] = (None, f"needs the {PLATFORMS[plat].name}'s measured energy; with the paper's "
+            implied = [saving / speedup * p for p in (sum(chip.values()) / 2, sum(total.values()) / 2, watts)]
+            ours[f"spatten.energy_{target}"] = (None, f"needs the {PLATFORMS[plat].name}'s measured energy; with the paper's "
                                              f"{speedup}x speedup the saving implies a baseline drawing {saving / speedup:.2f}x "
                                              f"SpAtten's power: {implied[0]:.1f} W against our on-chip power, {implied[1]:.1f} W "
-                                             f"with HBM2, {implied[2]:.1f} W against the paper's 8.30 W (TDP "
+                                             f"with HBM2, {implied[2]:.1f} W against the paper's {watts:.2f} W (TDP "
                                              f"{PLATFORMS[plat].watts} W: " + ("within it)" if implied[2] <= PLATFORMS[plat].watts else
                                                  "above it: the measured energy must include more than the package, e.g. DRAM or a second socket)"))
     tick("SpAtten on BERT-base")
@@ -160,22 +162,22 @@ def reproduce(progress=None) -> list[dict]:
         ours[f"sta.compression_{key}"] = (768 * 768 * 2 / packed_bytes((768, 768), p, 16), "16-bit values + ceil(log2 M)-bit indices")
     tick("STA on BERT-base")
     sta = STAArch()
-    dense = simulate_sta(sta_workload(bert, 128, None), sta)
+    ops = sta_workload(bert, 128, None)
+    dense = simulate_sta(ops, sta)
     sparse = simulate_sta(sta_workload(bert, 128, "2:8"), sta)
     linear = lambda r: sum(v for k, v in r["cycles_by_op"].items() if k in ("q", "k", "v", "o", "ffn_gate", "ffn_in", "ffn_out"))  # noqa: E731
     ours["sta.sparse_speedup_2_8"] = (linear(dense) / linear(sparse), "engine cycles of the linear layers, BERT-base, 128 tokens")
-    ops = sta_workload(bert, 128, None)
-    for key, plat, speedup in (("speedup_i9", "i9-9900x", 14.47), ("speedup_2080ti", "rtx2080ti", 11.33)):
+    for key, plat in (("speedup_i9", "i9-9900x"), ("speedup_2080ti", "rtx2080ti")):
+        speedup = paper[f"sta.{key}"]
         eff = implied_efficiency(sparse["seconds"], speedup, ops, PLATFORMS[plat])
         ours[f"sta.{key}"] = (None, f"FPGA part, clock, DSPs and the benchmark are not in the text we could read; with our "
                                     f"assumed STA (2:8, BERT-base, 128 tokens: {sparse['seconds'] * 1e3:.2f} ms) the "
                                     f"{PLATFORMS[plat].name} would run at {eff:.1%} of its roofline")
     ours["sta.speedup_fpga"] = (None, "the compared FPGA accelerators' configurations are not known here")
-    mac_eff = sparse["macs"]["sparse_dense"] + sparse["macs"]["dense_dense"]
     dense_eq = sparse["dense_equivalent_macs"] / (sparse["cycles"] * sta.pes * sta.lanes)
     ours["sta.mac_efficiency_fpga"] = (None, f"needs the compared accelerators' throughput per DSP; ours (2:8, BERT-base, "
                                              f"128 tokens, assumed 16 x 16 x 4 multipliers): {dense_eq:.2f} dense-equivalent "
-                                             f"MACs a multiplier a cycle ({mac_eff / (sparse['cycles'] * sta.pes * sta.lanes):.2f} real)")
+                                             f"MACs a multiplier a cycle ({sparse['engine_mac_utilisation']:.2f} real)")
     ours["sta.energy_efficiency_fpga"] = (None, f"needs the compared accelerators' measured power; ours (2:8, BERT-base, 128 "
                                                 f"tokens, assumed FPGA): {sparse['energy_j'] * 1e3:.1f} mJ, "
                                                 f"{2 * sparse['dense_equivalent_macs'] / sparse['energy_j'] / 1e9:.1f} dense-equivalent GOP/J")
@@ -189,10 +191,9 @@ def reproduce(progress=None) -> list[dict]:
     return rows
 
 
-def _power(report: dict, chip_only: bool) -> float:
-    """Average watts of a simulated run: its energy (on chip, or with DRAM) over its time."""
-    pj = sum(v for k, v in report["energy_pj"].items() if not (chip_only and k == "dram"))
-    return pj * 1e-12 / report["seconds"]
+def _energy_pj(report: dict, chip_only: bool) -> float:
+    """A simulated run's energy, on chip (everything but DRAM) or with DRAM."""
+    return sum(v for k, v in report["energy_pj"].items() if not (chip_only and k == "dram"))
 
 
 def _attention_implied(work, seconds, speedup, platform) -> float:
