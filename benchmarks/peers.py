@@ -35,6 +35,7 @@ import math
 import statistics
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -449,10 +450,10 @@ def decoder_table(res: dict) -> list[str]:
 # --- peak memory --------------------------------------------------------------------------------
 
 MEMORY_PROBE = """
-import json, sys
+import gc, json, sys
 import torch, transformers  # noqa: F401  (imported before the baseline is read)
-from sparsetx.models import load_model
-path, task, fast = sys.argv[1], sys.argv[2] or None, sys.argv[3] == "1"
+from sparsetx.models import load_model, model_class
+path, task, fast, warm = sys.argv[1], sys.argv[2] or None, sys.argv[3] == "1", sys.argv[4] == "1"
 torch.set_num_threads(1)
 
 def status(key):
@@ -460,6 +461,19 @@ def status(key):
         if line.startswith(key + ":"):
             return int(line.split()[1])
 
+if warm:   # what every model pays, paid first: the architecture's code imported, torch's first forward
+    from sparsetx.kernels.nm_linear import SparseLinear
+    import copy
+    cfg = copy.deepcopy(transformers.AutoConfig.from_pretrained(path))
+    cfg.num_hidden_layers, cfg.vocab_size = 1, 128
+    tiny = model_class(cfg, task).from_config(cfg).eval()
+    with torch.inference_mode():
+        tiny(input_ids=torch.ones(1, 128, dtype=torch.long))
+        lin = torch.nn.Linear(64, 8)
+        lin.weight.data[:, 2:].zero_()   # 2 kept of the first group of 8, the others empty: 2:8
+        SparseLinear.from_linear(lin, "2:8")(torch.ones(128, 64))
+    del tiny
+    gc.collect()
 open("/proc/self/clear_refs", "w").write("5")   # reset the high-water mark (VmHWM) to the current RSS
 base = status("VmRSS")
 model = load_model(path, task=task, fast=fast)
@@ -470,25 +484,32 @@ print(json.dumps({"base_kib": base, "after_load_kib": loaded, "peak_kib": status
 """
 
 
-def peak_memory(path, task: str | None, fast: bool) -> dict:
+def peak_memory(path, task: str | None, fast: bool, warm: bool = False) -> dict:
     """Peak RSS above the imports (torch, transformers) of loading ``path`` and running one 128-token
-    forward, in a fresh process (Linux VmHWM, reset after the imports through /proc/self/clear_refs)."""
+    forward, in a fresh process (Linux VmHWM, reset through /proc/self/clear_refs). ``warm``: first
+    build and run a one-layer, 128-word model of the same architecture and one N:M kernel call, so
+    what any model of it costs (its code, torch's first-forward buffers) is out of the figure."""
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), task or "", "1" if fast else "0"],
-                         check=True, capture_output=True, text=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
+    run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), task or "", "1" if fast else "0", "1" if warm else "0"],
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"memory probe of {path} failed:\n{run.stderr[-2000:]}")
+    r = json.loads(run.stdout.strip().splitlines()[-1])
     return {"load_mib": (r["after_load_kib"] - r["base_kib"]) / 1024, "peak_mib": (r["peak_kib"] - r["base_kib"]) / 1024}
 
 
 def memory_part(args) -> dict:
     dense_dir, _, sparse = load_encoders(Path(args.models), args.dense)
-    rows = {"MiniLM dense fp32 (HF)": peak_memory(dense_dir, "sentiment", False)}
-    for pattern, folder in sparse.items():
-        rows[f"MiniLM {pattern} packed, N:M kernel"] = peak_memory(folder, "sentiment", True)
-    base = rows["MiniLM dense fp32 (HF)"]["peak_mib"]
-    for r in rows.values():
-        r["vs_dense"] = r["peak_mib"] / base
+    rows = {}
+    for tag, warm in (("", False), (" (warmed)", True)):
+        group = {"MiniLM dense fp32 (HF)" + tag: peak_memory(dense_dir, "sentiment", False, warm)}
+        for pattern, folder in sparse.items():
+            group[f"MiniLM {pattern} packed, N:M kernel{tag}"] = peak_memory(folder, "sentiment", True, warm)
+        base = group["MiniLM dense fp32 (HF)" + tag]["peak_mib"]
+        for r in group.values():
+            r["vs_dense"] = r["peak_mib"] / base
+        rows.update(group)
     print("peak memory:", {k: round(v["peak_mib"], 1) for k, v in rows.items()}, flush=True)
     return rows
 
@@ -551,6 +572,38 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def report(result: dict, args) -> list[str]:
+    """The markdown of a result: one section a part, each saying which run it comes from."""
+    carried = result.get("carried", {})
+
+    def source(part):
+        return [f"(From an earlier run of this script, {carried[part]}.)", ""] if part in carried else []
+
+    md = [f"# sparsetx vs CPU runtimes ({result['date']})", ""]
+    if "encoder" in result:
+        enc = result["encoder"]
+        md += ["## MiniLM sentiment classifier", "", *source("encoder"),
+               "Median ms per forward (speed ratio vs the fastest dense peer of that setting; higher is faster).", "",
+               *encoder_table(enc), "", "Targets (issue 12):", "", *encoder_targets(enc), ""]
+        if enc["skipped"]:
+            md += ["Not run:", ""] + [f"- {k}: `{_first_error(v)}`" for k, v in enc["skipped"].items()] + [""]
+    if "memory" in result:
+        md += ["## Peak memory (RSS above the imports, fresh process each)", "", *source("memory"),
+               "Warmed: after a one-layer, 128-word model of the same architecture and one N:M kernel call have "
+               "run, so the code and torch's first-forward buffers every model of it needs are out of the figure.", "",
+               *memory_table(result["memory"]), ""]
+    if "decoder" in result:
+        dec = result["decoder"]
+        md += ["## SmolLM2-135M decode", "", *source("decoder"),
+               f"Decode tokens/s ({dec['settings'][0]['new_tokens'] if dec['settings'] else args.new_tokens} new tokens, greedy: (new - 1) / (generate "
+               f"time - first-token time), medians of {dec.get('repeats', args.decoder_repeats)}); perplexity: "
+               f"{dec['perplexity_protocol']}.", "", *decoder_table(dec), "", "Target (issue 12):", "",
+               *decoder_targets(dec), ""]
+        if dec["skipped"]:
+            md += ["Not run:", ""] + [f"- {k}: `{_first_error(v)}`" for k, v in dec["skipped"].items()] + [""]
+    return md
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="runs/peers-idp", help="a `sparsetx prune --method idp` or `compare` output folder")
@@ -579,25 +632,22 @@ def main(argv=None) -> None:
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "python": platform.python_version()},
               "versions": _versions(), "repeats": args.repeats}
-    md = ["# sparsetx vs CPU runtimes (one run)", ""]
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if "encoder" in args.part:
-        result["encoder"] = enc = encoder_part(args, errors)
-        md += ["## MiniLM sentiment classifier", "",
-               "Median ms per forward (speed ratio vs the fastest dense peer of that setting; higher is faster).", "",
-               *encoder_table(enc), "", "Targets (issue 12):", "", *encoder_targets(enc), ""]
-        if enc["skipped"]:
-            md += ["Not run:", ""] + [f"- {k}: `{_first_error(v)}`" for k, v in enc["skipped"].items()] + [""]
-        plot(enc, out / "peers.png")
+        result["encoder"] = encoder_part(args, errors)
+        plot(result["encoder"], out / "peers.png")
     if "memory" in args.part:
         result["memory"] = memory_part(args)
-        md += ["## Peak memory (RSS above the imports, fresh process each)", "", *memory_table(result["memory"]), ""]
     if "decoder" in args.part:
-        result["decoder"] = dec = decoder_part(args, errors)
-        md += ["## SmolLM2-135M decode", "", f"Decode tokens/s ({args.new_tokens} new tokens, greedy: (new - 1) / (generate time "
-               f"- first-token time), medians of {args.decoder_repeats}); perplexity: {dec['perplexity_protocol']}.", "",
-               *decoder_table(dec), "", "Target (issue 12):", "", *decoder_targets(dec), ""]
-        if dec["skipped"]:
-            md += ["Not run:", ""] + [f"- {k}: `{_first_error(v)}`" for k, v in dec["skipped"].items()] + [""]
+        result["decoder"] = decoder_part(args, errors)
+    previous = out / "peers.json"
+    if previous.exists():   # parts not run this time: kept from the file, marked with that run's date
+        old = json.loads(previous.read_text())
+        for part in ("encoder", "memory", "decoder"):
+            if part not in result and part in old:
+                result[part] = old[part]
+                result.setdefault("carried", {})[part] = old.get("carried", {}).get(part) or old.get("date", "an earlier run")
+    md = report(result, args)
     (out / "peers.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "peers.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

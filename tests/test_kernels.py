@@ -227,3 +227,90 @@ def test_fallback_gathers_a_bounded_block_of_rows_at_a_time(monkeypatch):
     monkeypatch.setattr(nl.torch, "einsum", real)
     torch.testing.assert_close(y, x @ w.t() + 1, atol=ATOL, rtol=0)
     assert len(sizes) == 10 and max(sizes) <= 50 * 64 * 10
+
+
+@needs_c
+@pytest.mark.parametrize("pattern", [NMPattern(2, 8), NMPattern(1, 8), NMPattern(3, 16), NMPattern(2, 4)], ids=str)
+def test_compact_weight_keeps_only_the_fp16_layout_and_computes_the_same(pattern):
+    """compact(): the many-token layout is the only stored form, fp16 values stay fp16 in it (the
+    kernel converts them once a call), and the canonical values / indices rebuilt from the layout
+    are bit-identical to the packed ones, so every path (kernel, fallback, dense()) agrees."""
+    w = nm_weight(67, 256, pattern, seed=7).half().float()     # 67 rows: padded row groups
+    packed = pack_nm(w, pattern, torch.float16)
+    full = KernelWeight.from_packed(packed)
+    kw = KernelWeight.from_packed(packed, compact=True)
+    assert kw._canonical is None and set(kw.__dict__) >= {"group_layout"}
+    vals, offs = kw.group_layout
+    assert vals.dtype == torch.float16
+    assert kw.nbytes == vals.numel() * 2 + offs.numel() * 2
+    assert torch.equal(kw.values, full.values) and torch.equal(kw.indices, full.indices)
+    torch.testing.assert_close(kw.dense(), w, atol=0, rtol=0)
+    for t in (5, 40, 130):
+        x, b = torch.randn(t, 256), torch.randn(67)
+        ref = x @ w.t() + b
+        y = nm_linear(x, kw, b)
+        torch.testing.assert_close(y, nm_linear(x, full, b), atol=0, rtol=0)   # same fp32 arithmetic
+        torch.testing.assert_close(y, ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(nm_linear(x, kw, b, backend="torch"), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(nm_linear(x[:1], kw, b), ref[:1], atol=ATOL, rtol=0)   # lane layout from it
+
+
+@needs_c
+def test_fp16_layout_converts_subnormals_and_the_tail_exactly():
+    """The kernel's fp16 -> fp32 conversion (F16C eight at a time, by hand for the tail) is exact
+    for normal, subnormal, zero and signed values: one output row reads one value at a time."""
+    p = NMPattern(1, 8)
+    specials = torch.tensor([1.0, -2.5, 6e-8, -6e-8, 3e-5, 65504.0, -0.0, 1e-7], dtype=torch.float16)
+    w = torch.zeros(len(specials), 8)
+    w[:, 3] = specials.float()
+    kw = KernelWeight.from_packed(pack_nm(w, p, torch.float16), compact=True)
+    x = torch.zeros(3, 8)
+    x[:, 3] = 1.0
+    y = nm_linear(x, kw)
+    torch.testing.assert_close(y, specials.float().expand(3, -1), atol=0, rtol=0)
+
+
+def test_unpack_bits_in_chunks_round_trips(monkeypatch):
+    """unpack_bits decodes a chunk of codes at a time; chunks that end mid-byte for odd widths
+    must not shift any code."""
+    import numpy as np
+
+    import sparsetx.formats.packed as pk
+
+    monkeypatch.setattr(pk, "UNPACK_CODES", 24)
+    rng = np.random.default_rng(0)
+    for bits in (1, 3, 5, 8, 13):
+        codes = rng.integers(0, 2 ** bits, size=101).astype(np.uint64)
+        assert np.array_equal(pk.unpack_bits(pk.pack_bits(codes, bits), bits, 101), codes)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
+def test_packed_load_maps_the_file_instead_of_copying_it(tmp_path):
+    """A packed folder's dense tensors become copy-on-write memory maps of the file (an embedding
+    table costs the pages a batch touches), and writing to one changes neither the file nor a
+    later load."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sparsetx.formats.folder import WEIGHTS, load_packed, save_packed
+    from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=3000, hidden_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=4, intermediate_size=128)).eval()
+    sparsify(model, NMConfig("2:8"))
+    save_packed(model, tmp_path / "m", recorded_patterns(model), "float16")
+    fast = load_packed(tmp_path / "m", fast=True)
+    emb = fast.bert.embeddings.word_embeddings.weight
+    address = emb.data_ptr()
+    mapped_from = None
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        lo, hi = (int(v, 16) for v in parts[0].split("-"))
+        if lo <= address < hi:
+            mapped_from = parts[-1] if len(parts) >= 6 else None
+    assert mapped_from is not None and mapped_from.endswith(WEIGHTS)
+    expect = emb.detach().clone()
+    with torch.no_grad():
+        emb[0].fill_(7.0)
+    again = load_packed(tmp_path / "m", fast=True)
+    assert torch.equal(again.bert.embeddings.word_embeddings.weight, expect)

@@ -17,16 +17,18 @@ no half-written folder. No pickle.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
+import ctypes
 import hashlib
-import importlib
 import json
+import mmap
 import os
 import re
 import stat
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -224,6 +226,62 @@ def _read_header(path: Path) -> tuple[dict, dict[str, NMPattern]]:
 _DTYPE_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
 
 
+_NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+CHUNK = 1 << 20   # bytes hashed at a time: a multiple of every element size
+
+
+def _finite(buf: bytes, dtype: str) -> bool:
+    if dtype == "BF16":   # numpy has no bfloat16: its bits are the top half of an fp32's
+        return bool(np.isfinite((np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32)).all())
+    if dtype in ("F64", "F32", "F16"):
+        return bool(np.isfinite(np.frombuffer(buf, _NP_DTYPES[dtype])).all())
+    return True
+
+
+def _map_verified(path: Path, sums: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, checked against its recorded SHA-256 and (floating
+    point) for NaN/inf by streaming the file a chunk at a time, then returned as copy-on-write
+    memory maps, one a tensor: pages are read when a tensor is first touched and count in the
+    process's memory only then (an embedding table costs the rows a batch looks up), a tensor's
+    mapping goes when the tensor does, and a write copies a page instead of changing the file."""
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        layout = json.loads(fh.read(size))
+        start = 8 + size
+        entries = sorted(((k, v) for k, v in layout.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        tensors = {}
+        for key, info in entries:
+            dtype = _NP_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise PackedFormatError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which sparsetx does not read")
+            begin, end = start + info["data_offsets"][0], start + info["data_offsets"][1]
+            fh.seek(begin)
+            digest, left = hashlib.sha256(), end - begin
+            while left:
+                buf = fh.read(min(CHUNK, left))
+                if not buf:
+                    raise PackedFormatError(f"{path}: tensor {key!r} ends past the end of the file: truncated?")
+                digest.update(buf)
+                if not _finite(buf, info["dtype"]):
+                    raise PackedFormatError(f"{path}: tensor {key!r} holds NaN or infinite values")
+                left -= len(buf)
+            if digest.hexdigest() != sums[key]:
+                raise PackedFormatError(f"{path}: checksum mismatch for tensor {key!r}: the file is corrupted")
+            count = (end - begin) // np.dtype(dtype).itemsize
+            if count == 0:
+                arr = np.zeros(0, dtype)
+            else:
+                page = begin - begin % mmap.ALLOCATIONGRANULARITY
+                mapped = mmap.mmap(fh.fileno(), end - page, access=mmap.ACCESS_COPY, offset=page)
+                arr = np.frombuffer(mapped, dtype, count=count, offset=begin - page)
+                if begin % np.dtype(dtype).itemsize:   # torch wants aligned elements: copy this one
+                    arr = arr.copy()
+            t = torch.from_numpy(arr.reshape(info["shape"]))
+            tensors[key] = t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
+    return tensors
+
+
 def read_packed(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, PackedNM], dict]:
     """Verified contents of a packed folder: (dense tensors, packed layers, header).
 
@@ -257,16 +315,16 @@ def read_packed(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
                         want = next(n for n, d in _DTYPE_NAMES.items() if d == dtype)
                         raise PackedFormatError(f"{path}: layer {name}: tensor {k} has shape {list(got_shape)} "
                                                 f"({got_dtype}); a {out}x{inp} {pattern} layer needs {list(shape)} ({want})")
-            tensors = {k: f.get_tensor(k) for k in declared}
     except (SafetensorError, OSError, ValueError, TypeError) as err:
         if isinstance(err, PackedFormatError):
             raise
         raise PackedFormatError(f"{path}: cannot read tensors ({err}); truncated or corrupted?") from None
-    for key, tensor in tensors.items():
-        if _sha256(tensor) != sums[key]:
-            raise PackedFormatError(f"{path}: checksum mismatch for tensor {key!r}: the file is corrupted")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise PackedFormatError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    try:
+        tensors = _map_verified(path, sums)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        if isinstance(err, PackedFormatError):
+            raise
+        raise PackedFormatError(f"{path}: cannot read tensors ({type(err).__name__}: {err}); truncated or corrupted?") from None
     packed = {}
     for name, pattern in patterns.items():
         key = f"{name}.weight"
@@ -336,19 +394,30 @@ def _build_model(folder: Path, config, tensors: dict[str, torch.Tensor], packed:
     if bad_ties:
         raise PackedFormatError(f"{folder}: tied entries that do not fit the model: {dict(list(bad_ties.items())[:2])}")
     del skeleton
-    with _no_init():   # every weight is overwritten from the file: the random init is wasted work and memory
+    from accelerate import init_empty_weights
+
+    # parameters on the meta device (every one is assigned from the file), buffers built for real
+    # (position ids, rotary frequencies are not stored): no dense memory is written or even allocated
+    with init_empty_weights(include_buffers=False):
         return cls._from_config(config, dtype=torch.float32)
 
 
-def _no_init():
-    """transformers' context that skips weight initialisation (its home moved between releases);
-    a no-op where neither is found (then the init runs, which is slower but correct)."""
-    for where in ("transformers.initialization", "transformers.modeling_utils"):
+def _trim_heap() -> None:
+    """Hand the C heap's freed memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+    Building a layer's kernel layout frees a few MB of decoding intermediates; glibc keeps them
+    in its heap, fragmented between the layouts that stay, and a model's worth of them would
+    add up to several times the packed model's size."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
         try:
-            return importlib.import_module(where).no_init_weights()
-        except (ImportError, AttributeError):
-            continue
-    return contextlib.nullcontext()
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool = False):
@@ -371,13 +440,20 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
         # straight from the packed values as stored, before any dense weight of these layers is
         # written: their (uninitialised) dense memory is freed untouched, so loading never holds a
         # dense copy of a packed layer
-        for name, p in packed.items():
-            model.set_submodule(name, SparseLinear.from_packed(p, state.pop(f"{name}.bias", None)))
+        for name in list(packed):
+            # a layer's packed tensors (memory-mapped) are let go once its layout is built, unless
+            # the caller asked for them: their pages leave the process's memory with them
+            p = packed[name] if with_sparse else packed.pop(name)
+            model.set_submodule(name, SparseLinear.from_packed(p, state.pop(f"{name}.bias", None), compact=True))
+            del p
+            _trim_heap()
     else:
         for name, p in packed.items():
             state[f"{name}.weight"] = unpack_nm(p).float()
     tied = header.get("tied", {})
-    model.load_state_dict(state, strict=False)
+    # assign: the model's tensors become the file's memory-mapped ones (no copy; untouched pages
+    # of an embedding table are never read); fp32 only, as the model was built
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
     loaded = model.state_dict()

@@ -52,14 +52,25 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(stream.reshape(-1), bitorder="little")
 
 
+UNPACK_CODES = 1 << 16   # codes decoded at a time (a multiple of 8: every chunk starts on a byte)
+
+
 def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` codes of ``bits`` bits."""
+    """Inverse of :func:`pack_bits`: ``count`` codes of ``bits`` bits, decoded a chunk at a time
+    (the bit-per-byte intermediate of a whole layer would be 8 x bits bytes a code)."""
     need = (count * bits + 7) // 8
     if data.size != need:
         raise PackedFormatError(f"index stream has {data.size} bytes, expected {need} for {count} codes of {bits} bits")
-    stream = np.unpackbits(np.asarray(data, dtype=np.uint8), bitorder="little", count=count * bits)
-    weights = np.uint64(1) << np.arange(bits, dtype=np.uint64)
-    return (stream.reshape(count, bits).astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+    data = np.asarray(data, dtype=np.uint8)
+    dtype = np.uint8 if bits <= 8 else (np.uint32 if bits <= 32 else np.uint64)
+    weights = (np.uint64(1) << np.arange(bits, dtype=np.uint64)).astype(dtype)
+    out = np.empty(count, dtype=np.uint64)
+    for c0 in range(0, count, UNPACK_CODES):
+        c1 = min(count, c0 + UNPACK_CODES)
+        chunk = data[c0 * bits // 8:(c1 * bits + 7) // 8]
+        stream = np.unpackbits(chunk, bitorder="little", count=(c1 - c0) * bits).reshape(c1 - c0, bits)
+        out[c0:c1] = (stream.astype(dtype) * weights).sum(axis=1, dtype=np.uint64)
+    return out
 
 
 def _binom_table(m: int, n: int) -> np.ndarray:

@@ -79,7 +79,7 @@ static void pack_tile(const float *x, int64_t ldx, int t0, int nt, int c0, int n
 #define ROWG 3  /* rows a group interleaves in the weight layout: ROW_GROUP in nm_linear.py must match */
 
 static inline __attribute__((always_inline)) void block_rows(
-    const float *tile, const float *v, const uint16_t *ix, int64_t group_stride, int kbn,
+    const float *tile, const float *v, int64_t vstride, const uint16_t *ix, int64_t group_stride, int kbn,
     float *part, const int R, const int NV) {
     const int TW = NV * 8, SHIFT = NV == 4 ? 0 : (NV == 2 ? 1 : 2);  /* idx holds column * 32 */
 #ifdef __AVX2__
@@ -88,13 +88,13 @@ static inline __attribute__((always_inline)) void block_rows(
         for (int u = 0; u < NV; u++) acc[r][u] = _mm256_loadu_ps(part + r * TW + u * 8);
     for (int j = 0; j < kbn; j++) {
         for (int g = 0; g < R / ROWG; g++) {
-            int64_t o = g * group_stride + ROWG * j;
+            int64_t o = g * group_stride + ROWG * j, ov = g * vstride + ROWG * j;
             uint64_t codes;  /* the group's ROWG 16-bit offsets in one load (the array is padded) */
             memcpy(&codes, ix + o, sizeof codes);
             for (int rr = 0; rr < ROWG; rr++) {
                 int r = g * ROWG + rr;
                 const float *p = tile + (((codes >> (16 * rr)) & 0xffff) >> SHIFT);
-                __m256 w = _mm256_broadcast_ss(v + o + rr);
+                __m256 w = _mm256_broadcast_ss(v + ov + rr);
                 for (int u = 0; u < NV; u++) acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + u * 8), acc[r][u]);
             }
         }
@@ -106,15 +106,37 @@ static inline __attribute__((always_inline)) void block_rows(
         for (int r = 0; r < R; r++) {
             int64_t o = (r / ROWG) * group_stride + ROWG * j + (r % ROWG);
             const float *p = tile + ((size_t)ix[o] >> SHIFT);
-            float w = v[o];
+            float w = v[(r / ROWG) * vstride + ROWG * j + (r % ROWG)];
             for (int t = 0; t < TW; t++) part[r * TW + t] += w * p[t];
         }
 #endif
 }
 
-/* Many tokens. x: T rows of K floats, row stride ldx. y: T x O (row stride O). */
-void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const float *vals, const uint16_t *idx,
-                      int O, int kn, int N, int M, int KB, const float *bias, float *y, int threads) {
+/* dst[i] = (float)src[i] for n fp16 values (F16C 8 at a time where it built). */
+static void halves_to_floats(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; i++) {  /* IEEE binary16 -> binary32 by hand: the tail, or a build without F16C */
+        uint32_t h = src[i], sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
+        if (e == 0x1f) bits = sign | 0x7f800000u | (m << 13);
+        else if (e) bits = sign | ((e + 112) << 23) | (m << 13);
+        else if (!m) bits = sign;
+        else {  /* subnormal: normalise */
+            e = 113;
+            while (!(m & 0x400)) { m <<= 1; e--; }
+            bits = sign | (e << 23) | ((m & 0x3ff) << 13);
+        }
+        memcpy(dst + i, &bits, sizeof bits);
+    }
+}
+
+/* Many tokens. x: T rows of K floats, row stride ldx. y: T x O (row stride O). vals: fp32, or fp16
+ * when half (the stored form at half the bytes: each step's values are converted into a small fp32
+ * buffer once per token tile, so the inner loop is the same). */
+void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const void *vals_in, const uint16_t *idx,
+                      int O, int kn, int N, int M, int KB, const float *bias, float *y, int half, int threads) {
     const int P = (O + ROWG - 1) / ROWG;                  /* row groups */
     const int TW = T > 16 ? 32 : (T > 8 ? 16 : 8);  /* tokens per tile */
     const int NV = TW / 8, R = 4 * ROWG / NV;          /* rows per step: 4 ROWG FMA chains */
@@ -131,6 +153,22 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const float *va
         int p0 = s0 * (R / ROWG), p1 = s1 * (R / ROWG) < P ? s1 * (R / ROWG) : P;
         float *tile = aligned_alloc(64, sizeof(float) * (size_t)KB * MAXTW);
         float *part = aligned_alloc(64, sizeof(float) * (size_t)(p1 - p0 + R) * ROWG * MAXTW + 64);
+        /* fp16 values: this thread's rows converted once a call into a buffer the thread keeps
+         * (one layer's share at most: the stored form stays fp16, the inner loop stays fp32) */
+        const float *vals = (const float *)vals_in;
+        int vbase = 0;   /* the row group vals[0] belongs to */
+        if (half && p1 > p0) {
+            static __thread float *vbuf = NULL;
+            static __thread int64_t vcap = 0;
+            int64_t need = (int64_t)(p1 - p0) * ps;
+            if (need > vcap) {
+                free(vbuf);
+                vbuf = malloc(sizeof(float) * (size_t)need);
+                vcap = vbuf ? need : 0;
+            }
+            if (vbuf) halves_to_floats((const uint16_t *)vals_in + p0 * ps, vbuf, need);
+            vals = vbuf, vbase = p0;
+        }
         for (int t0 = 0; t0 < T && p0 < p1; t0 += TW) {
             int nt = T - t0 < TW ? T - t0 : TW;
             for (int p = p0; p < p1; p++)
@@ -144,17 +182,19 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const float *va
                 int kbn = nc / M * N;
                 pack_tile(x, ldx, t0, nt, c0, nc, TW, tile);
                 for (int p = p0; p < p1; p += R / ROWG) {
-                    const float *v = vals + p * ps + ROWG * jb;
                     const uint16_t *ix = idx + p * ps + ROWG * jb;
                     float *pp = part + (p - p0) * ROWG * TW;
-                    if (p + R / ROWG <= p1) {
-                        if (NV == 4) block_rows(tile, v, ix, ps, kbn, pp, ROWG, 4);
-                        else if (NV == 2) block_rows(tile, v, ix, ps, kbn, pp, 2 * ROWG, 2);
-                        else block_rows(tile, v, ix, ps, kbn, pp, 4 * ROWG, 1);
+                    int ng = p + R / ROWG <= p1 ? R / ROWG : p1 - p;
+                    const float *v = vals + (p - vbase) * ps + ROWG * jb;
+                    const int64_t vs = ps;
+                    if (ng == R / ROWG) {
+                        if (NV == 4) block_rows(tile, v, vs, ix, ps, kbn, pp, ROWG, 4);
+                        else if (NV == 2) block_rows(tile, v, vs, ix, ps, kbn, pp, 2 * ROWG, 2);
+                        else block_rows(tile, v, vs, ix, ps, kbn, pp, 4 * ROWG, 1);
                     } else {  /* the last groups of this thread, one at a time */
-                        for (int q = 0; q < p1 - p; q++) {
-                            if (NV == 2) block_rows(tile, v + q * ps, ix + q * ps, ps, kbn, pp + q * ROWG * TW, ROWG, 2);
-                            else block_rows(tile, v + q * ps, ix + q * ps, ps, kbn, pp + q * ROWG * TW, ROWG, 1);
+                        for (int q = 0; q < ng; q++) {
+                            if (NV == 2) block_rows(tile, v + q * vs, vs, ix + q * ps, ps, kbn, pp + q * ROWG * TW, ROWG, 2);
+                            else block_rows(tile, v + q * vs, vs, ix + q * ps, ps, kbn, pp + q * ROWG * TW, ROWG, 1);
                         }
                     }
                 }

@@ -3,7 +3,6 @@ the drop-in module that holds one. The C kernel runs where it builds; PyTorch ot
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -40,28 +39,35 @@ def _k_block_setting() -> int:
 K_BLOCK = _k_block_setting()
 
 
-@dataclass
 class KernelWeight:
-    """A packed N:M weight ready for the kernels. ``values`` and ``indices`` ((out, kn) each,
-    kn = in / M * N; fp32 values and absolute int32 input indices, ascending per row) are the
-    canonical form the PyTorch fallback uses; the C kernels read two layouts made from it once, on
-    first use, in the order they read them (see nm_cpu.c): groups of 3 rows by K blocks for many
-    tokens, octets of rows in SIMD lanes for one token."""
+    """A packed N:M weight ready for the kernels.
 
-    values: torch.Tensor
-    indices: torch.Tensor
-    in_features: int
-    pattern: NMPattern | None  # None: dense (N = M)
-    half: bool = False         # the values are exact in fp16: the one-token kernel may read them as fp16
+    ``values`` and ``indices`` ((out, kn) each, kn = in / M * N; float values and absolute int32
+    input indices, ascending per row) are the canonical form the PyTorch fallback uses; the C
+    kernels read two layouts made from it, in the order they read them (see nm_cpu.c): groups of 3
+    rows by K blocks for many tokens, octets of rows in SIMD lanes for one token. :meth:`compact`
+    makes the many-token layout the only stored form (values in the packed dtype where the kernel
+    reads it: fp16 stays fp16) and drops the canonical tensors, which are then rebuilt from the
+    layout on the rare paths that need them (gradients, no C kernel, :meth:`dense`)."""
+
+    def __init__(self, values: torch.Tensor, indices: torch.Tensor, in_features: int,
+                 pattern: NMPattern | None, half: bool = False) -> None:
+        self.in_features = in_features
+        self.pattern = pattern   # None: dense (N = M)
+        self.half = half         # the values are exact in fp16: the kernels may read them as fp16
+        self.out_features = values.shape[0]
+        self._canonical: tuple[torch.Tensor, torch.Tensor] | None = (values, indices)
 
     @classmethod
-    def from_packed(cls, packed: PackedNM) -> KernelWeight:
+    def from_packed(cls, packed: PackedNM, compact: bool = False) -> KernelWeight:
+        """``compact``: keep only the many-token layout (see :meth:`compact`)."""
         out, inp = packed.shape
         m = packed.pattern.m
-        base = (torch.arange(inp // m) * m).view(1, -1, 1)
-        absolute = (packed.positions() + base).reshape(out, -1).to(torch.int32).contiguous()
-        return cls(packed.values.float().contiguous(), absolute, inp, packed.pattern,
-                   half=packed.values.dtype == torch.float16)
+        base = (torch.arange(inp // m, dtype=torch.int32) * m).view(1, -1, 1)
+        absolute = (packed.positions().to(torch.int32) + base).reshape(out, -1)
+        half = packed.values.dtype == torch.float16
+        kw = cls(packed.values if half else packed.values.float(), absolute, inp, packed.pattern, half=half)
+        return kw.compact() if compact else kw
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor) -> KernelWeight:
@@ -70,9 +76,35 @@ class KernelWeight:
         idx = torch.arange(inp, dtype=torch.int32).expand(out, inp).contiguous()
         return cls(weight.detach().float().contiguous(), idx, inp, None)
 
+    def compact(self) -> KernelWeight:
+        """Build the many-token layout now and keep it as the only stored form (when the C kernel
+        is there to read it; otherwise the canonical form stays). Returns self."""
+        if library() is not None and self._canonical is not None:
+            self.group_layout  # noqa: B018 - built from the canonical form, then that is dropped
+            self._canonical = None
+        return self
+
     @property
-    def out_features(self) -> int:
-        return self.values.shape[0]
+    def values(self) -> torch.Tensor:
+        """(out, kn) float values (fp16 where ``half``): stored, or rebuilt from the layout."""
+        return self._canonical[0] if self._canonical is not None else self._from_layout()[0]
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """(out, kn) int32 absolute input indices: stored, or rebuilt from the layout."""
+        return self._canonical[1] if self._canonical is not None else self._from_layout()[1]
+
+    def _from_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse of :attr:`group_layout`."""
+        vals, offs = self.group_layout
+        p, kn = vals.shape[0], vals.shape[1]
+        n, m = self.nm
+        kb = self.k_block
+        v = vals.permute(0, 2, 1).reshape(p * ROW_GROUP, kn)[:self.out_features]
+        codes = torch.from_numpy(offs[:-4].numpy().astype(np.int32)).view(p, kn, ROW_GROUP)
+        codes = codes.permute(0, 2, 1).reshape(p * ROW_GROUP, kn)[:self.out_features]
+        block = torch.arange(kn, dtype=torch.int32) // (kb // m * n)
+        return v, (block * kb + codes // 32).contiguous()
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -81,9 +113,23 @@ class KernelWeight:
             return self.pattern.n, self.pattern.m
         return (8, 8) if self.in_features % 8 == 0 else (1, 1)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this weight holds now (canonical form and whichever layouts are built)."""
+        held = list(self._canonical or ())
+        for name in ("group_layout", "lane_layout"):
+            if name in self.__dict__:
+                held += list(self.__dict__[name]) if isinstance(self.__dict__[name], tuple) else [self.__dict__[name]]
+        seen, total = set(), 0
+        for t in held:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
     def dense(self) -> torch.Tensor:
         w = torch.zeros(self.out_features, self.in_features)
-        return w.scatter_(1, self.indices.long(), self.values)
+        return w.scatter_(1, self.indices.long(), self.values.float())
 
     @property
     def k_block(self) -> int:
@@ -96,9 +142,12 @@ class KernelWeight:
     @cached_property
     def group_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, uint16 block-relative column x 32), group p / kept slot j / row r at p*3*kn + 3*j + r.
-        The x 32 is the kernel's tile stride (32 tokens per column), so a code is a ready offset."""
+        The x 32 is the kernel's tile stride (32 tokens per column), so a code is a ready offset.
+        Values fp16 when ``half`` (the kernel converts them a block at a time), else fp32."""
         kb = self.k_block
-        vals, cols = _pad_rows(self.values, ROW_GROUP), _pad_rows(self.indices, ROW_GROUP)
+        values, indices = self._canonical
+        vals = _pad_rows(values if self.half else values.float(), ROW_GROUP)
+        cols = _pad_rows(indices, ROW_GROUP)
         p, kn = vals.shape[0] // ROW_GROUP, vals.shape[1]
         order = (p, ROW_GROUP, kn)
         v = vals.view(order).permute(0, 2, 1).contiguous()
@@ -113,11 +162,20 @@ class KernelWeight:
         n, m = self.nm
         return ptr(vals), ptr(offs), self.out_features, vals.shape[1], n, m, self.k_block
 
+    @property
+    def group_half(self) -> int:
+        """1 when the many-token layout holds fp16 values."""
+        return int(self.group_layout[0].dtype == torch.float16)
+
     @cached_property
     def lane_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, uint8 in-group positions), octet q / group g / slot s / lane at ((q*G+g)*N+s)*8+lane."""
+        """(values, uint8 in-group positions), octet q / group g / slot s / lane at ((q*G+g)*N+s)*8+lane.
+        Values fp16 when ``half`` and F16C built (exact, half the bytes of that memory-bound pass), else fp32."""
         n, m = self.nm
-        vals, cols = _pad_rows(self.values, 8), _pad_rows(self.indices, 8)
+        lib = library()
+        fp16 = self.half and lib is not None and bool(lib.has_f16c())
+        values = self.values
+        vals, cols = _pad_rows(values.half() if fp16 else values.float(), 8), _pad_rows(self.indices, 8)
         q, g = vals.shape[0] // 8, self.in_features // m
         group_start = torch.arange(g, dtype=torch.int32).repeat_interleave(n) * m
         pos = (cols - group_start).to(torch.uint8)
@@ -125,18 +183,10 @@ class KernelWeight:
         return v, pos.view(q, 8, g, n).permute(0, 2, 3, 1).contiguous()
 
     @cached_property
-    def lane_values(self) -> torch.Tensor:
-        """The lane layout's values as the one-token kernel reads them: fp16 (exact when ``half``,
-        half the bytes of that memory-bound pass) where F16C built, else fp32."""
-        vals = self.lane_layout[0]
-        lib = library()
-        return vals.half() if self.half and lib is not None and lib.has_f16c() else vals
-
-    @cached_property
     def lane_args(self) -> tuple:
         """(values pointer, positions pointer, padded rows, fp16 flag) for the one-token kernel."""
-        vals = self.lane_values
-        return ptr(vals), ptr(self.lane_layout[1]), vals.shape[0] * 8, int(vals.dtype == torch.float16)
+        vals, pos = self.lane_layout
+        return ptr(vals), ptr(pos), vals.shape[0] * 8, int(vals.dtype == torch.float16)
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -169,7 +219,7 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(t, o)
-    lib.nm_linear_tokens(ptr(x2), x2.stride(0), t, k, *weight.group_args, ptr(b), ptr(y), threads)
+    lib.nm_linear_tokens(ptr(x2), x2.stride(0), t, k, *weight.group_args, ptr(b), ptr(y), weight.group_half, threads)
     return y.view(*lead, o)
 
 
@@ -179,7 +229,8 @@ def _gather_linear(x2: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     FALLBACK_ELEMENTS rather than tokens x out x kept."""
     t, kn = x2.shape[0], weight.indices.shape[1]
     rows = max(1, FALLBACK_ELEMENTS // max(t * kn, 1))
-    parts = [torch.einsum("tok,ok->to", x2[:, weight.indices[r:r + rows].long()], weight.values[r:r + rows])
+    values, indices = weight.values.float(), weight.indices
+    parts = [torch.einsum("tok,ok->to", x2[:, indices[r:r + rows].long()], values[r:r + rows])
              for r in range(0, weight.out_features, rows)]
     return torch.cat(parts, dim=1) if parts else x2.new_zeros(t, 0)
 
@@ -191,13 +242,11 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.weight_nm = weight
         self.in_features, self.out_features = weight.in_features, weight.out_features
-        self.register_buffer("nm_values", weight.values, persistent=False)
-        self.register_buffer("nm_indices", weight.indices, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     @classmethod
-    def from_packed(cls, packed: PackedNM, bias: torch.Tensor | None = None) -> SparseLinear:
-        return cls(KernelWeight.from_packed(packed), bias)
+    def from_packed(cls, packed: PackedNM, bias: torch.Tensor | None = None, compact: bool = False) -> SparseLinear:
+        return cls(KernelWeight.from_packed(packed, compact=compact), bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, pattern: NMPattern | str) -> SparseLinear:
