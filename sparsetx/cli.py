@@ -574,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--include", action="append", type=regex_arg, help="regex of Linear names to prune (replaces the default block Linears)")
     s.add_argument("--exclude", action="append", type=regex_arg, help="regex of Linear names to leave dense")
     s.add_argument("--layer", action="append", type=layer_arg, help="per-layer pattern, NAME_REGEX=N:M (repeatable)")
-    s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16"))
+    s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16", "int8"),
+                   help="int8: symmetric per-row scales, error at most 1/254 of the row's largest weight (formats/packed.py)")
     s.add_argument("--encoding", default="index", choices=("index", "rank"))
     s.add_argument("--clamp-values", action="store_true",
                    help="clamp weights beyond the value dtype's range (reported) instead of refusing them")
@@ -597,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, type=model_arg)
     s.add_argument("--out", required=True, type=out_arg)
     s.add_argument("--pattern", type=pattern_arg, help="pattern if the folder does not record one")
-    s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16"))
+    s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16", "int8"),
+                   help="int8: symmetric per-row scales, error at most 1/254 of the row's largest weight (formats/packed.py)")
     s.add_argument("--encoding", default="index", choices=("index", "rank"))
     s.add_argument("--clamp-values", action="store_true",
                    help="clamp weights beyond the value dtype's range (reported) instead of refusing them")

@@ -93,20 +93,31 @@ def model_class(config: PretrainedConfig, task: str | None = None):
 
 
 def load_model(model: str | os.PathLike | None = None, task: str | None = None, num_labels: int = 2,
-               fast: bool = False, **kwargs) -> PreTrainedModel:
+               fast: bool = False, compile: bool = False, **kwargs) -> PreTrainedModel:
     """Load a dense or packed (sparsetx) model folder on the CPU in fp32, eval mode. ``fast=True``
-    (inference): a packed folder's N:M layers become SparseLinear modules on the CPU kernel."""
+    (inference): a packed folder's N:M layers become SparseLinear modules on the CPU kernel.
+    ``compile=True`` (inference): the model is compiled in place with ``torch.compile`` (the N:M
+    kernel as a custom operator; its first calls, one per new input shape, take seconds), and its
+    parameters stop requiring gradients."""
     from .formats.folder import is_packed_folder, load_packed
 
     path = resolve_model_path(model)
     if is_packed_folder(path):
-        return load_packed(path, fast=fast)
+        loaded = load_packed(path, fast=fast)
+        return _compiled(loaded) if compile else loaded
     config = AutoConfig.from_pretrained(path, **LOCAL)
     cls = model_class(config, task)
     extra = {"num_labels": num_labels} if task == "sentiment" else {}
     with quiet_transformers():  # a fresh task head is expected, not a warning
         loaded = cls.from_pretrained(path, dtype=torch.float32, **LOCAL, **extra, **kwargs)
-    return loaded.eval()
+    return _compiled(loaded.eval()) if compile else loaded.eval()
+
+
+def _compiled(model: PreTrainedModel) -> PreTrainedModel:
+    """``model`` compiled in place for inference (its class and attributes stay as they were)."""
+    model.requires_grad_(False)
+    model.compile()
+    return model
 
 
 def load_tokenizer(model: str | os.PathLike | None = None):

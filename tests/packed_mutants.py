@@ -26,8 +26,9 @@ import torch
 WEIGHTS, CONFIG = "sparsetx.safetensors", "config.json"
 
 
-def make_folder(root: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A tiny 2-layer BERT, 2:8 (one layer 1:4), packed with fp16 values; (folder, its state)."""
+def make_folder(root: Path, value_dtype: str = "float16") -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny 2-layer BERT, 2:8 (one layer 1:4), packed with fp16 (or ``value_dtype``) values;
+    (folder, its state)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     from sparsetx.formats.folder import load_packed, save_packed
@@ -38,7 +39,7 @@ def make_folder(root: Path) -> tuple[Path, dict[str, torch.Tensor]]:
                         intermediate_size=64, max_position_embeddings=32, num_labels=2)
     model = BertForSequenceClassification(config).eval()
     sparsify(model, NMConfig("2:8", overrides={r"layer\.1\.output\.dense": "1:4"}))
-    folder = save_packed(model, root / "good", recorded_patterns(model), "float16")
+    folder = save_packed(model, root / "good", recorded_patterns(model), value_dtype)
     return folder, {k: v.clone() for k, v in load_packed(folder).state_dict().items()}
 
 

@@ -157,3 +157,17 @@ def test_config_that_disagrees_with_the_header(good, tmp_path):
             (target / pm.CONFIG).write_text(json.dumps(config))
         with pytest.raises(PackedFormatError, match=message):
             load_packed(target)
+
+
+@pytest.fixture(scope="module")
+def good_int8(tmp_path_factory):
+    return pm.make_folder(tmp_path_factory.mktemp("fuzz8"), "int8")
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kind=st.sampled_from(sorted(pm.MUTATIONS)), seed=st.integers(0, 2 ** 32 - 1),
+       mode=st.sampled_from(["load", "fast", "info"]))
+def test_any_mutation_of_an_int8_folder_loads_correctly_or_is_refused(good_int8, tmp_path, kind, seed, mode):
+    """The same promise for int8 values, whose per-row scales are one more tensor to get wrong."""
+    _check(good_int8, tmp_path, kind, seed, mode)

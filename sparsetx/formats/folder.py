@@ -1,8 +1,8 @@
 """A pruned model as a folder: Hugging Face config + one safetensors file of packed tensors.
 
 ``sparsetx.safetensors`` holds every tensor of the model's state dict; the weight of each N:M
-layer ``L`` is replaced by ``L.weight.nm_values`` and ``L.weight.nm_indices`` (see
-:mod:`sparsetx.formats.packed` for their layout). The safetensors metadata key ``sparsetx`` holds
+layer ``L`` is replaced by ``L.weight.nm_values`` and ``L.weight.nm_indices``, and with int8
+values by ``L.weight.nm_scales`` too (see :mod:`sparsetx.formats.packed` for their layout). The safetensors metadata key ``sparsetx`` holds
 a JSON header::
 
     {"format": "sparsetx-nm", "version": 1, "encoding": "index", "value_dtype": "float16",
@@ -41,7 +41,7 @@ from .packed import ENCODINGS, VALUE_DTYPES, PackedFormatError, PackedNM, index_
 FORMAT = "sparsetx-nm"
 VERSION = 1
 WEIGHTS = "sparsetx.safetensors"
-VALUES, INDICES = ".nm_values", ".nm_indices"
+VALUES, INDICES, SCALES = ".nm_values", ".nm_indices", ".nm_scales"
 CONFIG = "config.json"
 MAX_HEADER_CHARS = 16 << 20        # the JSON header; a real one is a few hundred bytes per layer
 MAX_DIM = 1 << 31                  # one side of a weight
@@ -85,6 +85,8 @@ def pack_state(model: nn.Module, patterns: dict[str, NMPattern], value_dtype: st
             raise ValueError(f"layer {name} has no weight in the model's state dict")
         packed = pack_nm(state.pop(key), pattern, VALUE_DTYPES[value_dtype], encoding, name=name, clamp=clamp)
         tensors[key + VALUES], tensors[key + INDICES] = packed.values, packed.indices
+        if packed.scales is not None:
+            tensors[key + SCALES] = packed.scales
         layers[name] = {"pattern": str(pattern), "shape": list(packed.shape), "index_bits": index_bits(pattern, encoding)}
     for key, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -223,7 +225,7 @@ def _read_header(path: Path) -> tuple[dict, dict[str, NMPattern]]:
     return header, check_header(header, f"{path}: header")
 
 
-_DTYPE_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
+_DTYPE_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8, "I8": torch.int8}
 
 
 _NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
@@ -307,6 +309,8 @@ def read_packed(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
                 codes = groups * pattern.n if encoding == "index" else groups
                 expect = {key + VALUES: ((out, inp // pattern.m * pattern.n), value_dtype),
                           key + INDICES: (((codes * index_bits(pattern, encoding) + 7) // 8,), torch.uint8)}
+                if value_dtype == torch.int8:
+                    expect[key + SCALES] = ((out,), torch.float32)
                 for k, (shape, dtype) in expect.items():
                     if k not in declared:
                         raise PackedFormatError(f"{path}: layer {name} is in the header but tensor {k} is missing")
@@ -329,7 +333,7 @@ def read_packed(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     for name, pattern in patterns.items():
         key = f"{name}.weight"
         p = PackedNM(pattern, tuple(header["layers"][name]["shape"]), tensors.pop(key + VALUES),
-                     tensors.pop(key + INDICES), encoding)
+                     tensors.pop(key + INDICES), encoding, tensors.pop(key + SCALES, None))
         p.validate(f"{path}: layer {name}")
         packed[name] = p
     return tensors, packed, header
@@ -444,12 +448,12 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
             # a layer's packed tensors (memory-mapped) are let go once its layout is built, unless
             # the caller asked for them: their pages leave the process's memory with them
             p = packed[name] if with_sparse else packed.pop(name)
-            model.set_submodule(name, SparseLinear.from_packed(p, state.pop(f"{name}.bias", None), compact=True))
+            model.set_submodule(name, SparseLinear.from_packed(p, state.pop(f"{name}.bias", None)))
             del p
             _trim_heap()
     else:
         for name, p in packed.items():
-            state[f"{name}.weight"] = unpack_nm(p).float()
+            state[f"{name}.weight"] = unpack_nm(p).float()   # int8: values x row scales
     tied = header.get("tied", {})
     # assign: the model's tensors become the file's memory-mapped ones (no copy; untouched pages
     # of an embedding table are never read); fp32 only, as the model was built

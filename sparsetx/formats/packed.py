@@ -3,8 +3,12 @@
 Layout of one (out, in) weight with pattern N:M (G = out * in / M groups, row-major: row 0's groups
 first, each group's M positions consecutive along ``in``):
 
-* ``values``: (out, in / M * N) in the value dtype (fp32, fp16 or bf16). Group g's N kept values,
-  in ascending position order, occupy columns [g_in_row * N, g_in_row * N + N).
+* ``values``: (out, in / M * N) in the value dtype (fp32, fp16, bf16 or int8). Group g's N kept
+  values, in ascending position order, occupy columns [g_in_row * N, g_in_row * N + N).
+* ``scales`` (int8 values only): (out,) fp32, one per row. A kept weight is ``values[r, j] *
+  scales[r]``; ``scales[r] = max |w[r, :]| / 127`` (symmetric, per output row, as STA's
+  fixed-point datapath scales a row), values rounded to nearest and clamped to [-127, 127]; a row of
+  zeros has scale 0.
 * ``indices``: a little-endian bitstream in uint8 bytes. Code number c occupies bits
   [c * b, (c + 1) * b) of the stream, where bit k of the stream is bit (k % 8) of byte k // 8
   (least significant first); the tail of the last byte is zero.
@@ -28,7 +32,8 @@ from ..nm.mask import check_groupable
 from ..nm.pattern import NMPattern
 
 ENCODINGS = ("index", "rank")
-VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+INT8_MAX = 127
 
 
 class PackedFormatError(ValueError):
@@ -108,10 +113,18 @@ class PackedNM:
     values: torch.Tensor  # (out, in // m * n)
     indices: torch.Tensor  # uint8 bitstream
     encoding: str = "index"
+    scales: torch.Tensor | None = None  # (out,) fp32, int8 values only
 
     @property
     def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.indices.numel()
+        extra = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.values.numel() * self.values.element_size() + self.indices.numel() + extra
+
+    def float_values(self) -> torch.Tensor:
+        """The kept values as fp32 (int8 ones times their row's scale)."""
+        if self.values.dtype == torch.int8:
+            return self.values.float() * self.scales.view(-1, 1)
+        return self.values.float()
 
     @property
     def groups(self) -> int:
@@ -128,6 +141,15 @@ class PackedNM:
             raise PackedFormatError(f"{name}: values of shape {tuple(self.values.shape)}, expected {expect} for {out}x{inp} {self.pattern}")
         if self.indices.dtype != torch.uint8 or self.indices.dim() != 1:
             raise PackedFormatError(f"{name}: indices must be a 1-D uint8 stream")
+        if (self.values.dtype == torch.int8) != (self.scales is not None):
+            raise PackedFormatError(f"{name}: int8 values need per-row scales, and only they have them")
+        if self.scales is not None:
+            if self.scales.dtype != torch.float32 or tuple(self.scales.shape) != (out,):
+                raise PackedFormatError(f"{name}: scales must be ({out},) float32, got {tuple(self.scales.shape)} {self.scales.dtype}")
+            if not bool(torch.isfinite(self.scales).all()) or bool((self.scales < 0).any()):
+                raise PackedFormatError(f"{name}: scales must be finite and non-negative")
+            if bool((self.values == -128).any()):
+                raise PackedFormatError(f"{name}: int8 value -128 is outside the symmetric range [-127, 127]")
         _decode_positions(self, name)
 
 
@@ -186,7 +208,8 @@ def pack_nm(weight: torch.Tensor, pattern: NMPattern | str, dtype: torch.dtype |
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown index encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
     check_groupable(tuple(weight.shape), pattern, name)
-    w = check_values(weight.cpu(), dtype or weight.dtype, name, clamp)
+    quantize = dtype == torch.int8
+    w = check_values(weight.cpu(), torch.float32 if quantize else (dtype or weight.dtype), name, clamp)
     if w.dtype not in VALUE_DTYPES.values():
         raise ValueError(f"{name}: value dtype {w.dtype} not supported; valid: {', '.join(VALUE_DTYPES)}")
     out, inp = w.shape
@@ -203,27 +226,42 @@ def pack_nm(weight: torch.Tensor, pattern: NMPattern | str, dtype: torch.dtype |
     chosen = order_key.topk(n, dim=-1, largest=False).values % m
     positions = chosen.sort(dim=-1).values
     values = groups.gather(-1, positions).reshape(out, inp // m * n).contiguous()
+    scales = None
+    if quantize:
+        values, scales = quantize_rows(values)
     pos_np = positions.reshape(-1, n).numpy()
     if encoding == "index":
         codes = pos_np.reshape(-1)
     else:
         codes = rank_encode(pos_np, m)
     indices = torch.from_numpy(pack_bits(codes, index_bits(pattern, encoding)))
-    return PackedNM(pattern, (out, inp), values, indices, encoding)
+    return PackedNM(pattern, (out, inp), values, indices, encoding, scales)
+
+
+def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (round(v / s) clamped to [-127, 127], s = max |v| / 127 per row)."""
+    v = values.float()
+    scales = v.abs().amax(dim=1) / INT8_MAX
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(v / safe.view(-1, 1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.contiguous(), scales.contiguous()
 
 
 def unpack_nm(packed: PackedNM) -> torch.Tensor:
-    """Dense (out, in) weight in the value dtype; pruned positions are +0.0."""
+    """Dense (out, in) weight in the value dtype (fp32 for int8: values times scales); pruned
+    positions are +0.0."""
     out, inp = packed.shape
     m, n = packed.pattern.m, packed.pattern.n
     positions = packed.positions()
-    dense = torch.zeros(out, inp // m, m, dtype=packed.values.dtype)
-    dense.scatter_(-1, positions, packed.values.reshape(out, inp // m, n))
+    values = packed.float_values() if packed.scales is not None else packed.values
+    dense = torch.zeros(out, inp // m, m, dtype=values.dtype)
+    dense.scatter_(-1, positions, values.reshape(out, inp // m, n))
     return dense.reshape(out, inp)
 
 
 def packed_bytes(shape: tuple[int, int], pattern: NMPattern, value_bits: int = 16, encoding: str = "index") -> int:
-    """Bytes of a packed (out, in) weight, computed from the layout (no tensor needed)."""
+    """Bytes of a packed (out, in) weight, computed from the layout (no tensor needed; a packed
+    file's int8 values add 4 bytes of scale a row, which this hardware-side count leaves out)."""
     out, inp = shape
     groups = out * inp // pattern.m
     codes = groups * pattern.n if encoding == "index" else groups

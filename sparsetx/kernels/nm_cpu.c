@@ -132,11 +132,39 @@ static void halves_to_floats(const uint16_t *src, float *dst, int64_t n) {
     }
 }
 
-/* Many tokens. x: T rows of K floats, row stride ldx. y: T x O (row stride O). vals: fp32, or fp16
- * when half (the stored form at half the bytes: each step's values are converted into a small fp32
- * buffer once per token tile, so the inner loop is the same). */
+/* int8 values of row groups p0..p1 (layout p * ROWG * kn + ROWG * j + r) times their row's scale
+ * (scales[p * ROWG + r]) -> fp32. Rows cycle with period ROWG = 3, so 24 values use three fixed
+ * vectors of scales. */
+static void int8_groups_to_floats(const int8_t *src, const float *scales, float *dst, int p0, int p1, int64_t kn) {
+    for (int p = p0; p < p1; p++) {
+        const int8_t *s = src + (int64_t)p * ROWG * kn;
+        const float *sc = scales + (int64_t)p * ROWG;
+        float *d = dst + (int64_t)(p - p0) * ROWG * kn;
+        int64_t n = ROWG * kn, i = 0;
+#ifdef __AVX2__
+        const __m256 s0 = _mm256_setr_ps(sc[0], sc[1], sc[2], sc[0], sc[1], sc[2], sc[0], sc[1]);
+        const __m256 s1 = _mm256_setr_ps(sc[2], sc[0], sc[1], sc[2], sc[0], sc[1], sc[2], sc[0]);
+        const __m256 s2 = _mm256_setr_ps(sc[1], sc[2], sc[0], sc[1], sc[2], sc[0], sc[1], sc[2]);
+        for (; i + 24 <= n; i += 24) {
+            __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s + i))));
+            __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s + i + 8))));
+            __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s + i + 16))));
+            _mm256_storeu_ps(d + i, _mm256_mul_ps(a, s0));
+            _mm256_storeu_ps(d + i + 8, _mm256_mul_ps(b, s1));
+            _mm256_storeu_ps(d + i + 16, _mm256_mul_ps(c, s2));
+        }
+#endif
+        for (; i < n; i++) d[i] = (float)s[i] * sc[i % ROWG];
+    }
+}
+
+/* Many tokens. x: T rows of K floats, row stride ldx. y: T x O (row stride O). vals: fp32 (vtype
+ * 0), fp16 (1) or int8 with per-row scales (2; scales padded to whole row groups): the stored form
+ * at a half or a quarter of the bytes. Each thread converts its rows' values once a call into a
+ * buffer it keeps, so the inner loop is the same fp32 one. */
 void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const void *vals_in, const uint16_t *idx,
-                      int O, int kn, int N, int M, int KB, const float *bias, float *y, int half, int threads) {
+                      int O, int kn, int N, int M, int KB, const float *bias, float *y, int vtype,
+                      const float *scales, int threads) {
     const int P = (O + ROWG - 1) / ROWG;                  /* row groups */
     const int TW = T > 16 ? 32 : (T > 8 ? 16 : 8);  /* tokens per tile */
     const int NV = TW / 8, R = 4 * ROWG / NV;          /* rows per step: 4 ROWG FMA chains */
@@ -157,7 +185,7 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const void *val
          * (one layer's share at most: the stored form stays fp16, the inner loop stays fp32) */
         const float *vals = (const float *)vals_in;
         int vbase = 0;   /* the row group vals[0] belongs to */
-        if (half && p1 > p0) {
+        if (vtype && p1 > p0) {
             static __thread float *vbuf = NULL;
             static __thread int64_t vcap = 0;
             int64_t need = (int64_t)(p1 - p0) * ps;
@@ -166,7 +194,8 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const void *val
                 vbuf = malloc(sizeof(float) * (size_t)need);
                 vcap = vbuf ? need : 0;
             }
-            if (vbuf) halves_to_floats((const uint16_t *)vals_in + p0 * ps, vbuf, need);
+            if (vbuf && vtype == 1) halves_to_floats((const uint16_t *)vals_in + p0 * ps, vbuf, need);
+            else if (vbuf) int8_groups_to_floats((const int8_t *)vals_in, scales, vbuf, p0, p1, kn);
             vals = vbuf, vbase = p0;
         }
         for (int t0 = 0; t0 < T && p0 < p1; t0 += TW) {

@@ -14,6 +14,7 @@ from ..formats.packed import PackedNM
 from ..nm.pattern import NMPattern
 from .loader import backend_library, library, ptr
 
+VTYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}   # value type codes of nm_linear_tokens
 ROW_GROUP = 3  # rows interleaved in the many-token layout (ROWG in nm_cpu.c): 3 x 4 vectors = 12 FMA chains
 # Offsets are stored as uint16 (block-relative column x the 32-token tile stride): a K block holds
 # at most 2**16 / 32 = 2048 columns, including the doubled block of sparse patterns.
@@ -42,19 +43,23 @@ K_BLOCK = _k_block_setting()
 class KernelWeight:
     """A packed N:M weight ready for the kernels.
 
-    ``values`` and ``indices`` ((out, kn) each, kn = in / M * N; float values and absolute int32
-    input indices, ascending per row) are the canonical form the PyTorch fallback uses; the C
+    ``values`` and ``indices`` ((out, kn) each, kn = in / M * N; values fp32, fp16, or int8 with
+    per-row ``scales``, and absolute int32 input indices, ascending per row) are the canonical form
+    the PyTorch fallback uses; the C
     kernels read two layouts made from it, in the order they read them (see nm_cpu.c): groups of 3
     rows by K blocks for many tokens, octets of rows in SIMD lanes for one token. :meth:`compact`
     makes the many-token layout the only stored form (values in the packed dtype where the kernel
-    reads it: fp16 stays fp16) and drops the canonical tensors, which are then rebuilt from the
+    reads it: fp16 and int8 stay so) and drops the canonical tensors, which are then rebuilt from the
     layout on the rare paths that need them (gradients, no C kernel, :meth:`dense`)."""
 
     def __init__(self, values: torch.Tensor, indices: torch.Tensor, in_features: int,
-                 pattern: NMPattern | None, half: bool = False) -> None:
+                 pattern: NMPattern | None, half: bool = False, scales: torch.Tensor | None = None) -> None:
+        if (values.dtype == torch.int8) != (scales is not None):
+            raise ValueError("int8 values need per-row scales (and only they take them)")
         self.in_features = in_features
         self.pattern = pattern   # None: dense (N = M)
         self.half = half         # the values are exact in fp16: the kernels may read them as fp16
+        self.scales = None if scales is None else scales.float().contiguous()   # (out,): int8 values only
         self.out_features = values.shape[0]
         self._canonical: tuple[torch.Tensor, torch.Tensor] | None = (values, indices)
 
@@ -66,7 +71,9 @@ class KernelWeight:
         base = (torch.arange(inp // m, dtype=torch.int32) * m).view(1, -1, 1)
         absolute = (packed.positions().to(torch.int32) + base).reshape(out, -1)
         half = packed.values.dtype == torch.float16
-        kw = cls(packed.values if half else packed.values.float(), absolute, inp, packed.pattern, half=half)
+        keep = half or packed.scales is not None   # fp16 and int8 values stay in their dtype
+        kw = cls(packed.values if keep else packed.values.float(), absolute, inp, packed.pattern, half=half,
+                 scales=packed.scales)
         return kw.compact() if compact else kw
 
     @classmethod
@@ -86,8 +93,14 @@ class KernelWeight:
 
     @property
     def values(self) -> torch.Tensor:
-        """(out, kn) float values (fp16 where ``half``): stored, or rebuilt from the layout."""
+        """(out, kn) values as stored (fp32, fp16 where ``half``, int8 with ``scales``): kept, or
+        rebuilt from the layout."""
         return self._canonical[0] if self._canonical is not None else self._from_layout()[0]
+
+    def float_values(self) -> torch.Tensor:
+        """(out, kn) fp32 values (int8 ones times their row's scale)."""
+        v = self.values.float()
+        return v * self.scales.view(-1, 1) if self.scales is not None else v
 
     @property
     def indices(self) -> torch.Tensor:
@@ -116,10 +129,10 @@ class KernelWeight:
     @property
     def nbytes(self) -> int:
         """Bytes this weight holds now (canonical form and whichever layouts are built)."""
-        held = list(self._canonical or ())
-        for name in ("group_layout", "lane_layout"):
-            if name in self.__dict__:
-                held += list(self.__dict__[name]) if isinstance(self.__dict__[name], tuple) else [self.__dict__[name]]
+        held = list(self._canonical or ()) + ([] if self.scales is None else [self.scales])
+        for name in ("group_layout", "lane_layout", "group_scales"):
+            got = self.__dict__.get(name)
+            held += [t for t in (got if isinstance(got, tuple) else (got,)) if t is not None]
         seen, total = set(), 0
         for t in held:
             if t.data_ptr() not in seen:
@@ -129,7 +142,7 @@ class KernelWeight:
 
     def dense(self) -> torch.Tensor:
         w = torch.zeros(self.out_features, self.in_features)
-        return w.scatter_(1, self.indices.long(), self.values.float())
+        return w.scatter_(1, self.indices.long(), self.float_values())
 
     @property
     def k_block(self) -> int:
@@ -146,7 +159,8 @@ class KernelWeight:
         Values fp16 when ``half`` (the kernel converts them a block at a time), else fp32."""
         kb = self.k_block
         values, indices = self._canonical
-        vals = _pad_rows(values if self.half else values.float(), ROW_GROUP)
+        keep = self.half or self.scales is not None
+        vals = _pad_rows(values if keep else values.float(), ROW_GROUP)
         cols = _pad_rows(indices, ROW_GROUP)
         p, kn = vals.shape[0] // ROW_GROUP, vals.shape[1]
         order = (p, ROW_GROUP, kn)
@@ -162,10 +176,16 @@ class KernelWeight:
         n, m = self.nm
         return ptr(vals), ptr(offs), self.out_features, vals.shape[1], n, m, self.k_block
 
-    @property
-    def group_half(self) -> int:
-        """1 when the many-token layout holds fp16 values."""
-        return int(self.group_layout[0].dtype == torch.float16)
+    @cached_property
+    def group_scales(self) -> torch.Tensor | None:
+        """int8 values: the row scales padded to whole row groups (what the kernel indexes)."""
+        return None if self.scales is None else _pad_rows(self.scales.view(-1, 1), ROW_GROUP).view(-1).contiguous()
+
+    @cached_property
+    def group_vtype(self) -> tuple[int, object]:
+        """(value type code, scales pointer) of the many-token layout: 0 fp32, 1 fp16, 2 int8."""
+        dtype = self.group_layout[0].dtype
+        return VTYPES[dtype], ptr(self.group_scales)
 
     @cached_property
     def lane_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +194,8 @@ class KernelWeight:
         n, m = self.nm
         lib = library()
         fp16 = self.half and lib is not None and bool(lib.has_f16c())
-        values = self.values
-        vals, cols = _pad_rows(values.half() if fp16 else values.float(), 8), _pad_rows(self.indices, 8)
+        values = self.float_values()
+        vals, cols = _pad_rows(values.half() if fp16 else values, 8), _pad_rows(self.indices, 8)
         q, g = vals.shape[0] // 8, self.in_features // m
         group_start = torch.arange(g, dtype=torch.int32).repeat_interleave(n) * m
         pos = (cols - group_start).to(torch.uint8)
@@ -219,7 +239,7 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(t, o)
-    lib.nm_linear_tokens(ptr(x2), x2.stride(0), t, k, *weight.group_args, ptr(b), ptr(y), weight.group_half, threads)
+    lib.nm_linear_tokens(ptr(x2), x2.stride(0), t, k, *weight.group_args, ptr(b), ptr(y), *weight.group_vtype, threads)
     return y.view(*lead, o)
 
 
@@ -229,10 +249,30 @@ def _gather_linear(x2: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     FALLBACK_ELEMENTS rather than tokens x out x kept."""
     t, kn = x2.shape[0], weight.indices.shape[1]
     rows = max(1, FALLBACK_ELEMENTS // max(t * kn, 1))
-    values, indices = weight.values.float(), weight.indices
+    values, indices = weight.float_values(), weight.indices
     parts = [torch.einsum("tok,ok->to", x2[:, indices[r:r + rows].long()], values[r:r + rows])
              for r in range(0, weight.out_features, rows)]
     return torch.cat(parts, dim=1) if parts else x2.new_zeros(t, 0)
+
+
+@torch.library.custom_op("sparsetx::nm_linear", mutates_args=())
+def _nm_linear_op(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor | None,
+                  bias: torch.Tensor | None, out_features: int, n: int, m: int, k_block: int) -> torch.Tensor:
+    """The many-token kernel on a layout passed as tensors (what torch.compile calls)."""
+    lib = library()
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).float().contiguous()
+    y = torch.empty(x2.shape[0], out_features)
+    if x2.shape[0]:
+        lib.nm_linear_tokens(ptr(x2), x2.stride(0), x2.shape[0], k, ptr(values), ptr(offsets), out_features,
+                             values.shape[1], n, m, k_block, ptr(bias), ptr(y), VTYPES[values.dtype], ptr(scales),
+                             torch.get_num_threads())
+    return y.view(*x.shape[:-1], out_features)
+
+
+@_nm_linear_op.register_fake
+def _(x, values, offsets, scales, bias, out_features, n, m, k_block):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 class SparseLinear(nn.Module):
@@ -240,13 +280,18 @@ class SparseLinear(nn.Module):
 
     def __init__(self, weight: KernelWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.weight_nm = weight
+        self.weight_nm = weight.compact()   # inference: the kernel's layout is the stored form
         self.in_features, self.out_features = weight.in_features, weight.out_features
+        # the layout as buffers too, so torch.compile passes them to the operator as tensors
+        layout = weight.group_layout if library() is not None else (None, None)
+        self.register_buffer("layout_values", layout[0], persistent=False)
+        self.register_buffer("layout_offsets", layout[1], persistent=False)
+        self.register_buffer("layout_scales", weight.group_scales, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     @classmethod
-    def from_packed(cls, packed: PackedNM, bias: torch.Tensor | None = None, compact: bool = False) -> SparseLinear:
-        return cls(KernelWeight.from_packed(packed, compact=compact), bias)
+    def from_packed(cls, packed: PackedNM, bias: torch.Tensor | None = None) -> SparseLinear:
+        return cls(KernelWeight.from_packed(packed, compact=True), bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, pattern: NMPattern | str) -> SparseLinear:
@@ -255,6 +300,12 @@ class SparseLinear(nn.Module):
         return cls.from_packed(pack_nm(linear.weight.detach(), NMPattern.parse(pattern), torch.float32), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.layout_values is not None:
+            # torch.compile sees the kernel as one opaque operator with a known output shape
+            w = self.weight_nm
+            n, m = w.nm
+            return torch.ops.sparsetx.nm_linear(x, self.layout_values, self.layout_offsets, self.layout_scales,
+                                                self.bias, w.out_features, n, m, w.k_block)
         return nm_linear(x, self.weight_nm, self.bias)
 
     def extra_repr(self) -> str:
