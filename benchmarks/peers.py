@@ -186,6 +186,9 @@ def encoder_contenders(dense, sparse_dirs: dict, onnx: dict, threads: int):
         slow = load_model(folder, task="sentiment")          # the same weights on PyTorch's dense path
         sref = torch_runner(slow)
         out.append(Contender(f"sparsetx {pattern}", torch_runner(fast), sref))
+        compiled = load_model(folder, task="sentiment", fast=True, compile=True)
+        out.append(Contender(f"sparsetx {pattern} compiled", torch_runner(compiled), sref,
+                             note="torch.compile (inductor) with the N:M kernel as a custom operator"))
         out.append(Contender(f"sparsetx {pattern} + tokens {SPATTEN_KEEP:.0%}",
                              torch_runner(fast, lambda m=fast: spatten(m, keep)), sref, exact=False,
                              note="token pruning changes the function: accuracy reported"))
@@ -539,12 +542,15 @@ def encoder_table(res: dict) -> list[str]:
 
 
 def encoder_targets(res: dict) -> list[str]:
-    out = ["| setting | fastest dense peer | " + " | ".join(f"sparsetx {p} (target x{x})" for p, x in TARGETS.items()) + " |",
+    out = ["| setting | fastest dense peer | " + " | ".join(f"sparsetx {p}, eager or compiled (target x{x})"
+                                                          for p, x in TARGETS.items()) + " |",
            "|---|---|" + "---|" * len(TARGETS)]
     for s in res["settings"]:
         cells = []
-        for p, x in TARGETS.items():
-            r = s["ratio_vs_fastest_peer"].get(f"sparsetx {p}")
+        for p, x in TARGETS.items():   # the faster of eager and compiled
+            found = [s["ratio_vs_fastest_peer"][k] for k in (f"sparsetx {p}", f"sparsetx {p} compiled")
+                     if k in s["ratio_vs_fastest_peer"]]
+            r = max(found) if found else None
             cells.append("-" if r is None else f"x{r:.2f} {'met' if r >= x else 'not met'}")
         out.append(f"| {s['threads']}t, {s['tokens']} tokens, batch {s['batch']} | {s['fastest_dense_peer']} | "
                    + " | ".join(cells) + " |")
@@ -577,7 +583,7 @@ def report(result: dict, args) -> list[str]:
     carried = result.get("carried", {})
 
     def source(part):
-        return [f"(From an earlier run of this script, {carried[part]}.)", ""] if part in carried else []
+        return [f"(Carried from an earlier run of this script: {carried[part]}.)", ""] if part in carried else []
 
     md = [f"# sparsetx vs CPU runtimes ({result['date']})", ""]
     if "encoder" in result:
@@ -623,6 +629,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
+    for name in ("recompile_limit", "cache_size_limit"):   # one compiled model a pattern and thread count
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     if args.repeats < 10:
         print("note: fewer than 10 repeats: not the benchmark's standard", file=sys.stderr)
     out = Path(args.out)
@@ -646,7 +655,7 @@ def main(argv=None) -> None:
         for part in ("encoder", "memory", "decoder"):
             if part not in result and part in old:
                 result[part] = old[part]
-                result.setdefault("carried", {})[part] = old.get("carried", {}).get(part) or old.get("date", "an earlier run")
+                result.setdefault("carried", {})[part] = old.get("carried", {}).get(part) or old.get("date", "before 2026-11-30")
     md = report(result, args)
     (out / "peers.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "peers.md").write_text("\n".join(md) + "\n")

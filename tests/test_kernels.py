@@ -314,3 +314,32 @@ def test_packed_load_maps_the_file_instead_of_copying_it(tmp_path):
         emb[0].fill_(7.0)
     again = load_packed(tmp_path / "m", fast=True)
     assert torch.equal(again.bert.embeddings.word_embeddings.weight, expect)
+
+
+@needs_c
+def test_compiled_sparse_model_equals_eager(tmp_path):
+    """load_model(compile=True): torch.compile traces the N:M kernel as one custom operator (its
+    fake implementation gives the shapes) and computes what the eager model computes, for two
+    input shapes (the second recompiles with a dynamic dimension)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sparsetx.formats.folder import save_packed
+    from sparsetx.models import load_model
+    from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=4, intermediate_size=128)).eval()
+    sparsify(model, NMConfig("2:8"))
+    save_packed(model, tmp_path / "m", recorded_patterns(model), "int8")
+    eager = load_model(tmp_path / "m", fast=True)
+    compiled = load_model(tmp_path / "m", fast=True, compile=True)
+    assert not any(p.requires_grad for p in compiled.parameters())
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for shape in ((2, 9), (3, 21)):
+        ids = torch.randint(0, 100, shape)
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
