@@ -502,13 +502,22 @@ def peak_memory(path, task: str | None, fast: bool, warm: bool = False) -> dict:
     return {"load_mib": (r["after_load_kib"] - r["base_kib"]) / 1024, "peak_mib": (r["peak_kib"] - r["base_kib"]) / 1024}
 
 
+def _value_dtype(folder) -> str:
+    from sparsetx.formats.folder import read_header
+
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8"}[read_header(folder)["value_dtype"]]
+
+
 def memory_part(args) -> dict:
     dense_dir, _, sparse = load_encoders(Path(args.models), args.dense)
     rows = {}
     for tag, warm in (("", False), (" (warmed)", True)):
         group = {"MiniLM dense fp32 (HF)" + tag: peak_memory(dense_dir, "sentiment", False, warm)}
         for pattern, folder in sparse.items():
-            group[f"MiniLM {pattern} packed, N:M kernel{tag}"] = peak_memory(folder, "sentiment", True, warm)
+            group[f"MiniLM {pattern} packed ({_value_dtype(folder)}), N:M kernel{tag}"] = peak_memory(folder, "sentiment", True, warm)
+        for folder in args.memory_extra:
+            for pattern, extra in load_encoders(Path(folder), dense_dir)[2].items():
+                group[f"MiniLM {pattern} packed ({_value_dtype(extra)}), N:M kernel{tag}"] = peak_memory(extra, "sentiment", True, warm)
         base = group["MiniLM dense fp32 (HF)" + tag]["peak_mib"]
         for r in group.values():
             r["vs_dense"] = r["peak_mib"] / base
@@ -621,6 +630,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--test-limit", type=int, default=None, help="first N test snippets only (default: all)")
     ap.add_argument("--part", default="encoder,memory,decoder", type=lambda s: s.split(","))
+    ap.add_argument("--memory-extra", default=[], type=lambda s: [x for x in s.split(",") if x],
+                    help="more packed model folders (same layout as --models) to measure in the memory part")
     ap.add_argument("--prompts", default="512,2048", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--kv-keep", type=float, default=0.25)
