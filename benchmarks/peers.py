@@ -455,9 +455,11 @@ def decoder_table(res: dict) -> list[str]:
 MEMORY_PROBE = """
 import gc, json, sys
 import torch, transformers  # noqa: F401  (imported before the baseline is read)
+from sparsetx.kernels.allocator import tune_allocator
 from sparsetx.models import load_model, model_class
 path, task, fast, warm = sys.argv[1], sys.argv[2] or None, sys.argv[3] == "1", sys.argv[4] == "1"
 torch.set_num_threads(1)
+tune_allocator()   # the same allocator for every model measured (a fast load would set it anyway)
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -640,6 +642,11 @@ def main(argv=None) -> None:
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
+    from sparsetx.kernels.allocator import tune_allocator
+
+    # a fast sparsetx load sets glibc's malloc thresholds for the whole process: set them first, so
+    # every contender (HF's included) runs under the same allocator from its first call
+    allocator = tune_allocator()
     for name in ("recompile_limit", "cache_size_limit"):   # one compiled model a pattern and thread count
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
@@ -653,6 +660,8 @@ def main(argv=None) -> None:
                           "python": platform.python_version()},
               "versions": _versions(), "repeats": args.repeats}
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result["allocator"] = ("glibc mmap threshold 64 MiB, trim threshold 128 MiB (sparsetx.kernels.allocator), "
+                           "for every contender in the process" if allocator else "glibc defaults")
     if "encoder" in args.part:
         result["encoder"] = encoder_part(args, errors)
         plot(result["encoder"], out / "peers.png")

@@ -343,3 +343,32 @@ def test_compiled_sparse_model_equals_eager(tmp_path):
         with torch.inference_mode():
             torch.testing.assert_close(compiled(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-5, rtol=0)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_allocator_tuning_is_once_and_can_be_refused(monkeypatch):
+    """tune_allocator sets glibc's thresholds once a process (a no-op without glibc), and
+    SPARSETX_MALLOC=default leaves them alone."""
+    from sparsetx.kernels import allocator
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(allocator, "_libc", lambda: FakeLibc())
+    allocator.tune_allocator.cache_clear()
+    monkeypatch.setenv("SPARSETX_MALLOC", "default")
+    assert allocator.tune_allocator() is False and calls == []
+    allocator.tune_allocator.cache_clear()
+    monkeypatch.delenv("SPARSETX_MALLOC")
+    assert allocator.tune_allocator() is True and allocator.tune_allocator() is True
+    assert calls == [(allocator.M_MMAP_THRESHOLD, 64 << 20), (allocator.M_TRIM_THRESHOLD, 128 << 20)]
+    allocator.trim_heap()
+    assert calls[-1] == ("trim", 0)
+    allocator.tune_allocator.cache_clear()

@@ -18,7 +18,6 @@ no half-written folder. No pickle.
 from __future__ import annotations
 
 import copy
-import ctypes
 import hashlib
 import json
 import mmap
@@ -406,30 +405,14 @@ def _build_model(folder: Path, config, tensors: dict[str, torch.Tensor], packed:
         return cls._from_config(config, dtype=torch.float32)
 
 
-def _trim_heap() -> None:
-    """Hand the C heap's freed memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
-    Building a layer's kernel layout frees a few MB of decoding intermediates; glibc keeps them
-    in its heap, fragmented between the layouts that stay, and a model's worth of them would
-    add up to several times the packed model's size."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
-
-
 def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool = False):
     """Rebuild the model of a packed folder with bit-identical (unpacked) weights, in eval mode.
 
-    The values are upcast to the model's fp32 weights (exact for fp16/bf16). ``fast=True`` swaps
-    each packed layer for a :class:`sparsetx.kernels.nm_linear.SparseLinear` that computes from the
-    packed weights with the N:M CPU kernel (inference only).
+    The values are upcast to the model's fp32 weights (exact for fp16/bf16; int8: values times
+    their row's scale). ``fast=True`` swaps each packed layer for a
+    :class:`sparsetx.kernels.nm_linear.SparseLinear` that computes from the packed weights with the
+    N:M CPU kernel (inference only), and sets the process's malloc thresholds for inference
+    (:func:`sparsetx.kernels.allocator.tune_allocator`; ``SPARSETX_MALLOC=default`` opts out).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -439,6 +422,7 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     model = _build_model(folder, config, tensors, packed, header)
     state = dict(tensors)
     if fast:
+        from ..kernels.allocator import trim_heap, tune_allocator
         from ..kernels.nm_linear import SparseLinear  # kernels sit above formats: imported on demand
 
         # straight from the packed values as stored, before any dense weight of these layers is
@@ -450,7 +434,7 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
             p = packed[name] if with_sparse else packed.pop(name)
             model.set_submodule(name, SparseLinear.from_packed(p, state.pop(f"{name}.bias", None)))
             del p
-            _trim_heap()
+            trim_heap()   # the layer's decoding intermediates: see kernels/allocator.py
     else:
         for name, p in packed.items():
             state[f"{name}.weight"] = unpack_nm(p).float()   # int8: values x row scales
@@ -466,6 +450,8 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
             raise PackedFormatError(f"{folder}: the header ties {key!r} to {source!r}, but the model does not "
                                     "share them (config.json and header disagree)")
     model.eval()
+    if fast:   # inference from here on: keep freed activations' memory for reuse (process-wide)
+        tune_allocator()
     return (model, packed) if with_sparse else model
 
 
