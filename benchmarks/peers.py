@@ -455,7 +455,7 @@ def decoder_table(res: dict) -> list[str]:
 MEMORY_PROBE = """
 import gc, json, sys
 import torch, transformers  # noqa: F401  (imported before the baseline is read)
-from sparsetx.kernels.allocator import tune_allocator
+from sparsetx.kernels.allocator import trim_heap, tune_allocator
 from sparsetx.models import load_model, model_class
 path, task, fast, warm = sys.argv[1], sys.argv[2] or None, sys.argv[3] == "1", sys.argv[4] == "1"
 torch.set_num_threads(1)
@@ -479,6 +479,7 @@ if warm:   # what every model pays, paid first: the architecture's code imported
         SparseLinear.from_linear(lin, "2:8")(torch.ones(128, 64))
     del tiny
     gc.collect()
+trim_heap()   # what the warm-up freed goes back to the OS: a load must not count on reusing it
 open("/proc/self/clear_refs", "w").write("5")   # reset the high-water mark (VmHWM) to the current RSS
 base = status("VmRSS")
 model = load_model(path, task=task, fast=fast)
