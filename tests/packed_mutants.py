@@ -43,6 +43,33 @@ def make_folder(root: Path, value_dtype: str = "float16") -> tuple[Path, dict[st
     return folder, {k: v.clone() for k, v in load_packed(folder).state_dict().items()}
 
 
+def overwrite_tensor_bytes(folder: Path, key: str, payload: bytes, rehash: bool = True) -> None:
+    """Write ``payload`` over the first bytes of tensor ``key`` of a folder's weights file; with
+    ``rehash`` the header's SHA-256 of that tensor is updated, so only the structure checks see it."""
+    path = folder / WEIGHTS
+    header, data = split(path.read_bytes())
+    start, end = header[key]["data_offsets"]
+    data = data[:start] + payload + data[start + len(payload):]
+    path.write_bytes(join(header, data))
+    if rehash:
+        digest = hashlib.sha256(data[start:end]).hexdigest()
+        edit_meta(folder, lambda m: m["sha256"].update({key: digest}))
+
+
+def expect_refusal(folder: Path, target: Path, key: str, payload: bytes, message: str, rehash: bool = True) -> None:
+    """A copy of ``folder`` at ``target`` with ``payload`` over tensor ``key`` is refused, naming
+    ``message`` (a regular expression)."""
+    import pytest
+
+    from sparsetx.formats.folder import load_packed
+    from sparsetx.formats.packed import PackedFormatError
+
+    shutil.copytree(folder, target)
+    overwrite_tensor_bytes(target, key, payload, rehash)
+    with pytest.raises(PackedFormatError, match=message):
+        load_packed(target)
+
+
 # --- the safetensors file: 8-byte header length, JSON header, data ------------------------------
 
 def split(raw: bytes) -> tuple[dict, bytes]:

@@ -18,6 +18,20 @@ PATTERNS = [NMPattern(2, 4), NMPattern(1, 4), NMPattern(4, 8), NMPattern(2, 8), 
 ATOL = 1e-4
 
 
+def tiny_packed_bert(folder, vocab: int, value_dtype: str):
+    """A one-layer, 64-wide BERT classifier pruned 2:8 and packed into ``folder``."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sparsetx.formats.folder import save_packed
+    from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=4, intermediate_size=128)).eval()
+    sparsify(model, NMConfig("2:8"))
+    return save_packed(model, folder, recorded_patterns(model), value_dtype)
+
+
 def nm_weight(out, inp, pattern, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g)
@@ -289,16 +303,9 @@ def test_packed_load_maps_the_file_instead_of_copying_it(tmp_path):
     """A packed folder's dense tensors become copy-on-write memory maps of the file (an embedding
     table costs the pages a batch touches), and writing to one changes neither the file nor a
     later load."""
-    from transformers import BertConfig, BertForSequenceClassification
+    from sparsetx.formats.folder import WEIGHTS, load_packed
 
-    from sparsetx.formats.folder import WEIGHTS, load_packed, save_packed
-    from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=3000, hidden_size=64, num_hidden_layers=1,
-                                                     num_attention_heads=4, intermediate_size=128)).eval()
-    sparsify(model, NMConfig("2:8"))
-    save_packed(model, tmp_path / "m", recorded_patterns(model), "float16")
+    tiny_packed_bert(tmp_path / "m", 3000, "float16")
     fast = load_packed(tmp_path / "m", fast=True)
     emb = fast.bert.embeddings.word_embeddings.weight
     address = emb.data_ptr()
@@ -321,17 +328,9 @@ def test_compiled_sparse_model_equals_eager(tmp_path):
     """load_model(compile=True): torch.compile traces the N:M kernel as one custom operator (its
     fake implementation gives the shapes) and computes what the eager model computes, for two
     input shapes (the second recompiles with a dynamic dimension)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from sparsetx.formats.folder import save_packed
     from sparsetx.models import load_model
-    from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
 
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1,
-                                                     num_attention_heads=4, intermediate_size=128)).eval()
-    sparsify(model, NMConfig("2:8"))
-    save_packed(model, tmp_path / "m", recorded_patterns(model), "int8")
+    tiny_packed_bert(tmp_path / "m", 100, "int8")
     eager = load_model(tmp_path / "m", fast=True)
     compiled = load_model(tmp_path / "m", fast=True, compile=True)
     assert not any(p.requires_grad for p in compiled.parameters())
