@@ -73,6 +73,8 @@ def test_int8_kernel_equals_the_dequantised_product(pattern, tokens):
     ref = x @ deq.t() + b
     torch.testing.assert_close(nm_linear(x, kw, b), ref, atol=ATOL, rtol=0)
     torch.testing.assert_close(nm_linear(x, kw, b, backend="torch"), ref, atol=ATOL, rtol=0)
+    if tokens == 1:   # the one-token kernel reads int8 lanes and scales the sums
+        assert kw.lane_layout[0].dtype == torch.int8 and kw.lane_scales.numel() == 72
 
 
 @pytest.fixture(scope="module")

@@ -239,11 +239,18 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const void *val
 }
 
 #if defined(__AVX2__) && defined(__F16C__)
+/* 8 lane values of slot e as fp32: vt 0 fp32, 1 fp16 (F16C), 2 int8 (the row scale comes later). */
+static inline __attribute__((always_inline)) __m256 lane_values(const void *lvals, int64_t e, const int vt) {
+    if (vt == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)lvals + e)));
+    if (vt == 2) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)lvals + e))));
+    return _mm256_loadu_ps((const float *)lvals + e);
+}
+
 /* The N kept weights of group g for 8 rows: each row's input picked from the group's M inputs by
  * its position (vpermps: STA's operand multiplexer, in-register), alternating two accumulators. */
 static inline __attribute__((always_inline)) void group_fma(
     const float *x, const void *lvals, const uint8_t *lpos, int64_t e, int g, int N, int M,
-    __m256 *A, __m256 *B, const int half, const int mode) {
+    __m256 *A, __m256 *B, const int vt, const int mode) {
     __m256 lo = _mm256_setzero_ps(), hi = lo;
     if (mode < 2) lo = _mm256_loadu_ps(x + g * M);
     if (mode == 1) hi = _mm256_loadu_ps(x + g * M + 8);
@@ -258,74 +265,81 @@ static inline __attribute__((always_inline)) void group_fma(
         } else {
             xs = _mm256_i32gather_ps(x, _mm256_add_epi32(_mm256_set1_epi32(g * M), sel), 4);
         }
-        __m256 w = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)lvals + e)))
-                        : _mm256_loadu_ps((const float *)lvals + e);
+        __m256 w = lane_values(lvals, e, vt);
         if (s & 1) *B = _mm256_fmadd_ps(w, xs, *B);
         else *A = _mm256_fmadd_ps(w, xs, *A);
     }
 }
 
 /* One octet of rows, groups four at a time into eight accumulators (8 independent FMA chains,
- * whatever N is: one chain would wait out the FMA latency on every kept weight). */
+ * whatever N is: one chain would wait out the FMA latency on every kept weight). int8 values: the
+ * sums are in units of each row's scale, applied once at the end. */
 static inline __attribute__((always_inline)) void octet_body(
     const float *x, const void *lvals, const uint8_t *lpos, int q, int G, int N, int M,
-    const float *bias, float *y, const int half, const int mode) {
+    const float *bias, const float *scales, float *y, const int vt, const int mode) {
     int64_t e = (int64_t)q * G * N * 8, step = (int64_t)N * 8;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     int g = 0;
     for (; g + 4 <= G; g += 4, e += 4 * step) {
-        group_fma(x, lvals, lpos, e, g, N, M, &a0, &a1, half, mode);
-        group_fma(x, lvals, lpos, e + step, g + 1, N, M, &a2, &a3, half, mode);
-        group_fma(x, lvals, lpos, e + 2 * step, g + 2, N, M, &a4, &a5, half, mode);
-        group_fma(x, lvals, lpos, e + 3 * step, g + 3, N, M, &a6, &a7, half, mode);
+        group_fma(x, lvals, lpos, e, g, N, M, &a0, &a1, vt, mode);
+        group_fma(x, lvals, lpos, e + step, g + 1, N, M, &a2, &a3, vt, mode);
+        group_fma(x, lvals, lpos, e + 2 * step, g + 2, N, M, &a4, &a5, vt, mode);
+        group_fma(x, lvals, lpos, e + 3 * step, g + 3, N, M, &a6, &a7, vt, mode);
     }
-    for (; g < G; g++, e += step) group_fma(x, lvals, lpos, e, g, N, M, &a0, &a1, half, mode);
+    for (; g < G; g++, e += step) group_fma(x, lvals, lpos, e, g, N, M, &a0, &a1, vt, mode);
     __m256 acc = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
                                _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    if (vt == 2) acc = _mm256_mul_ps(acc, _mm256_loadu_ps(scales + 8 * q));
     if (bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(bias + 8 * q));
     _mm256_storeu_ps(y + 8 * q, acc);
 }
 #endif
 
-/* One token, one octet of rows: y[8q .. 8q+7]. Values fp32, or fp16 (half = 1: half the bytes of
- * a memory-bound pass, converted in registers by F16C). */
+/* One token, one octet of rows: y[8q .. 8q+7]. Values fp32, fp16 (vt 1: half the bytes of a
+ * memory-bound pass, converted in registers by F16C) or int8 (vt 2: a quarter, times the row's
+ * scale; scales padded to the octets). */
 static void octet(const float *x, const void *lvals, const uint8_t *lpos, int q, int G, int N, int M,
-                  const float *bias, float *y, int half) {
+                  const float *bias, const float *scales, float *y, int vt) {
 #if defined(__AVX2__) && defined(__F16C__)
     /* constant N = 1, 2 (the common sparse patterns) let the compiler unroll the slot loop */
-#define BODY(H, MODE) \
+#define BODY(VT, MODE) \
     do { \
-        if (N == 1) octet_body(x, lvals, lpos, q, G, 1, M, bias, y, H, MODE); \
-        else if (N == 2) octet_body(x, lvals, lpos, q, G, 2, M, bias, y, H, MODE); \
-        else octet_body(x, lvals, lpos, q, G, N, M, bias, y, H, MODE); \
+        if (N == 1) octet_body(x, lvals, lpos, q, G, 1, M, bias, scales, y, VT, MODE); \
+        else if (N == 2) octet_body(x, lvals, lpos, q, G, 2, M, bias, scales, y, VT, MODE); \
+        else octet_body(x, lvals, lpos, q, G, N, M, bias, scales, y, VT, MODE); \
+    } while (0)
+#define MODES(VT) \
+    do { \
+        if (mode == 0) BODY(VT, 0); \
+        else if (mode == 1) BODY(VT, 1); \
+        else BODY(VT, 2); \
     } while (0)
     const int mode = M <= 8 ? 0 : (M <= 16 ? 1 : 2);
-    if (half) {
-        if (mode == 0) BODY(1, 0);
-        else if (mode == 1) BODY(1, 1);
-        else BODY(1, 2);
-    } else {
-        if (mode == 0) BODY(0, 0);
-        else if (mode == 1) BODY(0, 1);
-        else BODY(0, 2);
-    }
+    if (vt == 1) MODES(1);
+    else if (vt == 2) MODES(2);
+    else MODES(0);
+#undef MODES
 #undef BODY
 #else
-    (void)half;  /* the Python side only asks for fp16 where F16C built */
+    /* the Python side only asks for fp16 where F16C built */
     int64_t e = (int64_t)q * G * N * 8;
-    const float *v = (const float *)lvals;
     float acc[8] = {0};
     for (int g = 0; g < G; g++)
         for (int s = 0; s < N; s++, e += 8)
-            for (int l = 0; l < 8; l++) acc[l] += v[e + l] * x[g * M + lpos[e + l]];
-    for (int l = 0; l < 8; l++) y[8 * q + l] = acc[l] + (bias ? bias[8 * q + l] : 0.0f);
+            for (int l = 0; l < 8; l++) {
+                float w = vt == 2 ? (float)((const int8_t *)lvals)[e + l] : ((const float *)lvals)[e + l];
+                acc[l] += w * x[g * M + lpos[e + l]];
+            }
+    for (int l = 0; l < 8; l++)
+        y[8 * q + l] = acc[l] * (vt == 2 ? scales[8 * q + l] : 1.0f) + (bias ? bias[8 * q + l] : 0.0f);
 #endif
 }
 
 /* One token. x: K floats; y: O8 = 8 * octets floats (the padded rows' outputs are dropped by the
- * caller); bias: O floats or NULL; half: lvals holds fp16. */
+ * caller); bias: O floats or NULL; vt: lvals holds fp32 (0), fp16 (1) or int8 (2, with scales:
+ * O8 floats). */
 void nm_linear_vector(const float *x_in, const void *lvals, const uint8_t *lpos, int O, int O8, int K, int N,
-                      int M, const float *bias_in, float *y, int half, int threads) {
+                      int M, const float *bias_in, float *y, int vt, const float *scales, int threads) {
     const int G = K / M, Q = O8 / 8;
     /* the M-wide group loads read up to 16 floats past the last group: a zero-padded copy */
     float *x = aligned_alloc(64, sizeof(float) * (size_t)((K + 16 + 15) / 16 * 16));
@@ -339,7 +353,7 @@ void nm_linear_vector(const float *x_in, const void *lvals, const uint8_t *lpos,
     }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int q = 0; q < Q; q++) {
-        octet(x, lvals, lpos, q, G, N, M, bias, y, half);
+        octet(x, lvals, lpos, q, G, N, M, bias, scales, y, vt);
     }
     free(x);
     free(bias);

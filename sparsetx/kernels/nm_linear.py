@@ -130,7 +130,7 @@ class KernelWeight:
     def nbytes(self) -> int:
         """Bytes this weight holds now (canonical form and whichever layouts are built)."""
         held = list(self._canonical or ()) + ([] if self.scales is None else [self.scales])
-        for name in ("group_layout", "lane_layout", "group_scales"):
+        for name in ("group_layout", "lane_layout", "group_scales", "lane_scales"):
             got = self.__dict__.get(name)
             held += [t for t in (got if isinstance(got, tuple) else (got,)) if t is not None]
         seen, total = set(), 0
@@ -156,7 +156,7 @@ class KernelWeight:
     def group_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, uint16 block-relative column x 32), group p / kept slot j / row r at p*3*kn + 3*j + r.
         The x 32 is the kernel's tile stride (32 tokens per column), so a code is a ready offset.
-        Values fp16 when ``half`` (the kernel converts them a block at a time), else fp32."""
+        Values as packed for fp16 and int8 (the kernel converts them once a call), else fp32."""
         kb = self.k_block
         values, indices = self._canonical
         keep = self.half or self.scales is not None
@@ -190,12 +190,16 @@ class KernelWeight:
     @cached_property
     def lane_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, uint8 in-group positions), octet q / group g / slot s / lane at ((q*G+g)*N+s)*8+lane.
-        Values fp16 when ``half`` and F16C built (exact, half the bytes of that memory-bound pass), else fp32."""
+        Values int8 for int8 weights (a quarter of the bytes of that memory-bound pass; the row
+        scales are applied to the sums), fp16 when ``half`` and F16C built (exact, half), else fp32."""
         n, m = self.nm
         lib = library()
         fp16 = self.half and lib is not None and bool(lib.has_f16c())
-        values = self.float_values()
-        vals, cols = _pad_rows(values.half() if fp16 else values, 8), _pad_rows(self.indices, 8)
+        if self.scales is not None:
+            values = self.values
+        else:
+            values = self.float_values().half() if fp16 else self.float_values()
+        vals, cols = _pad_rows(values, 8), _pad_rows(self.indices, 8)
         q, g = vals.shape[0] // 8, self.in_features // m
         group_start = torch.arange(g, dtype=torch.int32).repeat_interleave(n) * m
         pos = (cols - group_start).to(torch.uint8)
@@ -203,10 +207,16 @@ class KernelWeight:
         return v, pos.view(q, 8, g, n).permute(0, 2, 3, 1).contiguous()
 
     @cached_property
+    def lane_scales(self) -> torch.Tensor | None:
+        """int8 values: the row scales padded to whole octets (what the one-token kernel reads)."""
+        return None if self.scales is None else _pad_rows(self.scales.view(-1, 1), 8).view(-1).contiguous()
+
+    @cached_property
     def lane_args(self) -> tuple:
-        """(values pointer, positions pointer, padded rows, fp16 flag) for the one-token kernel."""
+        """(values pointer, positions pointer, padded rows, value type, scales pointer) for the
+        one-token kernel."""
         vals, pos = self.lane_layout
-        return ptr(vals), ptr(pos), vals.shape[0] * 8, int(vals.dtype == torch.float16)
+        return ptr(vals), ptr(pos), vals.shape[0] * 8, VTYPES[vals.dtype], ptr(self.lane_scales)
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -231,10 +241,10 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     n, m = weight.nm
     b = bias if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()) else bias.float().contiguous()
     if t == 1:  # decoding: per-call Python work kept small, it is the same order as the kernel here
-        vals, pos, o8, half = weight.lane_args
+        vals, pos, o8, vtype, scales = weight.lane_args
         y = torch.empty(o8)
         xc = x2.contiguous()  # held in a name: a temporary's memory could be freed before the C call reads it
-        lib.nm_linear_vector(ptr(xc), vals, pos, o, o8, k, n, m, ptr(b), ptr(y), half, threads)
+        lib.nm_linear_vector(ptr(xc), vals, pos, o, o8, k, n, m, ptr(b), ptr(y), vtype, scales, threads)
         return (y if o8 == o else y[:o]).view(*lead, o)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
