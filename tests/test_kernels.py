@@ -371,3 +371,16 @@ def test_allocator_tuning_is_once_and_can_be_refused(monkeypatch):
     allocator.trim_heap()
     assert calls[-1] == ("trim", 0)
     allocator.tune_allocator.cache_clear()
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_rows_span_several_row_panels(dtype, threads):
+    """More rows than one panel of partial sums (512 row groups = 1536 rows) per thread, with a
+    partial last panel and a partial row group: every value type, 1 and 2 threads."""
+    p = NMPattern(2, 8)
+    w = nm_weight(3203, 64, p, seed=9)
+    kw = KernelWeight.from_packed(pack_nm(w, p, dtype), compact=True)
+    x, b = torch.randn(37, 64), torch.randn(3203)
+    torch.testing.assert_close(nm_linear(x, kw, b, threads=threads), x @ kw.dense().t() + b, atol=ATOL, rtol=0)
