@@ -91,21 +91,26 @@ class KernelWeight:
             self._canonical = None
         return self
 
+    def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values as stored, int32 absolute indices), each (out, kn): kept, or rebuilt from the
+        layout (once a call: callers that need both take them from here)."""
+        return self._canonical if self._canonical is not None else self._from_layout()
+
     @property
     def values(self) -> torch.Tensor:
-        """(out, kn) values as stored (fp32, fp16 where ``half``, int8 with ``scales``): kept, or
-        rebuilt from the layout."""
-        return self._canonical[0] if self._canonical is not None else self._from_layout()[0]
-
-    def float_values(self) -> torch.Tensor:
-        """(out, kn) fp32 values (int8 ones times their row's scale)."""
-        v = self.values.float()
-        return v * self.scales.view(-1, 1) if self.scales is not None else v
+        """(out, kn) values as stored (fp32, fp16 where ``half``, int8 with ``scales``)."""
+        return self.canonical()[0]
 
     @property
     def indices(self) -> torch.Tensor:
-        """(out, kn) int32 absolute input indices: stored, or rebuilt from the layout."""
-        return self._canonical[1] if self._canonical is not None else self._from_layout()[1]
+        """(out, kn) int32 absolute input indices."""
+        return self.canonical()[1]
+
+    def float_values(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """(out, kn) fp32 values (int8 ones times their row's scale); ``values``: the stored
+        values when the caller has them already."""
+        v = (self.values if values is None else values).float()
+        return v * self.scales.view(-1, 1) if self.scales is not None else v
 
     def _from_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse of :attr:`group_layout`."""
@@ -141,8 +146,9 @@ class KernelWeight:
         return total
 
     def dense(self) -> torch.Tensor:
+        values, indices = self.canonical()
         w = torch.zeros(self.out_features, self.in_features)
-        return w.scatter_(1, self.indices.long(), self.float_values())
+        return w.scatter_(1, indices.long(), self.float_values(values))
 
     @property
     def k_block(self) -> int:
@@ -195,11 +201,10 @@ class KernelWeight:
         n, m = self.nm
         lib = library()
         fp16 = self.half and lib is not None and bool(lib.has_f16c())
-        if self.scales is not None:
-            values = self.values
-        else:
-            values = self.float_values().half() if fp16 else self.float_values()
-        vals, cols = _pad_rows(values, 8), _pad_rows(self.indices, 8)
+        values, indices = self.canonical()
+        if self.scales is None:
+            values = self.float_values(values).half() if fp16 else self.float_values(values)
+        vals, cols = _pad_rows(values, 8), _pad_rows(indices, 8)
         q, g = vals.shape[0] // 8, self.in_features // m
         group_start = torch.arange(g, dtype=torch.int32).repeat_interleave(n) * m
         pos = (cols - group_start).to(torch.uint8)
@@ -257,9 +262,10 @@ def _gather_linear(x2: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     """The PyTorch path: gather each row's kept inputs and reduce (the kernels' arithmetic, no
     dense weight), a block of output rows at a time so the gathered inputs stay within
     FALLBACK_ELEMENTS rather than tokens x out x kept."""
-    t, kn = x2.shape[0], weight.indices.shape[1]
+    stored, indices = weight.canonical()
+    values = weight.float_values(stored)
+    t, kn = x2.shape[0], indices.shape[1]
     rows = max(1, FALLBACK_ELEMENTS // max(t * kn, 1))
-    values, indices = weight.float_values(), weight.indices
     parts = [torch.einsum("tok,ok->to", x2[:, indices[r:r + rows].long()], values[r:r + rows])
              for r in range(0, weight.out_features, rows)]
     return torch.cat(parts, dim=1) if parts else x2.new_zeros(t, 0)
@@ -301,7 +307,7 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, packed: PackedNM, bias: torch.Tensor | None = None) -> SparseLinear:
-        return cls(KernelWeight.from_packed(packed, compact=True), bias)
+        return cls(KernelWeight.from_packed(packed), bias)   # __init__ compacts it
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, pattern: NMPattern | str) -> SparseLinear:
