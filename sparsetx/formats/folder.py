@@ -440,8 +440,11 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
             state[f"{name}.weight"] = unpack_nm(p).float()   # int8: values x row scales
     tied = header.get("tied", {})
     # assign: the model's tensors become the file's memory-mapped ones (no copy; untouched pages
-    # of an embedding table are never read); fp32 only, as the model was built
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    # of an embedding table are never read), each in the dtype the model built it with, as a
+    # copying load would give (an integer buffer stays integer; .to is a no-op when they agree)
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()},
+                          strict=False, assign=True)
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
     loaded = model.state_dict()
