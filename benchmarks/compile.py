@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sparsetx.models import load_model
-from timing import interleaved_stats
+from timing import allow_recompiles, interleaved_stats
 
 OUT = Path(__file__).resolve().parent / "results" / "compile.json"
 
@@ -31,9 +31,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 64)
+    allow_recompiles()
     eager = load_model(args.model, task="sentiment", fast=True)
     dynamic = load_model(args.model, task="sentiment", fast=True, compile=True)
     static = load_model(args.model, task="sentiment", fast=True)

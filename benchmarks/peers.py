@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from timing import interleaved_stats  # noqa: E402
+from timing import allow_recompiles, interleaved_stats  # noqa: E402
 OUT = ROOT / "benchmarks" / "results" / "peers"
 SPATTEN_KEEP = 0.5
 TARGETS = {"2:8": 1.5, "1:8": 2.0}     # issue 12: end-to-end ratio over the fastest dense peer
@@ -88,23 +88,34 @@ def install_errors() -> dict[str, str]:
 
 # --- encoder contenders ---------------------------------------------------------------------------
 
-def load_encoders(models: Path, dense_dir: Path | None = None):
-    """(dense fine-tuned classifier, {pattern: candidate folder}): a ``sparsetx compare`` output folder
-    (``dense/candidate-dense``, ``idp/candidate-2_8``, ``idp/candidate-1_8``) or a ``sparsetx prune
-    --method idp`` one (``candidate-2_8``, ...) with the dense model it started from (--dense)."""
-    from sparsetx.models import load_model
-
-    dense_dir = dense_dir or models / "dense" / "candidate-dense"
-    if not (dense_dir / "config.json").exists():
-        raise SystemExit(f"no fine-tuned dense classifier at {dense_dir}; run `sparsetx compare` (or `sparsetx "
-                         f"demo`) and pass --models, or pass --dense")
+def sparse_candidates(models: Path) -> dict[str, Path]:
+    """{pattern: candidate folder} of a ``sparsetx compare`` output folder (``idp/candidate-2_8``,
+    ``idp/candidate-1_8``) or a ``sparsetx prune --method idp`` one (``candidate-2_8``, ...)."""
     sparse = {}
     for p in ("2:8", "1:8"):
         name = f"candidate-{p.replace(':', '_')}"
         found = [d for d in (models / "idp" / name, models / name) if (d / "config.json").exists()]
         if found:
             sparse[p] = found[0]
-    return dense_dir, load_model(dense_dir, task="sentiment"), sparse
+    return sparse
+
+
+def dense_classifier_dir(models: Path, dense_dir: Path | None = None) -> Path:
+    """The dense fine-tuned classifier: ``--dense``, or a ``sparsetx compare`` folder's
+    ``dense/candidate-dense``."""
+    dense_dir = dense_dir or models / "dense" / "candidate-dense"
+    if not (dense_dir / "config.json").exists():
+        raise SystemExit(f"no fine-tuned dense classifier at {dense_dir}; run `sparsetx compare` (or `sparsetx "
+                         f"demo`) and pass --models, or pass --dense")
+    return dense_dir
+
+
+def load_encoders(models: Path, dense_dir: Path | None = None):
+    """(dense classifier folder, the model loaded, {pattern: candidate folder})."""
+    from sparsetx.models import load_model
+
+    dense_dir = dense_classifier_dir(models, dense_dir)
+    return dense_dir, load_model(dense_dir, task="sentiment"), sparse_candidates(models)
 
 
 class Contender:
@@ -512,15 +523,14 @@ def _value_dtype(folder) -> str:
 
 
 def memory_part(args) -> dict:
-    dense_dir, _, sparse = load_encoders(Path(args.models), args.dense)
+    dense_dir = dense_classifier_dir(Path(args.models), args.dense)
+    folders = [(pattern, folder) for models in [args.models, *args.memory_extra]
+               for pattern, folder in sparse_candidates(Path(models)).items()]
     rows = {}
     for tag, warm in (("", False), (" (warmed)", True)):
         group = {"MiniLM dense fp32 (HF)" + tag: peak_memory(dense_dir, "sentiment", False, warm)}
-        for pattern, folder in sparse.items():
+        for pattern, folder in folders:
             group[f"MiniLM {pattern} packed ({_value_dtype(folder)}), N:M kernel{tag}"] = peak_memory(folder, "sentiment", True, warm)
-        for folder in args.memory_extra:
-            for pattern, extra in load_encoders(Path(folder), dense_dir)[2].items():
-                group[f"MiniLM {pattern} packed ({_value_dtype(extra)}), N:M kernel{tag}"] = peak_memory(extra, "sentiment", True, warm)
         base = group["MiniLM dense fp32 (HF)" + tag]["peak_mib"]
         for r in group.values():
             r["vs_dense"] = r["peak_mib"] / base
@@ -590,6 +600,14 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _decoder_runs(dec: dict, args) -> int:
+    """Timed runs per decoder case, as the result records them (a carried part keeps its own)."""
+    for setting in dec["settings"]:
+        for stats in setting["generate"].values():
+            return stats["runs"]
+    return args.decoder_repeats
+
+
 def report(result: dict, args) -> list[str]:
     """The markdown of a result: one section a part, each saying which run it comes from."""
     carried = result.get("carried", {})
@@ -614,7 +632,7 @@ def report(result: dict, args) -> list[str]:
         dec = result["decoder"]
         md += ["## SmolLM2-135M decode", "", *source("decoder"),
                f"Decode tokens/s ({dec['settings'][0]['new_tokens'] if dec['settings'] else args.new_tokens} new tokens, greedy: (new - 1) / (generate "
-               f"time - first-token time), medians of {dec.get('repeats', args.decoder_repeats)}); perplexity: "
+               f"time - first-token time), medians of {_decoder_runs(dec, args)}); perplexity: "
                f"{dec['perplexity_protocol']}.", "", *decoder_table(dec), "", "Target (issue 12):", "",
                *decoder_targets(dec), ""]
         if dec["skipped"]:
@@ -648,9 +666,7 @@ def main(argv=None) -> None:
     # a fast sparsetx load sets glibc's malloc thresholds for the whole process: set them first, so
     # every contender (HF's included) runs under the same allocator from its first call
     allocator = tune_allocator()
-    for name in ("recompile_limit", "cache_size_limit"):   # one compiled model a pattern and thread count
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 64)
+    allow_recompiles()   # one compiled model a pattern and thread count, each seeing several shapes
     if args.repeats < 10:
         print("note: fewer than 10 repeats: not the benchmark's standard", file=sys.stderr)
     out = Path(args.out)

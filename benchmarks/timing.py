@@ -35,6 +35,16 @@ def interleaved_stats(cases: dict, repeats: int, inner: int = 1, settle: float =
             for name, t in times.items()}
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Let torch.compile keep ``limit`` graphs a function (its default, 8, falls back to eager
+    without a word once several compiled models and input shapes share a function)."""
+    import torch
+
+    for name in ("recompile_limit", "cache_size_limit"):   # the name changed between releases
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, limit)
+
+
 def interleaved(cases: dict, repeats: int, inner: int = 1) -> dict[str, float]:
     """The median seconds per call of each case (:func:`interleaved_stats`, fixed order)."""
     return {name: s["median_s"] for name, s in interleaved_stats(cases, repeats, inner).items()}
