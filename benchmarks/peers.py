@@ -516,6 +516,15 @@ def peak_memory(path, task: str | None, fast: bool, warm: bool = False) -> dict:
     return {"load_mib": (r["after_load_kib"] - r["base_kib"]) / 1024, "peak_mib": (r["peak_kib"] - r["base_kib"]) / 1024}
 
 
+def peak_memory_stats(path, task: str | None, fast: bool, warm: bool, repeats: int) -> dict:
+    """:func:`peak_memory` in ``repeats`` fresh processes: medians, and the peak's min and max (the
+    peak moves by a few MiB from process to process with where the allocator places things)."""
+    runs = [peak_memory(path, task, fast, warm) for _ in range(repeats)]
+    peaks = [r["peak_mib"] for r in runs]
+    return {"load_mib": statistics.median(r["load_mib"] for r in runs), "peak_mib": statistics.median(peaks),
+            "peak_min_mib": min(peaks), "peak_max_mib": max(peaks), "runs": repeats}
+
+
 def _value_dtype(folder) -> str:
     from sparsetx.formats.folder import read_header
 
@@ -528,9 +537,11 @@ def memory_part(args) -> dict:
                for pattern, folder in sparse_candidates(Path(models)).items()]
     rows = {}
     for tag, warm in (("", False), (" (warmed)", True)):
-        group = {"MiniLM dense fp32 (HF)" + tag: peak_memory(dense_dir, "sentiment", False, warm)}
+        n = args.memory_repeats
+        group = {"MiniLM dense fp32 (HF)" + tag: peak_memory_stats(dense_dir, "sentiment", False, warm, n)}
         for pattern, folder in folders:
-            group[f"MiniLM {pattern} packed ({_value_dtype(folder)}), N:M kernel{tag}"] = peak_memory(folder, "sentiment", True, warm)
+            group[f"MiniLM {pattern} packed ({_value_dtype(folder)}), N:M kernel{tag}"] = peak_memory_stats(
+                folder, "sentiment", True, warm, n)
         base = group["MiniLM dense fp32 (HF)" + tag]["peak_mib"]
         for r in group.values():
             r["vs_dense"] = r["peak_mib"] / base
@@ -540,10 +551,11 @@ def memory_part(args) -> dict:
 
 
 def memory_table(rows: dict) -> list[str]:
-    lines = ["| model | after load (MiB) | peak, load + one 128-token forward (MiB) | vs dense (target <= 0.35x) |",
-             "|---|---|---|---|"]
+    lines = ["| model | after load (MiB) | peak, load + one 128-token forward (MiB; min-max) | vs dense, medians "
+             "(target <= 0.35x) |", "|---|---|---|---|"]
     for k, r in rows.items():
-        lines.append(f"| {k} | {r['load_mib']:.1f} | {r['peak_mib']:.1f} | x{r['vs_dense']:.2f} |")
+        spread = f" ({r['peak_min_mib']:.1f}-{r['peak_max_mib']:.1f})" if "peak_min_mib" in r else ""
+        lines.append(f"| {k} | {r['load_mib']:.1f} | {r['peak_mib']:.1f}{spread} | x{r['vs_dense']:.2f} |")
     return lines
 
 
@@ -624,7 +636,7 @@ def report(result: dict, args) -> list[str]:
         if enc["skipped"]:
             md += ["Not run:", ""] + [f"- {k}: `{_first_error(v)}`" for k, v in enc["skipped"].items()] + [""]
     if "memory" in result:
-        md += ["## Peak memory (RSS above the imports, fresh process each)", "", *source("memory"),
+        md += ["## Peak memory (RSS above the imports, fresh process each; medians of several)", "", *source("memory"),
                "Warmed: after a one-layer, 128-word model of the same architecture and one N:M kernel call have "
                "run, so the code and torch's first-forward buffers every model of it needs are out of the figure.", "",
                *memory_table(result["memory"]), ""]
@@ -651,6 +663,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--test-limit", type=int, default=None, help="first N test snippets only (default: all)")
     ap.add_argument("--part", default="encoder,memory,decoder", type=lambda s: s.split(","))
+    ap.add_argument("--memory-repeats", type=int, default=5, help="fresh processes per memory figure (median)")
     ap.add_argument("--memory-extra", default=[], type=lambda s: [x for x in s.split(",") if x],
                     help="more packed model folders (same layout as --models) to measure in the memory part")
     ap.add_argument("--prompts", default="512,2048", type=lambda s: [int(x) for x in s.split(",")])
