@@ -248,13 +248,16 @@ def cmd_prune(args):
         console.print(_rows_table("SR-STE", result["stages"]))
         return result
     # one-shot
+    from .adapters import model_task
     from .data.sentiment import sentiment_splits
-    from .train import calibration_batches
+    from .train import calibration_batches, lm_calibration_batches
 
     config = _layer_config(args, args.pattern)
     model, tok = load_model(args.model), load_tokenizer(args.model)
     calib = None
-    if config.criterion == "activation":
+    if config.criterion == "activation" and model_task(model) == "causal-lm":   # LM text for an LM
+        calib = lm_calibration_batches(tok, args.calibration_batches)
+    elif config.criterion == "activation":
         calib = calibration_batches(tok, sentiment_splits()["train"].texts, args.calibration_batches)
     sparsify(model, config, calibration=calib)
     report = sparsity_report(model)
@@ -570,7 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pattern", type=pattern_arg, help="N:M for every selected layer, e.g. 2:4")
     s.add_argument("--series", type=series_arg, help="IDP: patterns from dense to sparse, e.g. 4:8,2:8,1:8")
     s.add_argument("--criterion", choices=("magnitude", "activation"), default="magnitude")
-    s.add_argument("--calibration-batches", type=positive_int, default=8)
+    s.add_argument("--calibration-batches", type=positive_int, default=8,
+                   help="activation criterion: batches of 32 sentiment texts (a classifier) or of 8 Wikipedia "
+                        "windows of 512 tokens from the end of the excerpt (a causal LM)")
     s.add_argument("--include", action="append", type=regex_arg, help="regex of Linear names to prune (replaces the default block Linears)")
     s.add_argument("--exclude", action="append", type=regex_arg, help="regex of Linear names to leave dense")
     s.add_argument("--layer", action="append", type=layer_arg, help="per-layer pattern, NAME_REGEX=N:M (repeatable)")

@@ -186,6 +186,23 @@ def calibration_batches(tokenizer, texts: list[str], batches: int, batch_size: i
     return [_collate(ids[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(ids), batch_size)]
 
 
+def lm_calibration_batches(tokenizer, batches: int, batch_size: int = 8, length: int = 512) -> list[dict[str, torch.Tensor]]:
+    """``batches`` batches of ``batch_size`` windows of ``length`` tokens from the end of the Wikipedia
+    excerpt (activation-aware pruning of a causal LM). The perplexity evaluations read the excerpt's
+    beginning (16 windows of 512 tokens at most, benchmarks/peers.py fewer), so the two never meet."""
+    from .data.text import wikipedia_articles
+
+    text = "\n\n".join(wikipedia_articles().values())
+    need = batches * batch_size * length
+    tail = text[-min(len(text) // 2, 8 * need):]         # ~4-5 characters a token: enough, in the second half
+    ids = tokenizer(tail, add_special_tokens=False).input_ids[-need:]
+    if len(ids) < need:
+        raise ValueError(f"the second half of the Wikipedia excerpt has {len(ids)} tokens; "
+                         f"{batches} x {batch_size} windows of {length} need {need}")
+    t = torch.tensor(ids).view(batches, batch_size, length)
+    return [{"input_ids": b} for b in t]
+
+
 def batch_indices(step: int, n: int, cfg: TrainConfig) -> list[int]:
     """Global batch of ``step``: epoch-wise permutations seeded by (seed, epoch), last partial batch dropped."""
     per_epoch = n // cfg.batch_size

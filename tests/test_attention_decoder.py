@@ -38,7 +38,7 @@ def test_unpruned_equals_the_model(llama):
 def test_cache_shrinks_during_generate_and_cascade_holds(llama):
     ids = _prompt(20)
     snapshots = []
-    with spatten_decoder(llama, DecoderConfig(kv_budget=8)) as rt:
+    with spatten_decoder(llama, DecoderConfig(kv_budget=8, fast_step=False)) as rt:   # per layer (fast: test_fast_decode.py)
         original = rt._evict
 
         def spy(layer, cache, idx, q_pos):

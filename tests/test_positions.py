@@ -121,7 +121,7 @@ def test_sink_under_eviction_keeps_true_positions():
     with PositionSpy(model) as spy:
         out = streaming_pass(model, ids, DecoderConfig(kv_budget=8, policy="sink", sink_tokens=2), prefill=10)
     assert spy.calls == [list(range(10))] + [[t] for t in range(10, 29)]
-    assert all(p.tolist() == [0, 1, 23, 24, 25, 26, 27, 28] for p in out.runtime.positions)
+    assert all(sorted(p.tolist()) == [0, 1, 23, 24, 25, 26, 27, 28] for p in out.runtime.positions)  # slots: any order
 
 
 def test_a_new_cache_is_a_new_sequence_even_when_python_reuses_its_id():

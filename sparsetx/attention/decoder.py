@@ -51,6 +51,7 @@ from torch import nn
 
 from ..adapters import family_of
 from ..kernels.attention import fused_attention
+from .fast_decode import fast_step
 from .importance import (check_ratios, head_importance, join_msb_lsb, keep_count, keep_schedule,
                          local_value_mask, msb_value, quantize, select_kept, split_msb_lsb)
 from .policies import POLICIES, Policy, resolve_policy
@@ -83,6 +84,7 @@ class DecoderConfig:
     lsb_bits: int = 4
     v_bits: int = 8
     requant_threshold: float = 0.1
+    fast_step: bool = True                 # one-token steps of the plain case without transformers' layers (fast_decode.py)
 
     def __post_init__(self) -> None:
         resolve_policy(self.policy, self.sink_tokens)
@@ -122,6 +124,7 @@ class SpAttenDecoder:
         self.head_schedule = keep_schedule(config.head_keep, n, math.ceil(config.head_start * n))
         self._head_pruning = any(r < 1.0 for r in self.head_schedule)
         self.reset()
+        self.fast = fast_step(self) if config.fast_step else None
 
     def reset(self) -> None:
         """Forget the importance and positions (a new sequence)."""
@@ -131,6 +134,8 @@ class SpAttenDecoder:
         self.layer_importance = [torch.zeros(0, dtype=torch.float64) for _ in range(n)]  # h2o
         self.query_count = torch.zeros(0, dtype=torch.float64)   # queries that saw each token, over layers
         self.layer_query_count = [torch.zeros(0, dtype=torch.float64) for _ in range(n)]
+        self._buffers: list[torch.Tensor] | None = None  # the state above: views of these (_grow)
+        # per layer, the true position of each cached slot (text order, except after fast steps: fast_decode.py)
         self.positions: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(n)]
         n_kv = self.family.heads(self.attn[0])[1]
         self.head_scores = torch.zeros(n_kv, dtype=torch.float64)   # accumulated per KV-head index
@@ -185,13 +190,21 @@ class SpAttenDecoder:
         return args, kwargs
 
     def _grow(self, length: int) -> None:
-        """Per-position state (importance, query counts) long enough for ``length`` positions."""
-        extra = length - self.importance.numel()
-        if extra > 0:
-            pad = lambda t: torch.cat([t, torch.zeros(extra, dtype=torch.float64)])  # noqa: E731
-            self.importance, self.query_count = pad(self.importance), pad(self.query_count)
-            self.layer_importance = [pad(t) for t in self.layer_importance]
-            self.layer_query_count = [pad(t) for t in self.layer_query_count]
+        """Per-position state (importance, query counts) long enough for ``length`` positions: views
+        of buffers that double when full (a decoding step adds one position; padding every tensor
+        each step cost a millisecond a step on a 30-layer model)."""
+        if length <= self.importance.numel():
+            return
+        if self._buffers is None or length > self._buffers[0].numel():
+            state = [self.importance, self.query_count, *self.layer_importance, *self.layer_query_count]
+            capacity = max(length, 2 * state[0].numel(), 64)
+            self._buffers = [torch.zeros(capacity, dtype=torch.float64) for _ in state]
+            for b, t in zip(self._buffers, state):
+                b[:t.numel()] = t
+        n = len(self.attn)
+        views = [b[:length] for b in self._buffers]
+        self.importance, self.query_count = views[0], views[1]
+        self.layer_importance, self.layer_query_count = views[2:2 + n], views[2 + n:]
 
     def after_forward(self, base: nn.Module, args: tuple, kwargs: dict, output) -> None:
         """Forward hook of the base model: with ``evict_after="forward"``, every layer's cache is cut
@@ -199,6 +212,10 @@ class SpAttenDecoder:
         whole forward."""
         if self.config.evict_after == "forward" and self._cache_ref is not None and self._cache_ref() is not None:
             cache = self._cache_ref()
+            if self.fast is not None and self.fast.stepped:   # every layer holds the same tokens: one cut
+                self.fast.evict(cache)
+                self._q_pos = None
+                return
             for layer, module in enumerate(self.attn):
                 self._evict(layer, cache, module.layer_idx, self._q_pos)
                 if layer < len(self.stats[-1]):
@@ -369,8 +386,17 @@ class SpAttenDecoder:
 
     def _evict(self, layer: int, cache, idx: int, q_pos: torch.Tensor) -> None:
         """Cut layer ``layer``'s cache to its budget by the policy; the new tokens stay."""
+        keep_mask = self._keep_mask(layer, q_pos)
+        if keep_mask is not None:
+            keep = keep_mask.nonzero().squeeze(1)
+            self.family.cut_cache(cache, idx, keep, dim=-2)
+            self.positions[layer] = self.positions[layer][keep]
+
+    def _keep_mask(self, layer: int, q_pos: torch.Tensor) -> torch.Tensor | None:
+        """Which of layer ``layer``'s cached tokens its budget and the policy keep (bool, one per
+        token), or None when it keeps them all."""
         if not self.evicting:
-            return
+            return None
         policy = self.policy
         pos = self.positions[layer]
         keep_mask = torch.ones(pos.numel(), dtype=torch.bool)
@@ -390,10 +416,7 @@ class SpAttenDecoder:
             kept = candidates[select_kept(policy.scores(self, layer, cand_pos), budget, protected)]
             keep_mask = torch.zeros_like(keep_mask)
             keep_mask[kept] = True
-        if not keep_mask.all():
-            keep = keep_mask.nonzero().squeeze(1)
-            self.family.cut_cache(cache, idx, keep, dim=-2)
-            self.positions[layer] = pos[keep]
+        return None if keep_mask.all() else keep_mask
 
     def stats_document(self) -> dict:
         """The run's statistics in the versioned trace schema (see :mod:`sparsetx.attention.trace`)."""
@@ -412,6 +435,8 @@ def spatten_decoder(model: nn.Module, config: DecoderConfig | None = None):
              runtime.base.register_forward_hook(runtime.after_forward, with_kwargs=True)]
     for module in runtime.attn:
         module.forward = functools.partial(runtime.attention, module)
+    if runtime.fast is not None:
+        runtime.base.forward = runtime.fast.forward
     try:
         yield runtime
     finally:
@@ -419,3 +444,5 @@ def spatten_decoder(model: nn.Module, config: DecoderConfig | None = None):
             hook.remove()
         for module in runtime.attn:
             del module.forward
+        if runtime.fast is not None:
+            del runtime.base.forward

@@ -22,6 +22,7 @@ class Policy:
     recent: int = 0
     name: ClassVar[str] = ""
     cascade: ClassVar[bool] = False
+    layer_scores: ClassVar[bool] = False   # scores differ by layer (the runtime then cuts each layer alone)
 
     def __post_init__(self) -> None:
         if self.recent < 0:
@@ -56,6 +57,7 @@ class H2O(Policy):
 
     normalize: bool = False
     name: ClassVar[str] = "h2o"
+    layer_scores: ClassVar[bool] = True
 
     def scores(self, runtime, layer, pos):
         s = runtime.layer_importance[layer][pos]

@@ -102,7 +102,7 @@ def _fused_c(lib, q, k, v, scale, query_pos, key_pos, importance):
     received = torch.zeros(lk, dtype=torch.float64) if importance else None
     qp = None if query_pos is None else query_pos.to(torch.int64).contiguous()
     kp = None if key_pos is None else key_pos.to(torch.int64).contiguous()
-    lib.attention_fused(ptr(q), ptr(k), ptr(v), hq, hkv, lq, lk, d, float(scale), ptr(qp), ptr(kp), ptr(out),
+    lib.attention_fused(ptr(q), ptr(k), ptr(v), hq, hkv, lq, lk, lk, d, float(scale), ptr(qp), ptr(kp), ptr(out),
                         ptr(received), torch.get_num_threads())
     return out, received
 

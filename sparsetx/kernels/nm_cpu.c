@@ -525,12 +525,14 @@ static void attention_row(const float *qrow, const float *k, const float *v, int
     }
 }
 
-/* q: (hq, lq, d), k, v: (hkv, lk, d), contiguous; query head h reads KV head h / (hq / hkv).
+/* q: (hq, lq, d), k, v: (hkv, lk, d) with rows contiguous and KV heads kv_stride rows apart (lk when the
+ * tensors are contiguous; a cache's capacity when they are its first lk rows); query head h reads KV
+ * head h / (hq / hkv).
  * qpos (lq) and kpos (lk): key j is visible to query i when kpos[j] <= qpos[i]; NULL: all visible.
  * out: (hq, lq, d). received (lk doubles, zeroed by the caller) or NULL. */
-void attention_fused(const float *q, const float *k, const float *v, int hq, int hkv, int lq, int lk, int d,
-                     float scale, const int64_t *qpos, const int64_t *kpos, float *out, double *received,
-                     int threads) {
+void attention_fused(const float *q, const float *k, const float *v, int hq, int hkv, int lq, int lk,
+                     int64_t kv_stride, int d, float scale, const int64_t *qpos, const int64_t *kpos, float *out,
+                     double *received, int threads) {
     const int group = hq / hkv, nblk = (lk + ATT_BLOCK - 1) / ATT_BLOCK;
     #pragma omp parallel num_threads(threads)
     {
@@ -540,7 +542,7 @@ void attention_fused(const float *q, const float *k, const float *v, int hq, int
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < (int64_t)hq * lq; r++) {
             int h = (int)(r / lq), i = (int)(r % lq), kh = h / group;
-            attention_row(q + r * d, k + (int64_t)kh * lk * d, v + (int64_t)kh * lk * d, lk, d, scale,
+            attention_row(q + r * d, k + (int64_t)kh * kv_stride * d, v + (int64_t)kh * kv_stride * d, lk, d, scale,
                           qpos ? qpos[i] : 0, qpos ? kpos : NULL, srow, acc, out + r * d, mine);
         }
         if (received) {

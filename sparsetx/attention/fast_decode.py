@@ -1,0 +1,233 @@
+"""The one-token step of the SpAtten decoder runtime without transformers' per-layer machinery.
+
+A decoding step of a Llama-family model spent more time around its matrix products than in them:
+transformers' DynamicCache copies every layer's whole K and V to append one token (``torch.cat``),
+the cut after the step copies them again (``index_select``, once per layer), and the modules'
+calls, masks and hooks add tens of microseconds a layer. :class:`FastStep` runs the same step
+as the runtime's attention would, when the step is the plain case:
+
+* every layer's K and V live in one buffer ``(layers, KV heads, capacity, head dim)``
+  (:class:`StackedKV`); a new token is one row written per layer, and attention reads a layer's
+  first ``length`` rows in place (the C kernel takes the capacity as the KV heads' stride);
+* every layer holds the same tokens (one KV budget, a policy whose scores do not depend on the
+  layer, evicting after the forward), so one cut serves all layers: the rows of the dropped tokens
+  are refilled from the end of the buffer (a few rows, not the whole cache). The cache's order of
+  tokens is then no longer their order in the text; attention does not depend on it, and
+  positions are tracked per slot;
+* the transformers cache's layers hold views of the buffer, so the model, ``generate()`` and the
+  runtime's slow path see the lengths they expect; a forward that is not the plain case (a prompt,
+  head pruning, quantization, a per-layer policy) takes the runtime's full path, and the next plain
+  step rebuilds the buffer from the cache.
+
+The numbers are the runtime's: the same token importance, eviction and positions (tested against
+the full path to fp32 rounding).
+"""
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from ..kernels.loader import library, ptr
+
+GROW = 64      # rows added to the buffer's capacity beyond the tokens it holds when it fills
+
+
+class StackedKV:
+    """Every layer's K and V in one buffer; ``length`` rows of each are the cache."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        layers, (_, n_kv, length, d) = len(keys), keys[0].shape
+        self.capacity = length + GROW
+        self.k = torch.empty(layers, n_kv, self.capacity, d)
+        self.v = torch.empty_like(self.k)
+        for i, (k, v) in enumerate(zip(keys, values)):
+            self.k[i, :, :length] = k[0]
+            self.v[i, :, :length] = v[0]
+        self.length = length
+
+    def grow(self) -> None:
+        """Room for at least one more row (the buffer doubles)."""
+        if self.length < self.capacity:
+            return
+        cap = 2 * self.capacity
+        k, v = self.k.new_empty(*self.k.shape[:2], cap, self.k.shape[3]), self.v.new_empty(*self.v.shape[:2], cap, self.v.shape[3])
+        k[:, :, :self.length], v[:, :, :self.length] = self.k[:, :, :self.length], self.v[:, :, :self.length]
+        self.k, self.v, self.capacity = k, v, cap
+
+    def drop(self, keep: torch.Tensor) -> torch.Tensor:
+        """Keep the slots ``keep`` (bool, one per row held) in every layer; the kept rows beyond the
+        new length move into the dropped rows below it. Returns the old slot of each new row."""
+        n, kept = self.length, int(keep.sum())
+        order = torch.arange(n)
+        holes = torch.nonzero(~keep[:kept]).squeeze(1)            # dropped rows inside the new length
+        movers = kept + torch.nonzero(keep[kept:]).squeeze(1)     # kept rows beyond it: as many
+        if holes.numel():
+            self.k[:, :, holes] = self.k[:, :, movers]
+            self.v[:, :, holes] = self.v[:, :, movers]
+            order[holes] = movers
+        self.length = kept
+        return order[:kept]
+
+    def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, KV heads, length, d) views of one layer, the shape a transformers cache layer holds."""
+        return self.k[layer:layer + 1, :, :self.length], self.v[layer:layer + 1, :, :self.length]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class FastStep:
+    """The plain one-token step for the Llama family (see the module docstring); ``forward`` takes
+    the base model's place inside :func:`~sparsetx.attention.decoder.spatten_decoder`."""
+
+    def __init__(self, runtime) -> None:
+        self.rt = runtime
+        cfg = runtime.config
+        self.plain = (cfg.k_bits is None and cfg.value_topk is None and not runtime._head_pruning
+                      and cfg.evict_after == "forward" and not runtime.policy.layer_scores)
+        self.base = runtime.base
+        self.original = type(self.base).forward.__get__(self.base)
+        self.layers = list(self.base.layers[: self.base.config.num_hidden_layers])
+        self.lib = library()
+        self.kv: StackedKV | None = None
+        self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.stepped = False      # the last forward was a fast step (its cut is this class's)
+
+    @staticmethod
+    def supports(runtime) -> bool:
+        """The module layout this step reads: a Llama base model (embed_tokens, rotary_emb, layers
+        with input/post-attention norms, q/k/v/o projections and an MLP, a final norm)."""
+        base = runtime.base
+        need = ("embed_tokens", "rotary_emb", "layers", "norm")
+        if runtime.family.name != "llama" or not all(hasattr(base, a) for a in need):
+            return False
+        layer = base.layers[0]
+        return all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")) \
+            and all(hasattr(layer.self_attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+    # --- when the fast step applies --------------------------------------------------------------
+    def _eligible(self, args: tuple, kwargs: dict):
+        """The cache when this forward is a plain one-token step, else None."""
+        rt = self.rt
+        if not self.plain or args or torch.is_grad_enabled() or self.lib is None:
+            return None
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            return None
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        x = ids if ids is not None else embeds
+        if x is None or x.shape[:2] != (1, 1) or (embeds is not None and embeds.dtype != torch.float32):
+            return None
+        cache = rt.family.cache_of(kwargs)
+        if cache is None or rt._q_pos is None or self.base.embed_tokens.weight.dtype != torch.float32:
+            return None
+        if len({rt.budget(layer, rt.seen) for layer in range(len(self.layers))}) != 1:
+            return None
+        return cache if self._stack(cache) else None
+
+    def _stack(self, cache) -> bool:
+        """Make (or keep) the stacked buffer of ``cache``; False when its layers differ."""
+        rt, layers = self.rt, cache.layers
+        if self.kv is not None and len(self._views) == len(layers) and all(
+                layer.keys is k and layer.values is v for layer, (k, v) in zip(layers, self._views)):
+            return True
+        self.kv = None
+        pos0 = rt.positions[0]
+        if pos0.numel() == 0 or any(not torch.equal(p, pos0) for p in rt.positions[1:]):
+            return False
+        if any(getattr(layer, "keys", None) is None or layer.keys.shape[-2] != pos0.numel() for layer in layers):
+            return False
+        self.kv = StackedKV([layer.keys for layer in layers], [layer.values for layer in layers])
+        rt.positions = [pos0] * len(self.layers)
+        self._publish(cache)
+        return True
+
+    def _publish(self, cache) -> None:
+        """Point the transformers cache's layers at the buffer's current rows."""
+        self._views = [self.kv.views(i) for i in range(len(self.layers))]
+        for layer, (k, v) in zip(cache.layers, self._views):
+            layer.keys, layer.values = k, v
+
+    # --- the step -------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        self.stepped = False
+        cache = self._eligible(args, kwargs)
+        if cache is None:
+            self.kv = None
+            return self.original(*args, **kwargs)
+        hidden = self._layers(kwargs, cache)
+        self.stepped = True
+        field = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{field: cache})   # transformers >= 5.? renamed it
+
+    @torch.no_grad()
+    def _layers(self, kwargs: dict, cache) -> torch.Tensor:
+        rt, kv, base = self.rt, self.kv, self.base
+        ids, h = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        h = base.embed_tokens(ids) if h is None else h
+        cos, sin = base.rotary_emb(h, position_ids=kwargs["position_ids"])
+        cos, sin = cos.reshape(1, 1, -1), sin.reshape(1, 1, -1)
+        kv.grow()
+        n = kv.length + 1                          # keys this step attends to: the cache and itself
+        n_q, n_kv, d = rt.family.heads(self.layers[0].self_attn)
+        received = torch.zeros(len(self.layers), n, dtype=torch.float64)
+        threads = torch.get_num_threads()
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(n_q, 1, d)
+            k = attn.k_proj(x).view(n_kv, 1, d)
+            q = q * cos + _rotate_half(q) * sin
+            kv.k[i, :, n - 1] = (k * cos + _rotate_half(k) * sin)[:, 0]
+            kv.v[i, :, n - 1] = attn.v_proj(x).view(n_kv, d)
+            ctx = torch.empty(n_q, 1, d)
+            # softmax(q K^T * scale) V over the layer's rows in place, and the probability each
+            # key receives (SpAtten's token importance), added into its row of ``received``
+            self.lib.attention_fused(ptr(q), ptr(kv.k[i]), ptr(kv.v[i]), n_q, n_kv, 1, n, kv.capacity, d,
+                                     float(attn.scaling), None, None, ptr(ctx), ptr(received[i]), threads)
+            h = h + attn.o_proj(ctx.view(1, 1, n_q * d))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        kv.length = n
+        self._account(received, n_kv, n_q, d)
+        self._publish(cache)
+        return base.norm(h)
+
+    def _account(self, received: torch.Tensor, n_kv: int, n_q: int, d: int) -> None:
+        """The runtime's state after the step, as its attention would have left it: positions,
+        importance (s[t] += sum_h P[h, t], over every layer), queries seen, per-layer stats."""
+        rt = self.rt
+        pos = torch.cat([rt.positions[0], rt._q_pos])
+        rt.positions = [pos] * len(self.layers)
+        rt.importance[pos] += received.sum(0)
+        rt.query_count[pos] += len(self.layers)
+        for i in range(len(self.layers)):
+            rt.layer_importance[i][pos] += received[i]
+            rt.layer_query_count[i][pos] += 1
+        n = pos.numel()
+        heads = list(range(n_kv))
+        rt.stats[-1].extend({"layer": i, "tokens": n, "queries": 1, "kv_heads": n_kv, "head_dim": d,
+                             "kv_head_ids": heads, "values_fetched_rows": n * n_q, "heads": n_q,
+                             "kv_bytes_fp16": 2 * 2 * n_kv * n * d, "tokens_after": n}
+                            for i in range(len(self.layers)))
+
+    # --- the cut after the step -----------------------------------------------------------------
+    def evict(self, cache) -> None:
+        """The runtime's cut of layer 0, applied to every layer at once (they hold the same tokens,
+        with the same budget and scores, so the cascade keeps the same set in each)."""
+        rt = self.rt
+        keep = rt._keep_mask(0, rt._q_pos)
+        if keep is not None:
+            order = self.kv.drop(keep)
+            pos = rt.positions[0][order]
+            rt.positions = [pos] * len(self.layers)
+            self._publish(cache)
+        for stat in rt.stats[-1]:
+            stat["tokens_after"] = self.kv.length
+
+
+def fast_step(runtime) -> FastStep | None:
+    """The fast step for ``runtime``'s model, or None when its layout is not the one it reads."""
+    return FastStep(runtime) if FastStep.supports(runtime) else None
+
+
