@@ -277,7 +277,7 @@ def cmd_eval(args):
     from .evaluate import accuracy, embedding_similarity, perplexity, text_passages
     from .models import load_model, load_tokenizer
 
-    model, tok = load_model(args.model, fast=True), load_tokenizer(args.model)  # packed: the N:M kernel
+    model, tok = load_model(args.model, fast=True, int8_head=args.int8_head), load_tokenizer(args.model)  # packed: the N:M kernel
     task = model_task(model)
     rows = []
     if task == "classifier":
@@ -401,7 +401,7 @@ def cmd_generate(args):
     from .attention.decoder import DecoderConfig, spatten_decoder
     from .models import load_model, load_tokenizer
 
-    model, tok = load_model(args.model, fast=True), load_tokenizer(args.model)
+    model, tok = load_model(args.model, fast=True, int8_head=args.int8_head), load_tokenizer(args.model)
     enc = tok(args.prompt, return_tensors="pt")
     inputs = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}   # no token_type_ids for an LM
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -596,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", default="minilm", type=model_arg, help="dense reference for the embedding metric of encoders")
     s.add_argument("--passages", type=positive_int, default=128)
     s.add_argument("--no-lm", action="store_true")
+    s.add_argument("--int8-head", action="store_true", help="a causal LM's head weight in int8, per-row scales")
     s.add_argument("--json", type=out_file)
     s.set_defaults(fn=cmd_eval)
 
@@ -657,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=positive_int, default=32)
     s.add_argument("--sample", action="store_true", help="sample (top-k 50) instead of greedy")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--int8-head", action="store_true", help="the LM head's weight in int8, per-row scales (kernels/int8_linear.py)")
     s.add_argument("--spatten", action="store_true", help="prune the KV cache with SpAtten")
     s.add_argument("--kv-budget", type=positive_int)
     s.add_argument("--token-keep", type=ratio, default=1.0, help="fraction of seen tokens kept at the last layer")

@@ -93,24 +93,39 @@ def model_class(config: PretrainedConfig, task: str | None = None):
 
 
 def load_model(model: str | os.PathLike | None = None, task: str | None = None, num_labels: int = 2,
-               fast: bool = False, compile: bool = False, **kwargs) -> PreTrainedModel:
+               fast: bool = False, compile: bool = False, int8_head: bool = False, **kwargs) -> PreTrainedModel:
     """Load a dense or packed (sparsetx) model folder on the CPU in fp32, eval mode. ``fast=True``
     (inference): a packed folder's N:M layers become SparseLinear modules on the CPU kernel.
     ``compile=True`` (inference): the model is compiled in place with ``torch.compile`` (the N:M
     kernel as a custom operator; its first calls, one per new input shape, take seconds), and its
-    parameters stop requiring gradients."""
+    parameters stop requiring gradients. ``int8_head=True`` (inference, causal LMs): the LM head
+    becomes an :class:`~sparsetx.kernels.int8_linear.Int8Linear` (int8 weights, per-row scales; a
+    tied embedding stays fp32)."""
     from .formats.folder import is_packed_folder, load_packed
 
     path = resolve_model_path(model)
     if is_packed_folder(path):
-        loaded = load_packed(path, fast=fast)
+        loaded = _int8_head(load_packed(path, fast=fast)) if int8_head else load_packed(path, fast=fast)
         return _compiled(loaded) if compile else loaded
     config = AutoConfig.from_pretrained(path, **LOCAL)
     cls = model_class(config, task)
     extra = {"num_labels": num_labels} if task == "sentiment" else {}
     with quiet_transformers():  # a fresh task head is expected, not a warning
         loaded = cls.from_pretrained(path, dtype=torch.float32, **LOCAL, **extra, **kwargs)
-    return _compiled(loaded.eval()) if compile else loaded.eval()
+    loaded = _int8_head(loaded.eval()) if int8_head else loaded.eval()
+    return _compiled(loaded) if compile else loaded
+
+
+def _int8_head(model: PreTrainedModel) -> PreTrainedModel:
+    """The model with its LM head's weight in int8 (the embedding it may be tied to is left as it is)."""
+    from .kernels.int8_linear import Int8Linear
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"int8_head: {type(model).__name__} has no Linear LM head "
+                         f"(output embeddings: {type(head).__name__})")
+    model.set_output_embeddings(Int8Linear.from_linear(head))
+    return model
 
 
 def _compiled(model: PreTrainedModel) -> PreTrainedModel:

@@ -554,3 +554,32 @@ void attention_fused(const float *q, const float *k, const float *v, int hq, int
         free(mine);
     }
 }
+
+/* y[o] = scales[o] * sum_k w[o, k] x[k] (+ bias[o]) for a dense int8 weight (O, K), rows contiguous,
+ * symmetric per-row scales; a few token rows of x (T, K) -> y (T, O). The weight is read once per
+ * call: each row's int8 values are widened to fp32 in registers and used for every token row. */
+void int8_linear(const float *x, int T, const int8_t *w, const float *scales, const float *bias, float *y,
+                 int O, int K, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int o = 0; o < O; o++) {
+        const int8_t *row = w + (int64_t)o * K;
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (int64_t)t * K;
+            int k = 0;
+            float s = 0.0f;
+#if defined(__AVX2__)
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            for (; k + 16 <= K; k += 16) {
+                __m128i b = _mm_loadu_si128((const __m128i *)(row + k));
+                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt + k), a0);
+                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + k + 8), a1);
+            }
+            s = hsum256(_mm256_add_ps(a0, a1));
+#endif
+            for (; k < K; k++) s += (float)row[k] * xt[k];
+            y[(int64_t)t * O + o] = s * scales[o] + (bias ? bias[o] : 0.0f);
+        }
+    }
+}
