@@ -62,3 +62,15 @@ def tiny_spatten_stats(ids_shape: tuple[int, int]) -> dict:
     with torch.no_grad(), spatten(model, SpAttenConfig(token_keep=[1, 0.5, 0.5], value_topk=0.5)) as rt:
         model(input_ids=torch.randint(0, 100, ids_shape))
     return rt.stats_document()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A tiny grouped-query Llama (4 layers, 4 query heads over 2 KV heads), random weights, eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()

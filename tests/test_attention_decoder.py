@@ -10,14 +10,6 @@ from sparsetx.attention.decoder import DecoderConfig, SpAttenDecoder, spatten_de
 from sparsetx.attention.importance import select_kept
 
 
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _prompt(n=20, seed=0):
     return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 

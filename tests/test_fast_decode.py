@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from sparsetx.adapters import family_of
 from sparsetx.attention.decoder import DecoderConfig, spatten_decoder
@@ -15,14 +15,6 @@ from sparsetx.kernels.attention import reference_attention
 from sparsetx.kernels.loader import library, ptr
 
 needs_kernels = pytest.mark.skipif(library() is None, reason="the C kernels did not build here (no gcc?)")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _ids(n, seed=0):
