@@ -136,7 +136,8 @@ class FastStep:
         pos0 = rt.positions[0]
         if pos0.numel() == 0 or any(not torch.equal(p, pos0) for p in rt.positions[1:]):
             return False
-        if any(getattr(layer, "keys", None) is None or layer.keys.shape[-2] != pos0.numel() for layer in layers):
+        if len(layers) != len(self.layers) or any(getattr(layer, "keys", None) is None or layer.keys.dtype != torch.float32
+                                                  or layer.keys.shape[-2] != pos0.numel() for layer in layers):
             return False
         self.kv = StackedKV([layer.keys for layer in layers], [layer.values for layer in layers])
         rt.positions = [pos0] * len(self.layers)
