@@ -156,9 +156,10 @@ class DecoderFamily(Family):
         return cache.update(k, v, layer_idx)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1) for the halves x1, x2 of a head."""
     a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+    return x * cos + torch.cat((-b, a), dim=-1) * sin
 
 
 class LlamaFamily(DecoderFamily):
@@ -184,7 +185,7 @@ class LlamaFamily(DecoderFamily):
 
         q, k, v = proj(module.q_proj, q_rows), proj(module.k_proj, kv_rows), proj(module.v_proj, kv_rows)
         cos, sin = (x.unsqueeze(1) for x in position_embeddings)   # RoPE at the positions the model was given
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def output(self, module, ctx, q_rows):
         return module.o_proj(ctx) if q_rows is None else linear_cols(module.o_proj, ctx, q_rows)

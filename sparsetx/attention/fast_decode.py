@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from ..adapters import apply_rope
 from ..kernels.loader import library, ptr
 
 GROW = 64      # rows added to the buffer's capacity beyond the tokens it holds when it fills
@@ -49,10 +50,10 @@ class StackedKV:
         """Room for at least one more row (the buffer doubles)."""
         if self.length < self.capacity:
             return
-        cap = 2 * self.capacity
-        k, v = self.k.new_empty(*self.k.shape[:2], cap, self.k.shape[3]), self.v.new_empty(*self.v.shape[:2], cap, self.v.shape[3])
+        layers, n_kv, cap, d = self.k.shape
+        k, v = self.k.new_empty(layers, n_kv, 2 * cap, d), self.v.new_empty(layers, n_kv, 2 * cap, d)
         k[:, :, :self.length], v[:, :, :self.length] = self.k[:, :, :self.length], self.v[:, :, :self.length]
-        self.k, self.v, self.capacity = k, v, cap
+        self.k, self.v, self.capacity = k, v, 2 * cap
 
     def drop(self, keep: torch.Tensor) -> torch.Tensor:
         """Keep the slots ``keep`` (bool, one per row held) in every layer; the kept rows beyond the
@@ -71,11 +72,6 @@ class StackedKV:
     def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, KV heads, length, d) views of one layer, the shape a transformers cache layer holds."""
         return self.k[layer:layer + 1, :, :self.length], self.v[layer:layer + 1, :, :self.length]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
 
 
 class FastStep:
@@ -179,8 +175,8 @@ class FastStep:
             x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(n_q, 1, d)
             k = attn.k_proj(x).view(n_kv, 1, d)
-            q = q * cos + _rotate_half(q) * sin
-            kv.k[i, :, n - 1] = (k * cos + _rotate_half(k) * sin)[:, 0]
+            q = apply_rope(q, cos, sin)
+            kv.k[i, :, n - 1] = apply_rope(k, cos, sin)[:, 0]
             kv.v[i, :, n - 1] = attn.v_proj(x).view(n_kv, d)
             ctx = torch.empty(n_q, 1, d)
             # softmax(q K^T * scale) V over the layer's rows in place, and the probability each
@@ -206,11 +202,12 @@ class FastStep:
             rt.layer_importance[i][pos] += received[i]
             rt.layer_query_count[i][pos] += 1
         n = pos.numel()
-        heads = list(range(n_kv))
-        rt.stats[-1].extend({"layer": i, "tokens": n, "queries": 1, "kv_heads": n_kv, "head_dim": d,
-                             "kv_head_ids": heads, "values_fetched_rows": n * n_q, "heads": n_q,
-                             "kv_bytes_fp16": 2 * 2 * n_kv * n * d, "tokens_after": n}
-                            for i in range(len(self.layers)))
+        for i in range(len(self.layers)):   # the full path's per-layer statistics, its byte counts included
+            stat = {"layer": i, "tokens": n, "queries": 1, "kv_heads": n_kv, "head_dim": d,
+                    "kv_head_ids": list(range(n_kv)), "values_fetched_rows": n * n_q, "heads": n_q}
+            rt._fetch_stats(stat, n, n_kv, d, None)
+            stat["tokens_after"] = n
+            rt.stats[-1].append(stat)
 
     # --- the cut after the step -----------------------------------------------------------------
     def evict(self, cache) -> None:
