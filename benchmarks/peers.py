@@ -416,8 +416,9 @@ def decoder_part(args, errors: dict) -> dict:
     torch.set_num_threads(max(args.threads))
     kv_name = f"sparsetx dense + KV {args.kv_keep:.0%}"
     models = {kv_name: dense}
-    for label, folder in sparse_decoders(args.decoder_models).items():   # head int8 too (kernels/int8_linear.py)
-        models[f"{label}, int8 head + KV {args.kv_keep:.0%}"] = load_model(folder, fast=True, int8_head=True)
+    folders = {f"{label}, int8 head": folder for label, folder in sparse_decoders(args.decoder_models).items()}
+    for label, folder in folders.items():   # the LM head in int8 too (kernels/int8_linear.py)
+        models[f"{label} + KV {args.kv_keep:.0%}"] = load_model(folder, fast=True, int8_head=True)
     nll = {"HF dense": [], **{name: [] for name in models}}
     budget = int(win * args.kv_keep)
     for w in windows:
@@ -431,7 +432,7 @@ def decoder_part(args, errors: dict) -> dict:
     res["perplexity"] = {k: math.exp(statistics.fmean(v)) for k, v in nll.items()}
     res["perplexity_protocol"] = (f"{args.ppl_windows} Wikipedia windows of {win} tokens; tokens {start}..{win - 1} scored; "
                                   f"KV budget {budget} tokens ({args.kv_keep:.0%} of the window) after a {start}-token prefill")
-    res["decoder_models"] = {f"{name}, int8 head": str(folder) for name, folder in sparse_decoders(args.decoder_models).items()}
+    res["decoder_models"] = {label: str(folder) for label, folder in folders.items()}
     print("perplexity:", {k: round(v, 3) for k, v in res["perplexity"].items()}, flush=True)
 
     for threads in args.threads:

@@ -105,14 +105,15 @@ def load_model(model: str | os.PathLike | None = None, task: str | None = None, 
 
     path = resolve_model_path(model)
     if is_packed_folder(path):
-        loaded = _int8_head(load_packed(path, fast=fast)) if int8_head else load_packed(path, fast=fast)
-        return _compiled(loaded) if compile else loaded
-    config = AutoConfig.from_pretrained(path, **LOCAL)
-    cls = model_class(config, task)
-    extra = {"num_labels": num_labels} if task == "sentiment" else {}
-    with quiet_transformers():  # a fresh task head is expected, not a warning
-        loaded = cls.from_pretrained(path, dtype=torch.float32, **LOCAL, **extra, **kwargs)
-    loaded = _int8_head(loaded.eval()) if int8_head else loaded.eval()
+        loaded = load_packed(path, fast=fast)
+    else:
+        config = AutoConfig.from_pretrained(path, **LOCAL)
+        cls = model_class(config, task)
+        extra = {"num_labels": num_labels} if task == "sentiment" else {}
+        with quiet_transformers():  # a fresh task head is expected, not a warning
+            loaded = cls.from_pretrained(path, dtype=torch.float32, **LOCAL, **extra, **kwargs).eval()
+    if int8_head:
+        loaded = _int8_head(loaded)
     return _compiled(loaded) if compile else loaded
 
 

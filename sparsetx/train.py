@@ -190,9 +190,9 @@ def lm_calibration_batches(tokenizer, batches: int, batch_size: int = 8, length:
     """``batches`` batches of ``batch_size`` windows of ``length`` tokens from the end of the Wikipedia
     excerpt (activation-aware pruning of a causal LM). The perplexity evaluations read the excerpt's
     beginning (16 windows of 512 tokens at most, benchmarks/peers.py fewer), so the two never meet."""
-    from .data.text import wikipedia_articles
+    from .data.text import wikipedia_text
 
-    text = "\n\n".join(wikipedia_articles().values())
+    text = wikipedia_text()
     need = batches * batch_size * length
     tail = text[-min(len(text) // 2, 8 * need):]         # ~4-5 characters a token: enough, in the second half
     ids = tokenizer(tail, add_special_tokens=False).input_ids[-need:]

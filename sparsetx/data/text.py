@@ -58,6 +58,11 @@ def wikipedia_articles(min_words: int = 50) -> dict[str, str]:
     return articles
 
 
+def wikipedia_text() -> str:
+    """The articles joined by blank lines, in the excerpt's order (evaluations read its beginning)."""
+    return "\n\n".join(wikipedia_articles().values())
+
+
 def _gutenberg_body(text: str) -> str:
     start = re.search(r"\*\*\* ?START OF.*?\*\*\*", text)
     end = re.search(r"\*\*\* ?END OF|End of (the )?Project Gutenberg", text)
@@ -89,5 +94,5 @@ def milton_texts() -> dict[str, str]:
 
 def lm_eval_texts() -> dict[str, str]:
     """The language-modelling evaluation sets: Wikipedia and the held-out Shakespeare plays."""
-    return {"wikipedia": "\n\n".join(wikipedia_articles().values()),
+    return {"wikipedia": wikipedia_text(),
             "shakespeare": "\n\n".join(shakespeare_plays()["heldout"].values())}
