@@ -1,5 +1,6 @@
 """The SpAtten decoder runtime's fast one-token step against its full path (DecoderConfig(fast_step=
-False)), in the same process: SmolLM2 (dense, or a packed folder), a 2048-token Wikipedia prompt,
+False)), in the same process, the fast step both ways: every layer in one C call (llama_step, the
+default) and its Python loop over the layers (FastStep.use_c = False); SmolLM2 (dense, or a packed folder), a 2048-token Wikipedia prompt,
 the KV cache cut to 512 tokens; per round and path, a fresh prefill, then 24 one-token steps, the
 median of the last 20; rounds interleaved with the order alternated.
 
@@ -22,13 +23,18 @@ from peers import wiki_ids  # noqa: E402
 
 from sparsetx.adapters import family_of  # noqa: E402
 from sparsetx.attention.decoder import DecoderConfig, spatten_decoder  # noqa: E402
+from sparsetx.attention.fast_decode import FastStep  # noqa: E402
 from sparsetx.models import load_model, load_tokenizer  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "decode_step.json"
 
 
-def step_ms(model, prompt: torch.Tensor, fast: bool, steps: int = 24, skip: int = 4) -> float:
-    with torch.inference_mode(), spatten_decoder(model, DecoderConfig(kv_budget=512, fast_step=fast)):
+PATHS = ("full path", "python step", "c step")
+
+
+def step_ms(model, prompt: torch.Tensor, path: str, steps: int = 24, skip: int = 4) -> float:
+    FastStep.use_c = path == "c step"
+    with torch.inference_mode(), spatten_decoder(model, DecoderConfig(kv_budget=512, fast_step=path != "full path")):
         cache = DynamicCache()
         kw = family_of(model, decoder=True).cache_kwargs(model, cache)
         nxt = model(input_ids=prompt, use_cache=True, **kw).logits[:, -1:].argmax(-1)
@@ -50,17 +56,18 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, fast=True, int8_head=args.int8_head)
     prompt = torch.tensor([wiki_ids(load_tokenizer("smollm2"), 2100)[-2048:]])
-    runs = {"full path": [], "fast step": []}
+    runs = {path: [] for path in PATHS}
     for r in range(args.rounds):
-        for fast in ((False, True) if r % 2 == 0 else (True, False)):
-            runs["fast step" if fast else "full path"].append(step_ms(model, prompt, fast))
+        for path in (PATHS[r % 3:] + PATHS[:r % 3]):      # the order rotated each round
+            runs[path].append(step_ms(model, prompt, path))
     med = {k: statistics.median(v) for k, v in runs.items()}
     key = f"{args.model}{' + int8 head' if args.int8_head else ''}, {args.threads}t"
-    print(f"{key}: ms a step, full path {med['full path']:.1f} ({min(runs['full path']):.1f}-{max(runs['full path']):.1f}), "
-          f"fast step {med['fast step']:.1f} ({min(runs['fast step']):.1f}-{max(runs['fast step']):.1f}): "
-          f"x{med['full path'] / med['fast step']:.2f}")
+    print(f"{key}: ms a step, median (min-max) of {args.rounds} rounds")
+    for path in PATHS:
+        print(f"  {path:12s} {med[path]:6.1f} ({min(runs[path]):.1f}-{max(runs[path]):.1f})  "
+              f"x{med['full path'] / med[path]:.2f} the full path")
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
-    results[key] = {"ms_per_step": runs, "median_ms": med, "speedup": med["full path"] / med["fast step"],
+    results[key] = {"ms_per_step": runs, "median_ms": med, "speedup": {p: med["full path"] / med[p] for p in PATHS},
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     OUT.write_text(json.dumps(results, indent=1) + "\n")
 

@@ -152,3 +152,100 @@ def test_attention_kernel_reads_heads_a_stride_apart(rows, stride):
     ref, ref_received = reference_attention(q, buf_k[:, :rows].contiguous(), buf_v[:, :rows].contiguous(), 0.25)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(received, ref_received, atol=1e-6, rtol=1e-6)
+
+
+# --- the whole step in one C call (nm_cpu.c llama_step) ------------------------------------------
+
+def _sparse_llama(llama):
+    """The tiny Llama with every projection swapped for a packed N:M one the C step reads in each
+    of its ways: int8 6:8 and 2:4 (mask layout), int8 1:8 (lane layout, too sparse for the mask
+    one), fp32 2:8 (lane layout), and an int8 head."""
+    import copy
+
+    from sparsetx.formats.packed import pack_nm
+    from sparsetx.kernels.int8_linear import Int8Linear
+    from sparsetx.kernels.nm_linear import SparseLinear
+    from sparsetx.nm.mask import magnitude_scores, nm_mask
+    from sparsetx.nm.pattern import NMPattern
+
+    model = copy.deepcopy(llama)
+    kinds = {"q_proj": ("6:8", torch.int8), "k_proj": ("2:4", torch.int8), "v_proj": ("1:8", torch.int8),
+             "o_proj": ("2:8", torch.float32), "gate_proj": ("6:8", torch.int8), "up_proj": ("4:8", torch.int8),
+             "down_proj": ("6:8", torch.int8)}
+    for name, module in list(model.model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in kinds:
+            pattern, dtype = NMPattern.parse(kinds[leaf][0]), kinds[leaf][1]
+            w = module.weight.detach()
+            w = w * nm_mask(magnitude_scores(w), pattern)
+            model.model.set_submodule(name, SparseLinear.from_packed(pack_nm(w, pattern, dtype)))
+    model.lm_head = Int8Linear.from_linear(model.lm_head)
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("sparse", [False, True])
+def test_c_step_equals_the_python_step_and_the_full_path(llama, sparse, monkeypatch):
+    from sparsetx.attention.fast_decode import FastStep
+
+    model = _sparse_llama(llama) if sparse else llama
+    ids = _ids(40, seed=5)
+    cfg = DecoderConfig(kv_budget=12)
+    full = streaming_pass(model, ids, DecoderConfig(kv_budget=12, fast_step=False), 8, keep_logits=True)
+    c_step = streaming_pass(model, ids, cfg, 8, keep_logits=True)
+    plan = c_step.runtime.fast.plan()
+    assert plan is not None                                   # the C step ran, not the Python one
+    kinds = sorted({int(k) for k in plan[0][:, 2::11].flatten()})
+    assert kinds == ([2, 3] if sparse else [0])               # mask and lane layouts; dense fp32
+    monkeypatch.setattr(FastStep, "use_c", False)
+    python = streaming_pass(model, ids, cfg, 8, keep_logits=True)
+    for other in (python, full):
+        torch.testing.assert_close(c_step.logits, other.logits, atol=5e-5, rtol=1e-4)
+        assert c_step.preds == other.preds
+        assert [sorted(p.tolist()) for p in c_step.runtime.positions] == \
+            [sorted(p.tolist()) for p in other.runtime.positions]
+        torch.testing.assert_close(c_step.runtime.importance, other.runtime.importance, atol=1e-5, rtol=1e-5)
+        assert c_step.runtime.stats == other.runtime.stats
+
+
+@needs_kernels
+@pytest.mark.parametrize("pattern", ["6:8", "4:8", "2:4", "8:8", "3:4"])
+def test_mask_kernel_equals_the_dequantised_weight(pattern):
+    from sparsetx.formats.packed import pack_nm
+    from sparsetx.kernels.nm_linear import KernelWeight
+    from sparsetx.nm.mask import magnitude_scores, nm_mask
+    from sparsetx.nm.pattern import NMPattern
+
+    g = torch.Generator().manual_seed(1)
+    p = NMPattern.parse(pattern) if pattern != "8:8" else None
+    w = torch.randn(37, 96, generator=g)
+    if p is not None:
+        w = w * nm_mask(magnitude_scores(w), p)
+    if p is not None:
+        kw = KernelWeight.from_packed(pack_nm(w, p, torch.int8))
+    else:            # dense: every input kept (N = M), int8 rows
+        from sparsetx.formats.packed import quantize_rows
+
+        q, s = quantize_rows(w)
+        kw = KernelWeight(q, torch.arange(96, dtype=torch.int32).expand(37, 96).contiguous(), 96, None, scales=s)
+    vals, masks = kw.mask_layout
+    assert masks.shape == (37, 12) and vals.numel() == 37 * 12 * kw.mask_n + 8
+    assert all(bin(int(b)).count("1") == kw.mask_n for b in masks.flatten())   # exactly N8 of every 8
+    x = torch.randn(96, generator=g)
+    bias = torch.randn(37, generator=g)
+    y = torch.empty(37)
+    library().mask_linear(ptr(x), ptr(vals), ptr(masks), ptr(kw.scales), ptr(bias), ptr(y), 37, 96, kw.mask_n, 1)
+    torch.testing.assert_close(y, kw.dense() @ x + bias, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_layout_only_for_int8_values_and_m_dividing_8():
+    from sparsetx.formats.packed import pack_nm
+    from sparsetx.kernels.nm_linear import KernelWeight
+    from sparsetx.nm.mask import magnitude_scores, nm_mask
+    from sparsetx.nm.pattern import NMPattern
+
+    w = torch.randn(8, 48)
+    for pattern, dtype, expect in (("2:4", torch.float32, False), ("2:6", torch.int8, False), ("2:4", torch.int8, True)):
+        p = NMPattern.parse(pattern)
+        kw = KernelWeight.from_packed(pack_nm(w * nm_mask(magnitude_scores(w), p), p, dtype))
+        assert (kw.mask_layout is not None) == expect, pattern

@@ -25,12 +25,55 @@ the full path to fp32 rounding).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..adapters import apply_rope
+from ..kernels.int8_linear import Int8Linear
 from ..kernels.loader import library, ptr
+from ..kernels.nm_linear import VTYPES, SparseLinear
 
 GROW = 64      # rows added to the buffer's capacity beyond the tokens it holds when it fills
+NF = 11        # int64 fields a linear takes in llama_step's table (nm_cpu.c: F_KIND .. F_VT)
+MASK_MIN_N8 = 4   # the mask layout for patterns keeping at least 4 of 8 (sparser: the lane layout reads as
+                  # few bytes and computes only the kept weights)
+
+
+def _linear_fields(lin: nn.Module) -> tuple[list[int], list[torch.Tensor]] | None:
+    """One linear's row of llama_step's table (kind, weight, aux, scales, bias, out, out padded, in,
+    N, M, value type) and the tensors it points into, or None for a module the C step does not read.
+    Kinds: 0 dense fp32 (nn.Linear), 1 dense int8 (Int8Linear), 2 N:M mask layout (int8 values at
+    least 4 of 8 kept), 3 N:M lane layout (the one-token kernel nm_linear's own)."""
+    if lin._forward_hooks or lin._forward_pre_hooks:
+        return None
+    bias = getattr(lin, "bias", None)
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+    keep = [] if bias is None else [bias]
+    b = 0 if bias is None else bias.data_ptr()
+    if type(lin) is nn.Linear:
+        if lin.weight.dtype != torch.float32:
+            return None
+        w = lin.weight.detach().contiguous()
+        o, k = w.shape
+        return [0, w.data_ptr(), 0, 0, b, o, o, k, k, k, 0], keep + [w]
+    if isinstance(lin, Int8Linear):
+        o, k = lin.qweight.shape
+        return [1, lin.qweight.data_ptr(), 0, lin.scales.data_ptr(), b, o, o, k, k, k, 2], keep + [lin.qweight, lin.scales]
+    if isinstance(lin, SparseLinear):
+        kw = lin.weight_nm
+        o, k = kw.out_features, kw.in_features
+        n, m = kw.nm
+        if kw.scales is not None and 8 % m == 0 and kw.mask_n >= MASK_MIN_N8 and kw.mask_layout is not None:
+            vals, masks = kw.mask_layout
+            return [2, vals.data_ptr(), masks.data_ptr(), kw.scales.data_ptr(), b, o, o, k, kw.mask_n, 8, 2], \
+                keep + [vals, masks, kw.scales]
+        vals, pos = kw.lane_layout
+        scales = kw.lane_scales
+        sp = 0 if scales is None else scales.data_ptr()
+        return [3, vals.data_ptr(), pos.data_ptr(), sp, b, o, vals.shape[0] * 8, k, n, m, VTYPES[vals.dtype]], \
+            keep + [vals, pos] + ([] if scales is None else [scales])
+    return None
 
 
 class StackedKV:
@@ -78,6 +121,8 @@ class FastStep:
     """The plain one-token step for the Llama family (see the module docstring); ``forward`` takes
     the base model's place inside :func:`~sparsetx.attention.decoder.spatten_decoder`."""
 
+    use_c = True      # every layer in one C call (nm_cpu.c llama_step) where the model allows it (plan())
+
     def __init__(self, runtime) -> None:
         self.rt = runtime
         cfg = runtime.config
@@ -88,6 +133,7 @@ class FastStep:
         self.layers = list(self.base.layers[: self.base.config.num_hidden_layers])
         self.lib = library()
         self.kv: StackedKV | None = None
+        self._plan: tuple | None | bool = False   # llama_step's table, built at the first step (None: not possible)
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stepped = False      # the last forward was a fast step (its cut is this class's)
 
@@ -146,6 +192,44 @@ class FastStep:
         for layer, (k, v) in zip(cache.layers, self._views):
             layer.keys, layer.values = k, v
 
+    # --- the whole step in C ----------------------------------------------------------------------
+    def plan(self):
+        """(table, kept tensors, eps, intermediate size) for nm_cpu.c ``llama_step``, built once, or
+        None when a layer is not what it reads: RMSNorms with one epsilon, SiLU-gated MLP, one
+        attention scale, projections that are nn.Linear (fp32), Int8Linear or SparseLinear, no
+        hooks on them. The table points into the weights: a model changed after the first step
+        (weights replaced, moved) needs a new runtime."""
+        if self._plan is not False:
+            return self._plan
+        self._plan = None
+        cfg = self.base.config
+        if getattr(cfg, "hidden_act", None) not in ("silu", "swish") or self.lib is None:
+            return None
+        rows, keep, eps, scales = [], [], set(), set()
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if not all("RMSNorm" in type(nm).__name__ and hasattr(nm, "variance_epsilon") for nm in norms) \
+                    or not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
+                return None
+            eps.update(float(nm.variance_epsilon) for nm in norms)
+            scales.add(float(attn.scaling))
+            weights = [nm.weight.detach().float().contiguous() for nm in norms]
+            row = [w.data_ptr() for w in weights]
+            keep += weights
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                got = _linear_fields(lin)
+                if got is None:
+                    return None
+                row += got[0]
+                keep += got[1]
+            rows.append(row)
+        if len(eps) != 1 or len(scales) != 1:
+            return None
+        self._plan = (torch.tensor(rows, dtype=torch.int64), keep, eps.pop(), scales.pop(),
+                      self.layers[0].mlp.gate_proj.out_features)
+        return self._plan
+
     # --- the step -------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         self.stepped = False
@@ -170,7 +254,15 @@ class FastStep:
         n_q, n_kv, d = rt.family.heads(self.layers[0].self_attn)
         received = torch.zeros(len(self.layers), n, dtype=torch.float64)
         threads = torch.get_num_threads()
-        for i, layer in enumerate(self.layers):
+        plan = self.plan() if self.use_c else None
+        if plan is not None:
+            table, _, eps, scale, inter = plan
+            h = h.reshape(-1).float().clone()
+            cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+            self.lib.llama_step(ptr(table), len(self.layers), h.numel(), n_q, n_kv, d, inter, eps, scale,
+                                ptr(kv.k), ptr(kv.v), kv.capacity, n, ptr(cos), ptr(sin), ptr(h), ptr(received), threads)
+            h = h.view(1, 1, -1)
+        for i, layer in enumerate(self.layers if plan is None else ()):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(n_q, 1, d)

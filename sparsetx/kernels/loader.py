@@ -94,6 +94,11 @@ def _load(target: Path) -> ctypes.CDLL | None:
         lib.attention_fused.restype = None
         lib.int8_linear.argtypes = [p, i, p, p, p, p, i, i, i]
         lib.int8_linear.restype = None
+        f = ctypes.c_float
+        lib.mask_linear.argtypes = [p, p, p, p, p, p, i, i, i, i]
+        lib.mask_linear.restype = None
+        lib.llama_step.argtypes = [p, i, i, i, i, i, i, f, f, p, p, i64, i, p, p, p, p, i]
+        lib.llama_step.restype = None
         lib.topk_select.argtypes = [p, i, i, p, p]
         lib.topk_select.restype = ctypes.c_int
         return lib

@@ -583,3 +583,151 @@ void int8_linear(const float *x, int T, const int8_t *w, const float *scales, co
         }
     }
 }
+
+/* ---- the one-token decode step of a Llama-family model, every layer in one call -------------- */
+
+/* Mask layout (one token; N:M with M dividing 8 read as N8 = 8N/M kept of every 8 inputs): per row,
+ * its kept int8 values group by group (N8 a group, ascending position) and one byte a group whose
+ * bit p says input p of the group is kept: (N8 + 1) / 8 bytes a weight (6:8: 0.875, against 1.5
+ * for the lane layout's value + position bytes and 1.0 for dense int8). A group's values are
+ * spread to the kept positions by one byte shuffle whose control a 256-entry table gives per mask
+ * (byte p: the rank of bit p among the set bits, or 0x80: zero); the row's scale and bias at the
+ * end. The values array carries 8 bytes of padding (a group is read as one 8-byte load). */
+static uint64_t mask_spread[256];
+static int mask_spread_ready = 0;
+
+static void mask_spread_init(void) {
+    if (mask_spread_ready) return;
+    for (int m = 0; m < 256; m++) {
+        uint64_t ctrl = 0;
+        for (int p = 0, rank = 0; p < 8; p++) {
+            uint64_t byte = (m >> p) & 1 ? (uint64_t)rank++ : 0x80;
+            ctrl |= byte << (8 * p);
+        }
+        mask_spread[m] = ctrl;
+    }
+    mask_spread_ready = 1;
+}
+
+static float mask_row(const float *x, const int8_t *v, const uint8_t *mk, int G8, int N8) {
+#if defined(__AVX2__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int g = 0;
+#define MASK_GROUP(ACC, G) \
+    do { \
+        __m128i vb = _mm_loadl_epi64((const __m128i *)(v + (int64_t)(G) * N8)); \
+        __m128i ctrl = _mm_cvtsi64_si128((long long)mask_spread[mk[G]]); \
+        __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(vb, ctrl))); \
+        ACC = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * (G)), ACC); \
+    } while (0)
+    for (; g + 4 <= G8; g += 4) {
+        MASK_GROUP(a0, g);
+        MASK_GROUP(a1, g + 1);
+        MASK_GROUP(a2, g + 2);
+        MASK_GROUP(a3, g + 3);
+    }
+    for (; g < G8; g++) MASK_GROUP(a0, g);
+#undef MASK_GROUP
+    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#else
+    float s = 0.0f;
+    for (int g = 0; g < G8; g++)
+        for (int p = 0, r = 0; p < 8; p++)
+            if ((mk[g] >> p) & 1) s += (float)v[(int64_t)g * N8 + r++] * x[8 * g + p];
+    return s;
+#endif
+}
+
+/* y (O) = W x for one token, W in the mask layout (vals: O rows of K / 8 * N8 int8, masks: O rows of
+ * K / 8 bytes, per-row scales). */
+void mask_linear(const float *x, const int8_t *vals, const uint8_t *masks, const float *scales, const float *bias,
+                 float *y, int O, int K, int N8, int threads) {
+    const int G8 = K / 8;
+    mask_spread_init();
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int o = 0; o < O; o++)
+        y[o] = mask_row(x, vals + (int64_t)o * G8 * N8, masks + (int64_t)o * G8, G8, N8) * scales[o]
+               + (bias ? bias[o] : 0.0f);
+}
+
+/* y (O) = W x for a dense fp32 W (O, K), rows contiguous. */
+static void dense_linear(const float *x, const float *w, const float *bias, float *y, int O, int K, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int o = 0; o < O; o++) y[o] = dot(x, w + (int64_t)o * K, K) + (bias ? bias[o] : 0.0f);
+}
+
+/* A linear of the step table: NF int64 fields. kind 0: dense fp32 (w); 1: dense int8 (w, scales);
+ * 2: mask layout (w values, aux masks, scales, n = N8); 3: lane layout (w values, aux positions,
+ * scales, vt, n, m; y needs o8 floats). */
+enum { F_KIND, F_W, F_AUX, F_SCALES, F_BIAS, F_O, F_O8, F_K, F_N, F_M, F_VT, NF };
+#define LAYER_FIELDS (2 + 7 * NF)   /* input norm weight, post-attention norm weight, q k v o gate up down */
+
+static void table_linear(const int64_t *f, const float *x, float *y, int threads) {
+    const void *w = (const void *)(intptr_t)f[F_W], *aux = (const void *)(intptr_t)f[F_AUX];
+    const float *sc = (const float *)(intptr_t)f[F_SCALES], *b = (const float *)(intptr_t)f[F_BIAS];
+    int O = (int)f[F_O], K = (int)f[F_K];
+    switch (f[F_KIND]) {
+    case 0: dense_linear(x, (const float *)w, b, y, O, K, threads); break;
+    case 1: int8_linear(x, 1, (const int8_t *)w, sc, b, y, O, K, threads); break;
+    case 2: mask_linear(x, (const int8_t *)w, (const uint8_t *)aux, sc, b, y, O, K, (int)f[F_N], threads); break;
+    default: nm_linear_vector(x, w, (const uint8_t *)aux, O, (int)f[F_O8], K, (int)f[F_N], (int)f[F_M], b, y,
+                              (int)f[F_VT], sc, threads);
+    }
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w (Llama's RMSNorm, the mean in double). */
+static void rms_norm(const float *x, const float *w, float *y, int H, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < H; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / H) + eps);
+    for (int i = 0; i < H; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* Rotary embedding of heads of d (rotate-half form): x' = x cos + rotate_half(x) sin. */
+static void rope(float *x, int heads, int d, const float *cos, const float *sin) {
+    const int h2 = d / 2;
+    for (int h = 0; h < heads; h++) {
+        float *r = x + (int64_t)h * d;
+        for (int i = 0; i < h2; i++) {
+            float a = r[i], b = r[i + h2];
+            r[i] = a * cos[i] - b * sin[i];
+            r[i + h2] = b * cos[i + h2] + a * sin[i + h2];
+        }
+    }
+}
+
+/* One token through L Llama layers (pre-norm attention and SiLU-gated MLP, each with a residual):
+ * h (H floats) in place. The token's K and V land in row n - 1 of each layer's cache (kbuf, vbuf:
+ * (L, hkv, cap, d)), attention reads the layer's first n rows, and received[i * n + j] gains the
+ * probability key j gets in layer i, summed over heads (SpAtten's token importance). */
+void llama_step(const int64_t *table, int L, int H, int hq, int hkv, int d, int I, float eps, float scale,
+                float *kbuf, float *vbuf, int64_t cap, int n, const float *cos, const float *sin, float *h,
+                double *received, int threads) {
+    const int wide = (H > I ? H : I) + hq * d + 16;
+    float *x = malloc(sizeof(float) * (size_t)wide), *y = malloc(sizeof(float) * (size_t)wide);
+    float *q = malloc(sizeof(float) * (size_t)(hq * d + 16)), *kv = malloc(sizeof(float) * (size_t)(hkv * d + 16));
+    float *ctx = malloc(sizeof(float) * (size_t)(hq * d + 16));
+    float *g = malloc(sizeof(float) * (size_t)(I + 16)), *u = malloc(sizeof(float) * (size_t)(I + 16));
+    for (int l = 0; l < L; l++) {
+        const int64_t *t = table + (int64_t)l * LAYER_FIELDS, *lin = t + 2;
+        float *kl = kbuf + (int64_t)l * hkv * cap * d, *vl = vbuf + (int64_t)l * hkv * cap * d;
+        rms_norm(h, (const float *)(intptr_t)t[0], x, H, eps);
+        table_linear(lin + 0 * NF, x, q, threads);
+        rope(q, hq, d, cos, sin);
+        table_linear(lin + 1 * NF, x, kv, threads);
+        rope(kv, hkv, d, cos, sin);
+        for (int j = 0; j < hkv; j++) memcpy(kl + ((int64_t)j * cap + n - 1) * d, kv + (int64_t)j * d, sizeof(float) * d);
+        table_linear(lin + 2 * NF, x, kv, threads);
+        for (int j = 0; j < hkv; j++) memcpy(vl + ((int64_t)j * cap + n - 1) * d, kv + (int64_t)j * d, sizeof(float) * d);
+        attention_fused(q, kl, vl, hq, hkv, 1, n, cap, d, scale, NULL, NULL, ctx, received + (int64_t)l * n, threads);
+        table_linear(lin + 3 * NF, ctx, y, threads);
+        for (int i = 0; i < H; i++) h[i] += y[i];
+        rms_norm(h, (const float *)(intptr_t)t[1], x, H, eps);
+        table_linear(lin + 4 * NF, x, g, threads);
+        table_linear(lin + 5 * NF, x, u, threads);
+        for (int i = 0; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];   /* SiLU(gate) * up */
+        table_linear(lin + 6 * NF, g, y, threads);
+        for (int i = 0; i < H; i++) h[i] += y[i];
+    }
+    free(x); free(y); free(q); free(kv); free(ctx); free(g); free(u);
+}

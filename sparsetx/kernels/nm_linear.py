@@ -212,6 +212,28 @@ class KernelWeight:
         return v, pos.view(q, 8, g, n).permute(0, 2, 3, 1).contiguous()
 
     @cached_property
+    def mask_layout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int8 values, uint8 masks) for the one-token mask kernel (nm_cpu.c ``mask_linear``), or None
+        where it does not apply (values not int8, M not dividing 8, inputs not a multiple of 8). N:M
+        reads as N8 = 8N/M kept of every 8 inputs: per row, the kept values in order (N8 a group)
+        with 8 bytes of padding at the end, and one byte a group of 8 whose bit p marks input p kept."""
+        n, m = self.nm
+        if self.scales is None or 8 % m or self.in_features % 8:
+            return None
+        values, indices = self.canonical()
+        idx = indices.long()
+        bits = torch.ones_like(idx).bitwise_left_shift_(idx % 8)
+        masks = torch.zeros(self.out_features, self.in_features // 8, dtype=torch.long).scatter_add_(1, idx // 8, bits)
+        vals = torch.cat([values.reshape(-1), torch.zeros(8, dtype=torch.int8)])
+        return vals, masks.to(torch.uint8)
+
+    @property
+    def mask_n(self) -> int:
+        """Kept values per group of 8 inputs in the mask layout."""
+        n, m = self.nm
+        return 8 * n // m
+
+    @cached_property
     def lane_scales(self) -> torch.Tensor | None:
         """int8 values: the row scales padded to whole octets (what the one-token kernel reads)."""
         return None if self.scales is None else _pad_rows(self.scales.view(-1, 1), 8).view(-1).contiguous()
