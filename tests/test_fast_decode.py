@@ -229,7 +229,7 @@ def test_mask_kernel_equals_the_dequantised_weight(pattern):
         q, s = quantize_rows(w)
         kw = KernelWeight(q, torch.arange(96, dtype=torch.int32).expand(37, 96).contiguous(), 96, None, scales=s)
     vals, masks = kw.mask_layout
-    assert masks.shape == (37, 12) and vals.numel() == 37 * 12 * kw.mask_n + 8
+    assert masks.shape == (37, 12) and vals.numel() == 37 * 12 * kw.mask_n + 16
     assert all(bin(int(b)).count("1") == kw.mask_n for b in masks.flatten())   # exactly N8 of every 8
     x = torch.randn(96, generator=g)
     bias = torch.randn(37, generator=g)

@@ -134,7 +134,7 @@ class SpAttenDecoder:
         self.layer_importance = [torch.zeros(0, dtype=torch.float64) for _ in range(n)]  # h2o
         self.query_count = torch.zeros(0, dtype=torch.float64)   # queries that saw each token, over layers
         self.layer_query_count = [torch.zeros(0, dtype=torch.float64) for _ in range(n)]
-        self._buffers: list[torch.Tensor] | None = None  # the state above: views of these (_grow)
+        self._state: torch.Tensor | None = None  # the state above: views of its rows, in that order (_grow)
         # per layer, the true position of each cached slot (text order, except after fast steps: fast_decode.py)
         self.positions: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(n)]
         n_kv = self.family.heads(self.attn[0])[1]
@@ -195,14 +195,14 @@ class SpAttenDecoder:
         each step cost a millisecond a step on a 30-layer model)."""
         if length <= self.importance.numel():
             return
-        if self._buffers is None or length > self._buffers[0].numel():
+        if self._state is None or length > self._state.shape[1]:
             state = [self.importance, self.query_count, *self.layer_importance, *self.layer_query_count]
             capacity = max(length, 2 * state[0].numel(), 64)
-            self._buffers = [torch.zeros(capacity, dtype=torch.float64) for _ in state]
-            for b, t in zip(self._buffers, state):
-                b[:t.numel()] = t
+            self._state = torch.zeros(len(state), capacity, dtype=torch.float64)
+            for row, t in zip(self._state, state):
+                row[:t.numel()] = t
         n = len(self.attn)
-        views = [b[:length] for b in self._buffers]
+        views = list(self._state[:, :length].unbind(0))
         self.importance, self.query_count = views[0], views[1]
         self.layer_importance, self.layer_query_count = views[2:2 + n], views[2 + n:]
 

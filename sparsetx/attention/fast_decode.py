@@ -288,18 +288,18 @@ class FastStep:
         rt = self.rt
         pos = torch.cat([rt.positions[0], rt._q_pos])
         rt.positions = [pos] * len(self.layers)
-        rt.importance[pos] += received.sum(0)
-        rt.query_count[pos] += len(self.layers)
-        for i in range(len(self.layers)):
-            rt.layer_importance[i][pos] += received[i]
-            rt.layer_query_count[i][pos] += 1
+        layers = len(self.layers)
+        state = rt._state    # rows: importance, query counts, then per layer importance and query counts
+        state[0, pos] += received.sum(0)
+        state[1, pos] += layers
+        state[2:2 + layers, pos] += received
+        state[2 + layers:2 + 2 * layers, pos] += 1
         n = pos.numel()
-        for i in range(len(self.layers)):   # the full path's per-layer statistics, its byte counts included
-            stat = {"layer": i, "tokens": n, "queries": 1, "kv_heads": n_kv, "head_dim": d,
-                    "kv_head_ids": list(range(n_kv)), "values_fetched_rows": n * n_q, "heads": n_q}
-            rt._fetch_stats(stat, n, n_kv, d, None)
-            stat["tokens_after"] = n
-            rt.stats[-1].append(stat)
+        # the full path's per-layer statistics, its byte counts included (the same for every layer)
+        stat = {"tokens": n, "queries": 1, "kv_heads": n_kv, "head_dim": d, "values_fetched_rows": n * n_q, "heads": n_q}
+        rt._fetch_stats(stat, n, n_kv, d, None)
+        stat["tokens_after"] = n
+        rt.stats[-1].extend({"layer": i, **stat, "kv_head_ids": list(range(n_kv))} for i in range(layers))
 
     # --- the cut after the step -----------------------------------------------------------------
     def evict(self, cache) -> None:

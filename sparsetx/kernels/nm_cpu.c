@@ -590,22 +590,21 @@ void int8_linear(const float *x, int T, const int8_t *w, const float *scales, co
  * its kept int8 values group by group (N8 a group, ascending position) and one byte a group whose
  * bit p says input p of the group is kept: (N8 + 1) / 8 bytes a weight (6:8: 0.875, against 1.5
  * for the lane layout's value + position bytes and 1.0 for dense int8). A group's values are
- * spread to the kept positions by one byte shuffle whose control a 256-entry table gives per mask
- * (byte p: the rank of bit p among the set bits, or 0x80: zero); the row's scale and bias at the
- * end. The values array carries 8 bytes of padding (a group is read as one 8-byte load). */
-static uint64_t mask_spread[256];
+ * spread to the kept positions by one byte shuffle whose control a 256-entry table gives per mask:
+ * value r goes to the top byte of int32 lane p when bit p is the r-th set bit, every other byte is
+ * zeroed (control 0x80), so the lanes read as value * 2^24 and convert to fp32 exactly; the row's
+ * scale (times 2^-24) and bias at the end. The values array carries 16 bytes of padding (a group
+ * is read as one 16-byte load). */
+static uint8_t mask_spread[256][32] __attribute__((aligned(32)));
 static int mask_spread_ready = 0;
 
 static void mask_spread_init(void) {
     if (mask_spread_ready) return;
-    for (int m = 0; m < 256; m++) {
-        uint64_t ctrl = 0;
+    for (int m = 0; m < 256; m++)
         for (int p = 0, rank = 0; p < 8; p++) {
-            uint64_t byte = (m >> p) & 1 ? (uint64_t)rank++ : 0x80;
-            ctrl |= byte << (8 * p);
+            mask_spread[m][4 * p] = mask_spread[m][4 * p + 1] = mask_spread[m][4 * p + 2] = 0x80;
+            mask_spread[m][4 * p + 3] = (m >> p) & 1 ? (uint8_t)rank++ : 0x80;
         }
-        mask_spread[m] = ctrl;
-    }
     mask_spread_ready = 1;
 }
 
@@ -615,12 +614,13 @@ static float mask_row(const float *x, const int8_t *v, const uint8_t *mk, int G8
     int g = 0;
 #define MASK_GROUP(ACC, G) \
     do { \
-        __m128i vb = _mm_loadl_epi64((const __m128i *)(v + (int64_t)(G) * N8)); \
-        __m128i ctrl = _mm_cvtsi64_si128((long long)mask_spread[mk[G]]); \
-        __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(vb, ctrl))); \
+        __m256i vb = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(v + (int64_t)(G) * N8))); \
+        __m256i ctrl = _mm256_load_si256((const __m256i *)mask_spread[mk[G]]); \
+        __m256 w = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(vb, ctrl)); \
         ACC = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * (G)), ACC); \
     } while (0)
     for (; g + 4 <= G8; g += 4) {
+        _mm_prefetch((const char *)(v + (int64_t)g * N8 + 1024), _MM_HINT_T0);
         MASK_GROUP(a0, g);
         MASK_GROUP(a1, g + 1);
         MASK_GROUP(a2, g + 2);
@@ -628,7 +628,7 @@ static float mask_row(const float *x, const int8_t *v, const uint8_t *mk, int G8
     }
     for (; g < G8; g++) MASK_GROUP(a0, g);
 #undef MASK_GROUP
-    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) * 0x1p-24f;
 #else
     float s = 0.0f;
     for (int g = 0; g < G8; g++)

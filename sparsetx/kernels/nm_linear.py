@@ -216,7 +216,7 @@ class KernelWeight:
         """(int8 values, uint8 masks) for the one-token mask kernel (nm_cpu.c ``mask_linear``), or None
         where it does not apply (values not int8, M not dividing 8, inputs not a multiple of 8). N:M
         reads as N8 = 8N/M kept of every 8 inputs: per row, the kept values in order (N8 a group)
-        with 8 bytes of padding at the end, and one byte a group of 8 whose bit p marks input p kept."""
+        with 16 bytes of padding at the end, and one byte a group of 8 whose bit p marks input p kept."""
         n, m = self.nm
         if self.scales is None or 8 % m or self.in_features % 8:
             return None
@@ -224,7 +224,7 @@ class KernelWeight:
         idx = indices.long()
         bits = torch.ones_like(idx).bitwise_left_shift_(idx % 8)
         masks = torch.zeros(self.out_features, self.in_features // 8, dtype=torch.long).scatter_add_(1, idx // 8, bits)
-        vals = torch.cat([values.reshape(-1), torch.zeros(8, dtype=torch.int8)])
+        vals = torch.cat([values.reshape(-1), torch.zeros(16, dtype=torch.int8)])
         return vals, masks.to(torch.uint8)
 
     @property
