@@ -249,3 +249,23 @@ def test_mask_layout_only_for_int8_values_and_m_dividing_8():
         p = NMPattern.parse(pattern)
         kw = KernelWeight.from_packed(pack_nm(w * nm_mask(magnitude_scores(w), p), p, dtype))
         assert (kw.mask_layout is not None) == expect, pattern
+
+
+@needs_kernels
+def test_c_step_declines_what_it_does_not_read(llama):
+    """A hook on a projection (the C step would skip it) or another MLP activation: no plan, and
+    the step runs the layers through their modules (the hook fires once a layer and step)."""
+    import copy
+
+    from sparsetx.attention.fast_decode import FastStep
+
+    model = copy.deepcopy(llama)
+    calls = []
+    handle = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda *a: calls.append(1))
+    ids = _ids(16, seed=2)
+    out = streaming_pass(model, ids, DecoderConfig(kv_budget=6), 8)
+    assert out.runtime.fast.plan() is None and out.runtime.fast.kv is not None
+    assert len(calls) == 1 + 7                    # the prompt's forward, then 7 one-token steps
+    handle.remove()
+    model.config.hidden_act = "gelu"
+    assert FastStep(out.runtime).plan() is None

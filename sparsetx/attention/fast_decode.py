@@ -19,6 +19,13 @@ as the runtime's attention would, when the step is the plain case:
   head pruning, quantization, a per-layer policy) takes the runtime's full path, and the next plain
   step rebuilds the buffer from the cache.
 
+The layers of the step run in one C call (nm_cpu.c ``llama_step``: RMSNorm, the seven
+projections, RoPE, the K/V rows written into the buffer, fused attention with the received
+probabilities, the SiLU-gated MLP, residuals) when every projection is one it reads (nn.Linear
+fp32, Int8Linear, SparseLinear; :meth:`FastStep.plan`); int8 N:M weights keeping at least half
+of their inputs read the mask layout there (values plus one byte a group of 8). Otherwise a
+Python loop over the layers does the same with the modules.
+
 The numbers are the runtime's: the same token importance, eviction and positions (tested against
 the full path to fp32 rounding).
 """
@@ -254,15 +261,32 @@ class FastStep:
         n_q, n_kv, d = rt.family.heads(self.layers[0].self_attn)
         received = torch.zeros(len(self.layers), n, dtype=torch.float64)
         threads = torch.get_num_threads()
-        plan = self.plan() if self.use_c else None
+        plan = self.plan() if self.use_c and cos.numel() == d else None   # rotary over the whole head
         if plan is not None:
-            table, _, eps, scale, inter = plan
-            h = h.reshape(-1).float().clone()
-            cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
-            self.lib.llama_step(ptr(table), len(self.layers), h.numel(), n_q, n_kv, d, inter, eps, scale,
-                                ptr(kv.k), ptr(kv.v), kv.capacity, n, ptr(cos), ptr(sin), ptr(h), ptr(received), threads)
-            h = h.view(1, 1, -1)
-        for i, layer in enumerate(self.layers if plan is None else ()):
+            h = self._c_layers(plan, h, cos, sin, n, received, (n_q, n_kv, d), threads)
+        else:
+            h = self._python_layers(h, cos, sin, n, received, (n_q, n_kv, d), threads)
+        kv.length = n
+        self._account(received, n_kv, n_q, d)
+        self._publish(cache)
+        return base.norm(h)
+
+    def _c_layers(self, plan, h, cos, sin, n, received, heads, threads) -> torch.Tensor:
+        """Every layer in one call of nm_cpu.c ``llama_step`` (the same arithmetic as
+        :meth:`_python_layers`, in C: no Python per layer)."""
+        table, _, eps, scale, inter = plan
+        n_q, n_kv, d = heads
+        h = h.reshape(-1).float().clone()
+        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+        kv = self.kv
+        self.lib.llama_step(ptr(table), len(self.layers), h.numel(), n_q, n_kv, d, inter, eps, scale,
+                            ptr(kv.k), ptr(kv.v), kv.capacity, n, ptr(cos), ptr(sin), ptr(h), ptr(received), threads)
+        return h.view(1, 1, -1)
+
+    def _python_layers(self, h, cos, sin, n, received, heads, threads) -> torch.Tensor:
+        """The layers one by one through their modules, attention by the C kernel over the buffer."""
+        kv, (n_q, n_kv, d) = self.kv, heads
+        for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(n_q, 1, d)
@@ -277,10 +301,7 @@ class FastStep:
                                      float(attn.scaling), None, None, ptr(ctx), ptr(received[i]), threads)
             h = h + attn.o_proj(ctx.view(1, 1, n_q * d))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        kv.length = n
-        self._account(received, n_kv, n_q, d)
-        self._publish(cache)
-        return base.norm(h)
+        return h
 
     def _account(self, received: torch.Tensor, n_kv: int, n_q: int, d: int) -> None:
         """The runtime's state after the step, as its attention would have left it: positions,
