@@ -71,7 +71,7 @@ def _linear_fields(lin: nn.Module) -> tuple[list[int], list[torch.Tensor]] | Non
         kw = lin.weight_nm
         o, k = kw.out_features, kw.in_features
         n, m = kw.nm
-        if kw.scales is not None and 8 % m == 0 and kw.mask_n >= MASK_MIN_N8 and kw.mask_layout is not None:
+        if kw.mask_n >= MASK_MIN_N8 and kw.mask_layout is not None:     # None: not int8, or M does not divide 8
             vals, masks = kw.mask_layout
             return [2, vals.data_ptr(), masks.data_ptr(), kw.scales.data_ptr(), b, o, o, k, kw.mask_n, 8, 2], \
                 keep + [vals, masks, kw.scales]
@@ -201,41 +201,44 @@ class FastStep:
 
     # --- the whole step in C ----------------------------------------------------------------------
     def plan(self):
-        """(table, kept tensors, eps, intermediate size) for nm_cpu.c ``llama_step``, built once, or
-        None when a layer is not what it reads: RMSNorms with one epsilon, SiLU-gated MLP, one
-        attention scale, projections that are nn.Linear (fp32), Int8Linear or SparseLinear, no
-        hooks on them. The table points into the weights: a model changed after the first step
-        (weights replaced, moved) needs a new runtime."""
-        if self._plan is not False:
-            return self._plan
-        self._plan = None
-        cfg = self.base.config
-        if getattr(cfg, "hidden_act", None) not in ("silu", "swish") or self.lib is None:
-            return None
-        rows, keep, eps, scales = [], [], set(), set()
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if not all("RMSNorm" in type(nm).__name__ and hasattr(nm, "variance_epsilon") for nm in norms) \
-                    or not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
-                return None
-            eps.update(float(nm.variance_epsilon) for nm in norms)
-            scales.add(float(attn.scaling))
-            weights = [nm.weight.detach().float().contiguous() for nm in norms]
-            row = [w.data_ptr() for w in weights]
-            keep += weights
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                got = _linear_fields(lin)
-                if got is None:
-                    return None
-                row += got[0]
-                keep += got[1]
-            rows.append(row)
-        if len(eps) != 1 or len(scales) != 1:
-            return None
-        self._plan = (torch.tensor(rows, dtype=torch.int64), keep, eps.pop(), scales.pop(),
-                      self.layers[0].mlp.gate_proj.out_features)
+        """(table, kept tensors, eps, scale, intermediate size) for nm_cpu.c ``llama_step``, built
+        once; None when a layer is not what it reads: RMSNorms, a SiLU-gated MLP, projections of the
+        config's shapes that are nn.Linear (fp32), Int8Linear or SparseLinear without hooks, and
+        one epsilon, attention scale and head layout for every layer. The table points into the
+        weights: a model changed after the first step (weights replaced, moved) needs a new runtime."""
+        if self._plan is False:
+            self._plan = None
+            if getattr(self.base.config, "hidden_act", None) in ("silu", "swish") and self.lib is not None:
+                rows = [self._layer_row(layer) for layer in self.layers]
+                if all(rows) and len({r[2:] for r in rows}) == 1:
+                    table = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+                    eps, scale, _, inter = rows[0][2:]
+                    self._plan = (table, [t for r in rows for t in r[1]], eps, scale, inter)
         return self._plan
+
+    def _layer_row(self, layer) -> tuple | None:
+        """(table row, tensors it points into, eps, scale, heads, intermediate size) of one layer."""
+        attn, mlp, hidden = layer.self_attn, layer.mlp, self.base.config.hidden_size
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not all("RMSNorm" in type(nm).__name__ and hasattr(nm, "variance_epsilon") for nm in norms) \
+                or len({nm.variance_epsilon for nm in norms}) != 1 or any(nm.weight.numel() != hidden for nm in norms) \
+                or not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            return None
+        n_q, n_kv, d = self.rt.family.heads(attn)
+        inter = mlp.gate_proj.out_features
+        # in the order llama_step reads them, with the (in, out) it sizes its buffers by
+        shapes = {attn.q_proj: (hidden, n_q * d), attn.k_proj: (hidden, n_kv * d), attn.v_proj: (hidden, n_kv * d),
+                  attn.o_proj: (n_q * d, hidden), mlp.gate_proj: (hidden, inter), mlp.up_proj: (hidden, inter),
+                  mlp.down_proj: (inter, hidden)}
+        weights = [nm.weight.detach().float().contiguous() for nm in norms]
+        row, keep = [w.data_ptr() for w in weights], list(weights)
+        for lin, io in shapes.items():
+            got = _linear_fields(lin) if (lin.in_features, lin.out_features) == io else None
+            if got is None:
+                return None
+            row += got[0]
+            keep += got[1]
+        return row, keep, float(norms[0].variance_epsilon), float(attn.scaling), (n_q, n_kv, d), inter
 
     # --- the step -------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):

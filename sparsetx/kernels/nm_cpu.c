@@ -22,6 +22,10 @@
  *    The M inputs of group g sit in one or two registers; vpermps picks each row's input by its
  *    position: no memory gather. STA's operand multiplexer, in-register. M > 16 uses a gather.
  *
+ * 3. Mask layout (one token, int8 values keeping at least half of the inputs; see mask_linear below):
+ *    per row the kept values, and one byte a group of 8 inputs saying which are kept. The decode
+ *    step of a whole Llama model (llama_step, at the end) reads it, and the two above.
+ *
  * Dense x dense runs through the same code with N = M.
  */
 #include <stdint.h>
