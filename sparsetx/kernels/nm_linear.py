@@ -135,7 +135,7 @@ class KernelWeight:
     def nbytes(self) -> int:
         """Bytes this weight holds now (canonical form and whichever layouts are built)."""
         held = list(self._canonical or ()) + ([] if self.scales is None else [self.scales])
-        for name in ("group_layout", "lane_layout", "group_scales", "lane_scales"):
+        for name in ("group_layout", "lane_layout", "group_scales", "lane_scales", "mask_layout"):
             got = self.__dict__.get(name)
             held += [t for t in (got if isinstance(got, tuple) else (got,)) if t is not None]
         seen, total = set(), 0
@@ -176,22 +176,9 @@ class KernelWeight:
         return v, torch.from_numpy(np.concatenate([c.reshape(-1), np.zeros(4, np.uint16)]))
 
     @cached_property
-    def group_args(self) -> tuple:
-        """(values, offsets, out, kn, N, M, K block) for the many-token kernel, pointers made once."""
-        vals, offs = self.group_layout
-        n, m = self.nm
-        return ptr(vals), ptr(offs), self.out_features, vals.shape[1], n, m, self.k_block
-
-    @cached_property
     def group_scales(self) -> torch.Tensor | None:
         """int8 values: the row scales padded to whole row groups (what the kernel indexes)."""
         return None if self.scales is None else _pad_rows(self.scales.view(-1, 1), ROW_GROUP).view(-1).contiguous()
-
-    @cached_property
-    def group_vtype(self) -> tuple[int, object]:
-        """(value type code, scales pointer) of the many-token layout: 0 fp32, 1 fp16, 2 int8."""
-        dtype = self.group_layout[0].dtype
-        return VTYPES[dtype], ptr(self.group_scales)
 
     @cached_property
     def lane_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,9 +262,20 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
         return (y if o8 == o else y[:o]).view(*lead, o)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty(t, o)
-    lib.nm_linear_tokens(ptr(x2), x2.stride(0), t, k, *weight.group_args, ptr(b), ptr(y), *weight.group_vtype, threads)
+    vals, offs = weight.group_layout
+    y = _tokens(lib, x2, vals, offs, weight.group_scales, b, o, n, m, weight.k_block, threads)
     return y.view(*lead, o)
+
+
+def _tokens(lib, x2: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor | None,
+            bias: torch.Tensor | None, out_features: int, n: int, m: int, k_block: int, threads: int) -> torch.Tensor:
+    """The many-token kernel (nm_cpu.c nm_linear_tokens) on x2 (T, K), rows unit-stride, and a group
+    layout: (T, out) fp32. Value type from the layout's dtype (fp32, fp16, int8 with ``scales``)."""
+    y = torch.empty(x2.shape[0], out_features)
+    if x2.shape[0]:
+        lib.nm_linear_tokens(ptr(x2), x2.stride(0), x2.shape[0], x2.shape[1], ptr(values), ptr(offsets), out_features,
+                             values.shape[1], n, m, k_block, ptr(bias), ptr(y), VTYPES[values.dtype], ptr(scales), threads)
+    return y
 
 
 def _gather_linear(x2: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
@@ -297,14 +295,8 @@ def _gather_linear(x2: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
 def _nm_linear_op(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor | None,
                   bias: torch.Tensor | None, out_features: int, n: int, m: int, k_block: int) -> torch.Tensor:
     """The many-token kernel on a layout passed as tensors (what torch.compile calls)."""
-    lib = library()
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).float().contiguous()
-    y = torch.empty(x2.shape[0], out_features)
-    if x2.shape[0]:
-        lib.nm_linear_tokens(ptr(x2), x2.stride(0), x2.shape[0], k, ptr(values), ptr(offsets), out_features,
-                             values.shape[1], n, m, k_block, ptr(bias), ptr(y), VTYPES[values.dtype], ptr(scales),
-                             torch.get_num_threads())
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = _tokens(library(), x2, values, offsets, scales, bias, out_features, n, m, k_block, torch.get_num_threads())
     return y.view(*x.shape[:-1], out_features)
 
 
