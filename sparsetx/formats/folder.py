@@ -205,11 +205,13 @@ def read_header(folder: str | os.PathLike) -> dict:
     return _read_header(regular_file(folder, WEIGHTS))[0]
 
 
-def _read_header(path: Path) -> tuple[dict, dict[str, NMPattern]]:
-    """(header, patterns) of a weights file already checked to be a regular file."""
+def _read_header(path: Path) -> tuple[dict, dict[str, NMPattern], dict[str, tuple[tuple[int, ...], str]]]:
+    """(header, patterns, declared tensors: name -> (shape, safetensors dtype)) of a weights file
+    already checked to be a regular file; the file is opened once for all three."""
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
+            declared = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise PackedFormatError(f"{path}: not a readable safetensors file ({err}); truncated or corrupted?") from None
     if "sparsetx" not in meta:
@@ -221,7 +223,7 @@ def _read_header(path: Path) -> tuple[dict, dict[str, NMPattern]]:
         header = json.loads(meta["sparsetx"])
     except (ValueError, RecursionError) as err:   # RecursionError: nesting deeper than the parser goes
         raise PackedFormatError(f"{path}: the sparsetx header is not valid JSON ({type(err).__name__}: {err})") from None
-    return header, check_header(header, f"{path}: header")
+    return header, check_header(header, f"{path}: header"), declared
 
 
 _DTYPE_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8, "I8": torch.int8}
@@ -291,34 +293,32 @@ def read_packed(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     the checksums cannot vouch for (a re-hashed file): index codes in range and strictly increasing,
     finite values."""
     path = regular_file(folder, WEIGHTS)
-    header, patterns = _read_header(path)
+    header, patterns, declared = _read_header(path)
     encoding = header.get("encoding", "index")
     value_dtype = VALUE_DTYPES[header["value_dtype"]]
     sums = header["sha256"]
     try:
-        with safe_open(path, framework="pt") as f:
-            declared = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-            if set(sums) != set(declared):
-                raise PackedFormatError(f"{path}: header lists tensors {sorted(set(sums) ^ set(declared))[:4]} "
-                                        "that the file does not hold (or the reverse)")
-            for name, pattern in patterns.items():
-                key = f"{name}.weight"
-                out, inp = header["layers"][name]["shape"]
-                groups = out * (inp // pattern.m)
-                codes = groups * pattern.n if encoding == "index" else groups
-                expect = {key + VALUES: ((out, inp // pattern.m * pattern.n), value_dtype),
-                          key + INDICES: (((codes * index_bits(pattern, encoding) + 7) // 8,), torch.uint8)}
-                if value_dtype == torch.int8:
-                    expect[key + SCALES] = ((out,), torch.float32)
-                for k, (shape, dtype) in expect.items():
-                    if k not in declared:
-                        raise PackedFormatError(f"{path}: layer {name} is in the header but tensor {k} is missing")
-                    got_shape, got_dtype = declared[k]
-                    if got_shape != shape or _DTYPE_NAMES.get(got_dtype) != dtype:
-                        want = next(n for n, d in _DTYPE_NAMES.items() if d == dtype)
-                        raise PackedFormatError(f"{path}: layer {name}: tensor {k} has shape {list(got_shape)} "
-                                                f"({got_dtype}); a {out}x{inp} {pattern} layer needs {list(shape)} ({want})")
-    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        if set(sums) != set(declared):
+            raise PackedFormatError(f"{path}: header lists tensors {sorted(set(sums) ^ set(declared))[:4]} "
+                                    "that the file does not hold (or the reverse)")
+        for name, pattern in patterns.items():
+            key = f"{name}.weight"
+            out, inp = header["layers"][name]["shape"]
+            groups = out * (inp // pattern.m)
+            codes = groups * pattern.n if encoding == "index" else groups
+            expect = {key + VALUES: ((out, inp // pattern.m * pattern.n), value_dtype),
+                      key + INDICES: (((codes * index_bits(pattern, encoding) + 7) // 8,), torch.uint8)}
+            if value_dtype == torch.int8:
+                expect[key + SCALES] = ((out,), torch.float32)
+            for k, (shape, dtype) in expect.items():
+                if k not in declared:
+                    raise PackedFormatError(f"{path}: layer {name} is in the header but tensor {k} is missing")
+                got_shape, got_dtype = declared[k]
+                if got_shape != shape or _DTYPE_NAMES.get(got_dtype) != dtype:
+                    want = next(n for n, d in _DTYPE_NAMES.items() if d == dtype)
+                    raise PackedFormatError(f"{path}: layer {name}: tensor {k} has shape {list(got_shape)} "
+                                            f"({got_dtype}); a {out}x{inp} {pattern} layer needs {list(shape)} ({want})")
+    except (ValueError, TypeError) as err:   # a header whose layer entries do not add up
         if isinstance(err, PackedFormatError):
             raise
         raise PackedFormatError(f"{path}: cannot read tensors ({err}); truncated or corrupted?") from None
