@@ -384,3 +384,77 @@ def test_many_rows_span_several_row_panels(dtype, threads):
     kw = KernelWeight.from_packed(pack_nm(w, p, dtype), compact=True)
     x, b = torch.randn(37, 64), torch.randn(3203)
     torch.testing.assert_close(nm_linear(x, kw, b, threads=threads), x @ kw.dense().t() + b, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def portable_lib(tmp_path_factory):
+    """nm_cpu.c built without AVX2/FMA/F16C: what a CPU that lacks them runs (the scalar paths)."""
+    import shutil
+
+    from sparsetx.kernels import loader
+
+    cc = shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    target = tmp_path_factory.mktemp("portable") / "nm_cpu-portable.so"
+    assert loader._build(cc, [f for f in loader.compile_flags() if not f.startswith("-m")], target) is None
+    lib = loader._load(target)
+    assert lib is not None and lib.has_f16c() == 0
+    return lib
+
+
+def test_portable_build_without_simd_computes_the_same(portable_lib):
+    """The one-token, many-token, mask, int8 and attention kernels of the portable build give the
+    reference products."""
+    from sparsetx.formats.packed import quantize_rows
+    from sparsetx.kernels.attention import reference_attention
+    from sparsetx.kernels.loader import ptr
+    from sparsetx.kernels.nm_linear import VTYPES
+
+    lib = portable_lib
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 64, generator=g)
+    for pattern, dtype in ((NMPattern(2, 8), torch.float32), (NMPattern(6, 8), torch.int8)):
+        kw = KernelWeight.from_packed(pack_nm(nm_weight(21, 64, pattern, seed=5), pattern, dtype))
+        want = x @ kw.dense().T
+        vals, pos = kw.lane_layout
+        y = torch.empty(vals.shape[0] * 8)
+        lib.nm_linear_vector(ptr(x[0]), ptr(vals), ptr(pos), 21, y.numel(), 64, pattern.n, pattern.m, None, ptr(y),
+                             VTYPES[vals.dtype], ptr(kw.lane_scales), 1)
+        torch.testing.assert_close(y[:21], want[0], atol=ATOL, rtol=1e-5)
+        gv, go = kw.group_layout
+        y = torch.empty(3, 21)
+        lib.nm_linear_tokens(ptr(x), 64, 3, 64, ptr(gv), ptr(go), 21, gv.shape[1], pattern.n, pattern.m, kw.k_block,
+                             None, ptr(y), VTYPES[gv.dtype], ptr(kw.group_scales), 2)
+        torch.testing.assert_close(y, want, atol=ATOL, rtol=1e-5)
+        if dtype == torch.int8:
+            mv, mm = kw.mask_layout
+            y = torch.empty(21)
+            lib.mask_linear(ptr(x[1]), ptr(mv), ptr(mm), ptr(kw.scales), None, ptr(y), 21, 64, kw.mask_n, 1)
+            torch.testing.assert_close(y, want[1], atol=ATOL, rtol=1e-5)
+    q8, s8 = quantize_rows(torch.randn(10, 64, generator=g))
+    y = torch.empty(3, 10)
+    lib.int8_linear(ptr(x), 3, ptr(q8), ptr(s8), None, ptr(y), 10, 64, 1)
+    torch.testing.assert_close(y, x @ (q8.float() * s8[:, None]).T, atol=ATOL, rtol=1e-5)
+    q, k, v = (torch.randn(h, n, 16, generator=g) for h, n in ((4, 1), (2, 70), (2, 70)))
+    out, received = torch.empty(4, 1, 16), torch.zeros(70, dtype=torch.float64)
+    lib.attention_fused(ptr(q), ptr(k), ptr(v), 4, 2, 1, 70, 70, 16, 0.25, None, None, ptr(out), ptr(received), 2)
+    ref_out, ref_received = reference_attention(q, k, v, 0.25)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(received, ref_received, atol=1e-6, rtol=1e-5)
+
+
+def test_portable_build_runs_the_whole_decode_step(portable_lib, llama, monkeypatch):
+    """The decode step's C layer loop (llama_step) of the portable build: the same logits as the
+    full path on the tiny Llama."""
+    from sparsetx.attention import fast_decode
+    from sparsetx.attention.decoder import DecoderConfig
+    from sparsetx.attention.decoder_eval import streaming_pass
+
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(7))
+    full = streaming_pass(llama, ids, DecoderConfig(kv_budget=10, fast_step=False), 8, keep_logits=True)
+    monkeypatch.setattr(fast_decode, "library", lambda: portable_lib)
+    c_step = streaming_pass(llama, ids, DecoderConfig(kv_budget=10), 8, keep_logits=True)
+    assert c_step.runtime.fast.lib is portable_lib and c_step.runtime.fast.plan() is not None
+    torch.testing.assert_close(c_step.logits, full.logits, atol=5e-5, rtol=1e-4)
+    assert c_step.preds == full.preds
