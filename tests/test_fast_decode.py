@@ -186,7 +186,7 @@ def _sparse_llama(llama):
 @needs_kernels
 @pytest.mark.parametrize("sparse", [False, True])
 def test_c_step_equals_the_python_step_and_the_full_path(llama, sparse, monkeypatch):
-    from sparsetx.attention.fast_decode import FastStep
+    from sparsetx.attention.fast_decode import NF, FastStep
 
     model = _sparse_llama(llama) if sparse else llama
     ids = _ids(40, seed=5)
@@ -195,7 +195,7 @@ def test_c_step_equals_the_python_step_and_the_full_path(llama, sparse, monkeypa
     c_step = streaming_pass(model, ids, cfg, 8, keep_logits=True)
     plan = c_step.runtime.fast.plan()
     assert plan is not None                                   # the C step ran, not the Python one
-    kinds = sorted({int(k) for k in plan[0][:, 2::11].flatten()})
+    kinds = sorted({int(k) for k in plan[0][:, 2::NF].flatten()})
     assert kinds == ([2, 3] if sparse else [0])               # mask and lane layouts; dense fp32
     monkeypatch.setattr(FastStep, "use_c", False)
     python = streaming_pass(model, ids, cfg, 8, keep_logits=True)

@@ -238,6 +238,7 @@ class FastStep:
                 return None
             row += got[0]
             keep += got[1]
+        assert len(row) == 2 + 7 * NF, "a table row is two norm weights and NF fields for each of 7 projections"
         return row, keep, float(norms[0].variance_epsilon), float(attn.scaling), (n_q, n_kv, d), inter
 
     # --- the step -------------------------------------------------------------------------------
