@@ -38,7 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..adapters import apply_rope
 from ..kernels.int8_linear import Int8Linear
 from ..kernels.loader import library, ptr
-from ..kernels.nm_linear import VTYPES, SparseLinear
+from ..kernels.nm_linear import SparseLinear
 
 GROW = 64      # rows added to the buffer's capacity beyond the tokens it holds when it fills
 NF = 11        # int64 fields a linear takes in llama_step's table (nm_cpu.c: F_KIND .. F_VT)
@@ -48,7 +48,8 @@ MASK_MIN_N8 = 4   # the mask layout for patterns keeping at least 4 of 8 (sparse
 
 def _linear_fields(lin: nn.Module) -> tuple[list[int], list[torch.Tensor]] | None:
     """One linear's row of llama_step's table (kind, weight, aux, scales, bias, out, out padded, in,
-    N, M, value type) and the tensors it points into, or None for a module the C step does not read.
+    N, M, value type) and the tensors made here that the row points into (the module's buffers and
+    the layouts cached on its weight live as long as it), or None for a module the C step does not read.
     Kinds: 0 dense fp32 (nn.Linear), 1 dense int8 (Int8Linear), 2 N:M mask layout (int8 values at
     least 4 of 8 kept), 3 N:M lane layout (the one-token kernel nm_linear's own)."""
     if lin._forward_hooks or lin._forward_pre_hooks:
@@ -66,20 +67,16 @@ def _linear_fields(lin: nn.Module) -> tuple[list[int], list[torch.Tensor]] | Non
         return [0, w.data_ptr(), 0, 0, b, o, o, k, k, k, 0], keep + [w]
     if isinstance(lin, Int8Linear):
         o, k = lin.qweight.shape
-        return [1, lin.qweight.data_ptr(), 0, lin.scales.data_ptr(), b, o, o, k, k, k, 2], keep + [lin.qweight, lin.scales]
+        return [1, lin.qweight.data_ptr(), 0, lin.scales.data_ptr(), b, o, o, k, k, k, 2], keep
     if isinstance(lin, SparseLinear):
         kw = lin.weight_nm
         o, k = kw.out_features, kw.in_features
         n, m = kw.nm
         if kw.mask_n >= MASK_MIN_N8 and kw.mask_layout is not None:     # None: not int8, or M does not divide 8
             vals, masks = kw.mask_layout
-            return [2, vals.data_ptr(), masks.data_ptr(), kw.scales.data_ptr(), b, o, o, k, kw.mask_n, 8, 2], \
-                keep + [vals, masks, kw.scales]
-        vals, pos = kw.lane_layout
-        scales = kw.lane_scales
-        sp = 0 if scales is None else scales.data_ptr()
-        return [3, vals.data_ptr(), pos.data_ptr(), sp, b, o, vals.shape[0] * 8, k, n, m, VTYPES[vals.dtype]], \
-            keep + [vals, pos] + ([] if scales is None else [scales])
+            return [2, vals.data_ptr(), masks.data_ptr(), kw.scales.data_ptr(), b, o, o, k, kw.mask_n, 8, 2], keep
+        vals, pos, o8, vtype, scales = kw.lane_args      # nm_linear's own one-token arguments (the weight holds them)
+        return [3, vals.value, pos.value, scales.value if scales is not None else 0, b, o, o8, k, n, m, vtype], keep
     return None
 
 
