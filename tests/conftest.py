@@ -74,3 +74,13 @@ def llama():
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256)
     return LlamaForCausalLM(cfg).eval()
+
+
+def assert_within_pair_bound(y, ref, weight, x, atol=1e-4):
+    """y (the pair kernel's int8 x int16 product) within KernelWeight's stated bound of ref (x W^T):
+    the activations' rounding (nm_linear.pair_error_bound) plus fp32 ordering slack."""
+    from sparsetx.kernels.nm_linear import pair_error_bound
+
+    bound = pair_error_bound(weight, x).reshape(y.shape) + atol
+    excess = ((y - ref).abs() - bound).max().item()
+    assert excess <= 0, f"pair kernel off by {excess:.3g} beyond its bound"

@@ -10,6 +10,7 @@ from sparsetx.kernels.loader import library
 from sparsetx.kernels.nm_linear import KernelWeight, SparseLinear, nm_linear
 from sparsetx.nm.mask import apply_mask, nm_mask
 from sparsetx.nm.pattern import NMPattern
+from conftest import assert_within_pair_bound
 
 needs_c = pytest.mark.skipif(library() is None, reason="C kernel could not be built here (no gcc?)")
 PATTERNS = [NMPattern(2, 4), NMPattern(1, 4), NMPattern(4, 8), NMPattern(2, 8), NMPattern(1, 8), NMPattern(1, 16),
@@ -383,7 +384,59 @@ def test_many_rows_span_several_row_panels(dtype, threads):
     w = nm_weight(3203, 64, p, seed=9)
     kw = KernelWeight.from_packed(pack_nm(w, p, dtype), compact=True)
     x, b = torch.randn(37, 64), torch.randn(3203)
-    torch.testing.assert_close(nm_linear(x, kw, b, threads=threads), x @ kw.dense().t() + b, atol=ATOL, rtol=0)
+    y, ref = nm_linear(x, kw, b, threads=threads), x @ kw.dense().t() + b
+    if dtype == torch.int8:   # the pair kernel: int16 activations
+        assert_within_pair_bound(y, ref, kw, x)
+    else:
+        torch.testing.assert_close(y, ref, atol=ATOL, rtol=0)
+
+
+@needs_c
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("tokens", [2, 31, 65])
+def test_pair_kernel_every_pattern_within_its_bound(pattern, tokens):
+    """int8 weights, many tokens: the pair kernel (a partial row group, K of 3 blocks with a partial
+    last one, odd kept counts paired with a zero partner, partial 32-token tiles) stays within
+    pair_error_bound of the dequantised product, and the compact pair layout gives back the packed
+    values and indices bit for bit."""
+    k = 8 * pattern.m + 2 * pattern.m     # not a whole number of 64-column blocks for M <= 32
+    w = nm_weight(37, k, pattern, seed=11)
+    packed = pack_nm(w, pattern, torch.int8)
+    loose, kw = KernelWeight.from_packed(packed), KernelWeight.from_packed(packed, compact=True)
+    assert kw.pair_layout is not None and kw._canonical is None
+    for a, b in zip(loose.canonical(), kw.canonical()):
+        assert torch.equal(a, b)
+    x, bias = torch.randn(tokens, k), torch.randn(37)
+    for threads in (1, 2):
+        assert_within_pair_bound(nm_linear(x, kw, bias, threads=threads), x @ kw.dense().t() + bias, kw, x)
+
+
+@needs_c
+def test_pair_kernel_sums_cannot_overflow_int32():
+    """The worst case qmax allows: 7:8 over 4096 inputs, every weight at +127 and every input at the
+    token's maximum; and a token of zeros (scale 0) gives the bias alone."""
+    p = NMPattern(7, 8)
+    w = torch.ones(6, 4096) * nm_mask(torch.rand(6, 4096), p)
+    w[3] *= -1
+    kw = KernelWeight.from_packed(pack_nm(w, p, torch.int8), compact=True)
+    assert kw.pair_args[-1] < 32767          # qmax shrunk for the 1792 pairs a row
+    x = torch.full((3, 4096), 2.5)
+    x[1] = 0.0
+    y = nm_linear(x, kw, torch.arange(6.0))
+    want = torch.tensor([3584 * 2.5] * 3 + [-3584 * 2.5] + [3584 * 2.5] * 2) + torch.arange(6.0)
+    torch.testing.assert_close(y[0], want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(y[1], torch.arange(6.0))
+
+
+@needs_c
+def test_pair_layout_declines_too_many_distinct_pairs():
+    """A block with 1024 or more distinct pairs (16-bit offsets) keeps the row-group layout."""
+    p = NMPattern(3, 32)   # a 64-column block pairs across its two groups: up to 2016 pairs
+    w = nm_weight(2000, 64, p, seed=2)
+    kw = KernelWeight.from_packed(pack_nm(w, p, torch.int8), compact=True)
+    assert kw.pair_layout is None and "group_layout" in kw.__dict__
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(nm_linear(x, kw), x @ kw.dense().t(), atol=ATOL, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -428,6 +481,12 @@ def test_portable_build_without_simd_computes_the_same(portable_lib):
                              None, ptr(y), VTYPES[gv.dtype], ptr(kw.group_scales), 2)
         torch.testing.assert_close(y, want, atol=ATOL, rtol=1e-5)
         if dtype == torch.int8:
+            w8, off, cols, starts = kw.pair_layout
+            y = torch.empty(3, 21)
+            _, _, _, _, pairs, kb, qmax = kw.pair_args
+            lib.nm_linear_pairs(ptr(x), 64, 3, 64, ptr(w8), ptr(off), ptr(cols), ptr(starts), 21, pairs, pattern.n,
+                                pattern.m, kb, ptr(kw.group_scales), None, ptr(y), qmax, 2)
+            assert_within_pair_bound(y, want, kw, x)
             mv, mm = kw.mask_layout
             y = torch.empty(21)
             lib.mask_linear(ptr(x[1]), ptr(mv), ptr(mm), ptr(kw.scales), None, ptr(y), 21, 64, kw.mask_n, 1)

@@ -249,6 +249,193 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const void *val
     }
 }
 
+/* ---- 4. Pair layout (many tokens, int8 values): an integer N:M engine -------------------------
+ *
+ * vpmaddwd multiplies two adjacent int16 pairs and adds them: 16 MACs an instruction, twice an fp32
+ * FMA's 8, exact in int32. It needs both inputs a row multiplies side by side, and the inputs a row
+ * keeps are its own. So each K block's kept inputs of a row are taken two at a time, in order (an odd
+ * count ends with a zero-weight partner), and the block's distinct (column, column) pairs are listed
+ * once for the whole weight: 2:8 has at most 28 a group of 8, 1:8 (pairs across two groups) 64 for
+ * two, every row of the layer sharing them. Per token tile the activations are quantised per token
+ * (int16, scale max|x| / qmax, qmax small enough that no int32 sum can overflow) and each listed
+ * pair built once as int16 pairs, token by token; a row then reads its pair by index: one 32-bit
+ * broadcast of its two int16 weights (the int8 values, row scale applied at the end) and a multiply-add
+ * per 8 tokens. STA's fixed-point datapath with its index-selected operands, for the CPU.
+ *
+ * Layout (sparsetx/kernels/nm_linear.py KernelWeight.pair_layout), rows in groups of ROWG, K in
+ * blocks of KB columns, np_b pairs a row in block b (np = their sum):
+ *     wpair[p * ROWG * np + ROWG * j + r]  int32: w1 | w2 << 16 (int8 values as int16)
+ *     poff [same]                          uint16: the pair's index in its block's list x 64
+ *                                          (its byte offset in a 16-token pair buffer); 4 of padding
+ *     pcols[2 * i], pcols[2 * i + 1]       uint16: pair i's columns, relative to its block
+ *     pstart[b] .. pstart[b + 1]           the pairs of block b in pcols
+ */
+#ifndef PAIR_TW
+#define PAIR_TW 32
+#endif
+#ifndef PAIR_MT
+#define PAIR_MT 2
+#endif
+
+#define PAIR_NV (PAIR_TW / 8)
+#define PAIR_R (4 * ROWG / PAIR_NV)
+
+static inline __attribute__((always_inline)) void block_pairs(
+    const int32_t *pb, const int32_t *w, const uint16_t *off, int64_t stride, int npb, int32_t *part, const int R) {
+#ifdef __AVX2__
+    __m256i acc[PAIR_R][PAIR_NV];
+    for (int r = 0; r < R; r++)
+        for (int u = 0; u < PAIR_NV; u++) acc[r][u] = _mm256_loadu_si256((const __m256i *)(part + r * PAIR_TW + u * 8));
+    for (int j = 0; j < npb; j++) {
+        for (int g = 0; g < R / ROWG; g++) {
+            int64_t o = g * stride + ROWG * j;
+            uint64_t codes;
+            memcpy(&codes, off + o, sizeof codes);
+            for (int rr = 0; rr < ROWG; rr++) {
+                int r = g * ROWG + rr;
+                const char *p = (const char *)pb + ((codes >> (16 * rr)) & 0xffff) * (PAIR_TW / 16);
+                __m256i wv = _mm256_set1_epi32(w[o + rr]);
+                for (int u = 0; u < PAIR_NV; u++)
+                    acc[r][u] = _mm256_add_epi32(acc[r][u], _mm256_madd_epi16(
+                        _mm256_loadu_si256((const __m256i *)(p + 32 * u)), wv));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int u = 0; u < PAIR_NV; u++) _mm256_storeu_si256((__m256i *)(part + r * PAIR_TW + u * 8), acc[r][u]);
+#else
+    for (int j = 0; j < npb; j++)
+        for (int r = 0; r < R; r++) {
+            int64_t o = (r / ROWG) * stride + ROWG * j + (r % ROWG);
+            const int16_t *p = (const int16_t *)((const char *)pb + (size_t)off[o] * (PAIR_TW / 16));
+            int32_t wv = w[o];
+            int16_t w1 = (int16_t)(wv & 0xffff), w2 = (int16_t)((uint32_t)wv >> 16);
+            for (int t = 0; t < PAIR_TW; t++) part[r * PAIR_TW + t] += (int32_t)p[2 * t] * w1 + (int32_t)p[2 * t + 1] * w2;
+        }
+#endif
+}
+
+
+/* Per-token scales of tokens t0..t0+nt of x: max |x| -> qmax (sx: the scale, inv: its inverse). */
+static void token_scales(const float *x, int64_t ldx, int t0, int nt, int K, int qmax, float *sx, float *inv, int n) {
+    for (int t = 0; t < n; t++) {
+        float mx = 0.0f;
+        if (t < nt) {
+            const float *xr = x + (int64_t)(t0 + t) * ldx;
+            int k = 0;
+#ifdef __AVX2__
+            __m256 m8 = _mm256_setzero_ps(), ab = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            for (; k + 8 <= K; k += 8) m8 = _mm256_max_ps(m8, _mm256_and_ps(_mm256_loadu_ps(xr + k), ab));
+            float m[8];
+            _mm256_storeu_ps(m, m8);
+            for (int i = 0; i < 8; i++) mx = m[i] > mx ? m[i] : mx;
+#endif
+            for (; k < K; k++) mx = fabsf(xr[k]) > mx ? fabsf(xr[k]) : mx;
+        }
+        sx[t] = mx > 0.0f ? mx / (float)qmax : 0.0f;
+        inv[t] = mx > 0.0f ? (float)qmax / mx : 0.0f;
+    }
+}
+
+/* One 16-token tile of a K block: x's columns c0..c0+nc quantised (int32 lanes holding int16), then
+ * the block's listed pairs built from them (pb: pair i at i * 16 int32). */
+static void build_pairs(const float *x, int64_t ldx, int t0, int nt, int c0, int nc, const float *inv,
+                        const uint16_t *pcols, int i0, int i1, float *tile, int32_t *qt, int32_t *pb) {
+    const int TW = PAIR_TW;
+    pack_tile(x, ldx, t0, nt, c0, nc, TW, tile);
+    for (int c = 0; c < nc; c++) {
+#ifdef __AVX2__
+        for (int u = 0; u < TW; u += 8)
+            _mm256_store_si256((__m256i *)(qt + c * TW + u), _mm256_cvtps_epi32(
+                _mm256_mul_ps(_mm256_load_ps(tile + c * TW + u), _mm256_loadu_ps(inv + u))));
+#else
+        for (int t = 0; t < TW; t++) qt[c * TW + t] = (int32_t)lrintf(tile[c * TW + t] * inv[t]);
+#endif
+    }
+    for (int i = i0; i < i1; i++) {
+        const int32_t *a = qt + pcols[2 * i] * TW, *c = qt + pcols[2 * i + 1] * TW;
+        int32_t *d = pb + (i - i0) * TW;
+#ifdef __AVX2__
+        for (int u = 0; u < TW; u += 8)
+            _mm256_store_si256((__m256i *)(d + u), _mm256_blend_epi16(
+                _mm256_load_si256((const __m256i *)(a + u)),
+                _mm256_slli_epi32(_mm256_load_si256((const __m256i *)(c + u)), 16), 0xAA));
+#else
+        for (int t = 0; t < TW; t++) d[t] = (int32_t)(((uint32_t)a[t] & 0xffffu) | ((uint32_t)c[t] << 16));
+#endif
+    }
+}
+
+void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *wpair, const uint16_t *poff,
+                     const uint16_t *pcols, const int32_t *pstart, int O, int np, int N, int M, int KB,
+                     const float *scales, const float *bias, float *y, int qmax, int threads) {
+    const int P = (O + ROWG - 1) / ROWG, TW = PAIR_TW, R = PAIR_R, MT = PAIR_MT;
+    int maxpairs = 0;
+    for (int b = 0, nb = (K + KB - 1) / KB; b < nb; b++)
+        if (pstart[b + 1] - pstart[b] > maxpairs) maxpairs = pstart[b + 1] - pstart[b];
+    (void)np;
+    #pragma omp parallel num_threads(threads)
+    {
+        int nth = 1, me = 0;
+#ifdef _OPENMP
+        nth = omp_get_num_threads(); me = omp_get_thread_num();
+#endif
+        int steps = (P + R / ROWG - 1) / (R / ROWG);
+        int s0 = (int)((int64_t)steps * me / nth), s1 = (int)((int64_t)steps * (me + 1) / nth);
+        int p0 = s0 * (R / ROWG), p1 = s1 * (R / ROWG) < P ? s1 * (R / ROWG) : P;
+        float *tile = aligned_alloc(64, sizeof(float) * (size_t)KB * TW);
+        int32_t *qt = aligned_alloc(64, sizeof(int32_t) * (size_t)KB * TW);
+        int32_t *pb = aligned_alloc(64, sizeof(int32_t) * ((size_t)maxpairs + 1) * TW);
+        int32_t *part = aligned_alloc(64, sizeof(int32_t) * (size_t)MT * (PANEL + R) * ROWG * TW + 64);
+        float sx[PAIR_MT * PAIR_TW], inv[PAIR_MT * PAIR_TW];
+        for (int q0 = p0; q0 < p1; q0 += PANEL) {
+            const int q1 = q0 + PANEL < p1 ? q0 + PANEL : p1;
+            const int64_t pstride = (int64_t)(q1 - q0) * ROWG * TW;   /* part of one 16-token tile */
+            for (int t0 = 0; t0 < T; t0 += MT * TW) {
+                int mt = (T - t0 + TW - 1) / TW < MT ? (T - t0 + TW - 1) / TW : MT;
+                int ntall = T - t0 < MT * TW ? T - t0 : MT * TW;
+                token_scales(x, ldx, t0, ntall, K, qmax, sx, inv, MT * TW);
+                memset(part, 0, sizeof(int32_t) * (size_t)mt * pstride);
+                for (int c0 = 0, jb = 0, b = 0; c0 < K; c0 += KB, b++) {
+                    int nc = K - c0 < KB ? K - c0 : KB;
+                    int npb = (nc / M * N + 1) / 2;
+                    /* block b's pairs of row group p: ROWG x npb values at P * ROWG * jb + p * ROWG * npb */
+                    const int32_t *wb = wpair + (int64_t)P * ROWG * jb;
+                    const uint16_t *ob = poff + (int64_t)P * ROWG * jb;
+                    const int64_t gs = ROWG * (int64_t)npb;
+                    for (int u = 0; u < mt; u++) {
+                        int tu = t0 + u * TW, nt = T - tu < TW ? T - tu : TW;
+                        build_pairs(x, ldx, tu, nt, c0, nc, inv + u * TW, pcols, pstart[b], pstart[b + 1], tile, qt, pb);
+                        int32_t *pu = part + u * pstride;
+                        int p = q0;
+                        for (; p + R / ROWG <= q1; p += R / ROWG)
+                            block_pairs(pb, wb + p * gs, ob + p * gs, gs, npb, pu + (p - q0) * ROWG * TW, R);
+                        for (; p < q1; p++)
+                            block_pairs(pb, wb + p * gs, ob + p * gs, gs, npb, pu + (p - q0) * ROWG * TW, ROWG);
+                    }
+                    jb += npb;
+                }
+                /* int32 sums -> fp32: row scale x token scale (+ bias), in place, then into y */
+                for (int u = 0; u < mt; u++) {
+                    int32_t *pu = part + u * pstride;
+                    float *fp = (float *)pu;
+                    int tu = t0 + u * TW, nt = T - tu < TW ? T - tu : TW;
+                    for (int p = q0; p < q1; p++)
+                        for (int r = 0; r < ROWG; r++) {
+                            int o = ROWG * p + r;
+                            float sw = scales[o], b = (bias && o < O) ? bias[o] : 0.0f;
+                            int64_t e = ((int64_t)(p - q0) * ROWG + r) * TW;
+                            for (int t = 0; t < TW; t++) fp[e + t] = (float)pu[e + t] * sw * sx[u * TW + t] + b;
+                        }
+                    int o0 = ROWG * q0, o1 = ROWG * q1 < O ? ROWG * q1 : O;
+                    transpose(fp, TW, y + (int64_t)tu * O + o0, O, o1 - o0, nt);
+                }
+            }
+        }
+        free(tile); free(qt); free(pb); free(part);
+    }
+}
+
 #if defined(__AVX2__) && defined(__F16C__)
 /* 8 lane values of slot e as fp32: vt 0 fp32, 1 fp16 (F16C), 2 int8 (the row scale comes later). */
 static inline __attribute__((always_inline)) __m256 lane_values(const void *lvals, int64_t e, const int vt) {

@@ -87,7 +87,8 @@ class KernelWeight:
         """Build the many-token layout now and keep it as the only stored form (when the C kernel
         is there to read it; otherwise the canonical form stays). Returns self."""
         if library() is not None and self._canonical is not None:
-            self.group_layout  # noqa: B018 - built from the canonical form, then that is dropped
+            if self.pair_layout is None:   # int8 values read as pairs; the rest as row groups
+                self.group_layout  # noqa: B018 - built from the canonical form, then that is dropped
             self._canonical = None
         return self
 
@@ -113,7 +114,9 @@ class KernelWeight:
         return v * self.scales.view(-1, 1) if self.scales is not None else v
 
     def _from_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inverse of :attr:`group_layout`."""
+        """The inverse of :attr:`pair_layout` or :attr:`group_layout`, whichever was kept."""
+        if self.__dict__.get("pair_layout") is not None:
+            return self._from_pairs()
         vals, offs = self.group_layout
         p, kn = vals.shape[0], vals.shape[1]
         n, m = self.nm
@@ -123,6 +126,25 @@ class KernelWeight:
         codes = codes.permute(0, 2, 1).reshape(p * ROW_GROUP, kn)[:self.out_features]
         block = torch.arange(kn, dtype=torch.int32) // (kb // m * n)
         return v, (block * kb + codes // 32).contiguous()
+
+    def _from_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse of :attr:`pair_layout`: int8 values and absolute indices, row by row."""
+        w, off, cols, starts = (t.numpy() for t in self.pair_layout)
+        n, m = self.nm
+        kb, o = self.pair_block, -(-self.out_features // ROW_GROUP) * ROW_GROUP
+        values, indices, at = [], [], 0
+        for b, c0 in enumerate(range(0, self.in_features, kb)):
+            kept = min(kb, self.in_features - c0) // m * n
+            npb = (kept + 1) // 2
+            wb = w[at:at + o * npb].reshape(o // ROW_GROUP, npb, ROW_GROUP).transpose(0, 2, 1).reshape(o, npb)
+            ob = off[at:at + o * npb].reshape(o // ROW_GROUP, npb, ROW_GROUP).transpose(0, 2, 1).reshape(o, npb)
+            at += o * npb
+            pairs = cols.reshape(-1, 2)[starts[b] + ob.astype(np.int64) // 64]      # (o, npb, 2) columns
+            vals = np.stack([(wb << 16) >> 16, wb >> 16], axis=2)                    # the two int16 halves
+            values.append(vals.reshape(o, -1)[:, :kept])
+            indices.append(pairs.reshape(o, -1)[:, :kept].astype(np.int32) + c0)
+        v = torch.from_numpy(np.concatenate(values, axis=1).astype(np.int8))[:self.out_features]
+        return v.contiguous(), torch.from_numpy(np.concatenate(indices, axis=1))[:self.out_features].contiguous()
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -135,7 +157,7 @@ class KernelWeight:
     def nbytes(self) -> int:
         """Bytes this weight holds now (canonical form and whichever layouts are built)."""
         held = list(self._canonical or ()) + ([] if self.scales is None else [self.scales])
-        for name in ("group_layout", "lane_layout", "group_scales", "lane_scales", "mask_layout"):
+        for name in ("group_layout", "pair_layout", "lane_layout", "group_scales", "lane_scales", "mask_layout"):
             got = self.__dict__.get(name)
             held += [t for t in (got if isinstance(got, tuple) else (got,)) if t is not None]
         seen, total = set(), 0
@@ -164,7 +186,7 @@ class KernelWeight:
         The x 32 is the kernel's tile stride (32 tokens per column), so a code is a ready offset.
         Values as packed for fp16 and int8 (the kernel converts them once a call), else fp32."""
         kb = self.k_block
-        values, indices = self._canonical
+        values, indices = self.canonical()
         keep = self.half or self.scales is not None
         vals = _pad_rows(values if keep else values.float(), ROW_GROUP)
         cols = _pad_rows(indices, ROW_GROUP)
@@ -174,6 +196,62 @@ class KernelWeight:
         c = ((cols.view(order).permute(0, 2, 1) % kb) * 32).to(torch.int32).contiguous().numpy().astype(np.uint16)
         # < 2**16 since kb <= MAX_K_BLOCK; 4 codes of padding: the kernel reads a group's 3 codes as one 64-bit word
         return v, torch.from_numpy(np.concatenate([c.reshape(-1), np.zeros(4, np.uint16)]))
+
+    @property
+    def pair_block(self) -> int:
+        """Columns per K block of the pair layout, a multiple of M: 64, so a block's distinct pairs
+        (at most 28 a group of 8 for 2:8, 64 for two groups for 1:8) in a 32-token pair buffer (128
+        bytes a pair) take about L1's size (32 and 48 measured slower: more partial-sum traffic)."""
+        n, m = self.nm
+        return max(1, 64 // m) * m
+
+    @cached_property
+    def pair_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(int32 weight pairs, uint16 pair offsets, uint16 pair columns, int32 block starts) of
+        the integer many-token kernel (nm_cpu.c ``nm_linear_pairs``, where the layout is drawn), or
+        None where it does not apply: values not int8, or a block with 1024 or more distinct pairs
+        (offsets are 16-bit). Each K block's kept inputs of a row are paired in order; the block's
+        distinct pairs are listed once (``np.unique``) and a row's pair is an index into that list."""
+        if self.scales is None:
+            return None
+        n, m = self.nm
+        kb = self.pair_block
+        values, indices = self.canonical()
+        vals = _pad_rows(values, ROW_GROUP).numpy().astype(np.int32)
+        cols = _pad_rows(indices, ROW_GROUP).numpy().astype(np.int64)
+        cols[self.out_features:] = cols[0]   # padding rows (zero values) read row 0's pairs: no new ones
+        o = vals.shape[0]
+        w_parts, off_parts, table, starts = [], [], [], [0]
+        for c0, j0 in zip(range(0, self.in_features, kb), range(0, cols.shape[1], kb // m * n)):
+            kept = min(kb, self.in_features - c0) // m * n
+            v, c = vals[:, j0:j0 + kept], cols[:, j0:j0 + kept] - c0
+            if kept % 2:   # an odd count: the last kept input pairs with itself at weight 0
+                v = np.concatenate([v, np.zeros((o, 1), np.int32)], axis=1)
+                c = np.concatenate([c, c[:, -1:]], axis=1)
+            key = c[:, 0::2] * kb + c[:, 1::2]
+            uniq, which = np.unique(key, return_inverse=True)
+            if len(uniq) >= 1024:
+                return None
+            table.append(np.stack([uniq // kb, uniq % kb], axis=1).reshape(-1))
+            starts.append(starts[-1] + len(uniq))
+            w_parts.append((v[:, 0::2] & 0xFFFF) | (v[:, 1::2] << 16))
+            off_parts.append(which.reshape(o, -1) * 64)
+        def grouped(parts):   # per block (rows, pairs) -> block b, group p, pair j, row r
+            return np.concatenate([a.reshape(o // ROW_GROUP, ROW_GROUP, -1).transpose(0, 2, 1).reshape(-1) for a in parts])
+        w = grouped(w_parts).astype(np.int32)
+        off = np.concatenate([grouped(off_parts), np.zeros(4, np.int64)]).astype(np.uint16)
+        return (torch.from_numpy(w), torch.from_numpy(off), torch.from_numpy(np.concatenate(table).astype(np.uint16)),
+                torch.tensor(starts, dtype=torch.int32))
+
+    @cached_property
+    def pair_args(self) -> tuple:
+        """(weights, offsets, columns, block starts pointers, pairs a row, K block, qmax) for the
+        pair kernel. qmax: the activations' int16 range, so that no row's int32 sum can overflow
+        (a pair adds at most 2 x qmax x 128)."""
+        w, off, cols, starts = self.pair_layout
+        pairs = w.numel() // (-(-self.out_features // ROW_GROUP) * ROW_GROUP)
+        qmax = min(32767, (2 ** 31 - 1) // (256 * max(pairs, 1)))
+        return ptr(w), ptr(off), ptr(cols), ptr(starts), pairs, self.pair_block, qmax
 
     @cached_property
     def group_scales(self) -> torch.Tensor | None:
@@ -262,8 +340,11 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
         return (y if o8 == o else y[:o]).view(*lead, o)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    vals, offs = weight.group_layout
-    y = _tokens(lib, x2, vals, offs, weight.group_scales, b, o, n, m, weight.k_block, threads)
+    if weight.pair_layout is not None:   # int8 values: the integer kernel
+        y = _pairs(lib, x2, weight.pair_args, weight.group_scales, b, o, n, m, threads)
+    else:
+        vals, offs = weight.group_layout
+        y = _tokens(lib, x2, vals, offs, weight.group_scales, b, o, n, m, weight.k_block, threads)
     return y.view(*lead, o)
 
 
@@ -276,6 +357,27 @@ def _tokens(lib, x2: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, 
         lib.nm_linear_tokens(ptr(x2), x2.stride(0), x2.shape[0], x2.shape[1], ptr(values), ptr(offsets), out_features,
                              values.shape[1], n, m, k_block, ptr(bias), ptr(y), VTYPES[values.dtype], ptr(scales), threads)
     return y
+
+
+def _pairs(lib, x2: torch.Tensor, args: tuple, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+           n: int, m: int, threads: int) -> torch.Tensor:
+    """The integer many-token kernel (nm_cpu.c nm_linear_pairs) on x2 (T, K), rows unit-stride:
+    (T, out) fp32. ``args``: KernelWeight.pair_args (or the same built from tensors)."""
+    w, off, cols, starts, pairs, kb, qmax = args
+    y = torch.empty(x2.shape[0], out_features)
+    if x2.shape[0]:
+        lib.nm_linear_pairs(ptr(x2), x2.stride(0), x2.shape[0], x2.shape[1], w, off, cols, starts, out_features, pairs,
+                            n, m, kb, ptr(scales), ptr(bias), ptr(y), qmax, threads)
+    return y
+
+
+def pair_error_bound(weight: KernelWeight, x: torch.Tensor) -> torch.Tensor:
+    """(T, out): how far the pair kernel's output may be from x W^T for int8 weights. Each token is
+    rounded to int16 steps of max|x_t| / qmax, at most half a step an input, so a row's sum moves by
+    at most ||w_o||_1 x max|x_t| / (2 qmax) (fp32 rounding of the result aside)."""
+    x2 = x.reshape(-1, weight.in_features).float()
+    l1 = weight.float_values().abs().sum(1)
+    return x2.abs().amax(1, keepdim=True) * l1 / (2 * weight.pair_args[-1])
 
 
 def _gather_linear(x2: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
@@ -305,6 +407,23 @@ def _(x, values, offsets, scales, bias, out_features, n, m, k_block):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+@torch.library.custom_op("sparsetx::nm_linear_pairs", mutates_args=())
+def _nm_linear_pairs_op(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor,
+                        starts: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                        n: int, m: int, k_block: int, qmax: int) -> torch.Tensor:
+    """The integer many-token kernel on a pair layout passed as tensors (what torch.compile calls)."""
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    pairs = weights.numel() // scales.numel()    # scales: padded to whole row groups, one a row
+    args = (ptr(weights), ptr(offsets), ptr(columns), ptr(starts), pairs, k_block, qmax)
+    y = _pairs(library(), x2, args, scales, bias, out_features, n, m, torch.get_num_threads())
+    return y.view(*x.shape[:-1], out_features)
+
+
+@_nm_linear_pairs_op.register_fake
+def _(x, weights, offsets, columns, starts, scales, bias, out_features, n, m, k_block, qmax):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class SparseLinear(nn.Module):
     """Drop-in nn.Linear replacement holding a packed N:M weight (inference)."""
 
@@ -313,9 +432,15 @@ class SparseLinear(nn.Module):
         self.weight_nm = weight.compact()   # inference: the kernel's layout is the stored form
         self.in_features, self.out_features = weight.in_features, weight.out_features
         # the layout as buffers too, so torch.compile passes them to the operator as tensors
-        layout = weight.group_layout if library() is not None else (None, None)
+        native = library() is not None
+        pairs = weight.pair_layout if native else None
+        layout = weight.group_layout if native and pairs is None else (None, None)
         self.register_buffer("layout_values", layout[0], persistent=False)
         self.register_buffer("layout_offsets", layout[1], persistent=False)
+        for name, t in zip(("pair_weights", "pair_offsets", "pair_columns", "pair_starts"), pairs or (None,) * 4):
+            self.register_buffer(name, t, persistent=False)
+        # plain ints for the traced call (a cached_property takes a lock torch.compile cannot trace)
+        self.pair_qmax = weight.pair_args[-1] if pairs is not None else 0
         self.register_buffer("layout_scales", weight.group_scales, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
@@ -330,10 +455,14 @@ class SparseLinear(nn.Module):
         return cls.from_packed(pack_nm(linear.weight.detach(), NMPattern.parse(pattern), torch.float32), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and self.layout_values is not None:
+        if torch.compiler.is_compiling() and (self.layout_values is not None or self.pair_weights is not None):
             # torch.compile sees the kernel as one opaque operator with a known output shape
             w = self.weight_nm
             n, m = w.nm
+            if self.pair_weights is not None:
+                return torch.ops.sparsetx.nm_linear_pairs(x, self.pair_weights, self.pair_offsets, self.pair_columns,
+                                                          self.pair_starts, self.layout_scales, self.bias, w.out_features,
+                                                          n, m, w.pair_block, self.pair_qmax)
             return torch.ops.sparsetx.nm_linear(x, self.layout_values, self.layout_offsets, self.layout_scales,
                                                 self.bias, w.out_features, n, m, w.k_block)
         return nm_linear(x, self.weight_nm, self.bias)
