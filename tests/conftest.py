@@ -84,3 +84,18 @@ def assert_within_pair_bound(y, ref, weight, x, atol=1e-4):
     bound = pair_error_bound(weight, x).reshape(y.shape) + atol
     excess = ((y - ref).abs() - bound).max().item()
     assert excess <= 0, f"pair kernel off by {excess:.3g} beyond its bound"
+
+
+def tiny_packed_bert(folder, vocab: int, value_dtype: str):
+    """A one-layer, 64-wide BERT classifier pruned 2:8 and packed into ``folder``."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sparsetx.formats.folder import save_packed
+    from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=4, intermediate_size=128)).eval()
+    sparsify(model, NMConfig("2:8"))
+    return save_packed(model, folder, recorded_patterns(model), value_dtype)

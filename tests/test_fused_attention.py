@@ -126,3 +126,84 @@ def test_spatten_runtimes_run_on_sparse_linear_models_with_head_pruning():
                                 return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=1e-4, rtol=0)
+
+
+needs_c = pytest.mark.skipif(library() is None, reason="no C kernel here")
+
+
+@needs_c
+@pytest.mark.parametrize("d", [32, 24, 40])
+@pytest.mark.parametrize("lq", [1, 7, 130])
+def test_encoder_attention_equals_sdpa_with_padding_and_gqa(d, lq):
+    """The blocked kernel (nm_cpu.c attention_encoder) on HF's strided (B, H, L, d) views: 6 query
+    heads over 3 KV heads, keys not a multiple of 16, partial query blocks, d with a 32-wide tail of
+    8 or 16, and padding keys (-inf bias), one batch row padded everywhere but one key, against
+    SDPA with the same boolean mask."""
+    from sparsetx.kernels.attention import encoder_attention
+
+    g = torch.Generator().manual_seed(d + lq)
+    b, h, hkv, lk = 3, 6, 3, 37
+    q = torch.randn(b, lq, h, d, generator=g).transpose(1, 2)            # strided, as HF passes them
+    kv = torch.randn(b, lk, 2, hkv, d, generator=g)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    keep = torch.ones(b, lk, dtype=torch.bool)
+    keep[1, 20:] = False
+    keep[2, 1:] = False
+    bias = torch.zeros(b, lk).masked_fill_(~keep, -torch.inf)
+    out, received = encoder_attention(q, k, v, 0.3, bias)
+    assert received is None and out.shape == (b, lq, h, d) and out.is_contiguous()
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=keep[:, None, None, :], scale=0.3)
+    torch.testing.assert_close(out, want.transpose(1, 2), atol=ATOL, rtol=0)
+    # d not a multiple of 8: not this kernel's shape
+    assert encoder_attention(q[..., :20], k[..., :20], v[..., :20], 0.3) is None
+
+
+@needs_c
+def test_many_query_rows_without_mask_take_the_blocked_kernel_with_importance(monkeypatch):
+    """fused_attention with many rows and no positions (SpAtten's encoder) runs encoder_attention,
+    received probabilities included; its result equals the reference and the strips route."""
+    from sparsetx.kernels import attention
+
+    calls = []
+    real = attention.encoder_attention
+    monkeypatch.setattr(attention, "encoder_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(4, 50, 32, generator=g), torch.randn(4, 50, 32, generator=g), torch.randn(4, 50, 32, generator=g)
+    out, received = attention.fused_attention(q, k, v, 0.2, importance=True)
+    assert calls == [1]
+    ref_out, ref_received = reference_attention(q, k, v, 0.2)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=0)
+    torch.testing.assert_close(received, ref_received, atol=ATOL, rtol=0)
+    torch.testing.assert_close(attention.fused_attention(q, k, v, 0.2, importance=True, backend="torch")[0], out,
+                               atol=ATOL, rtol=0)
+
+
+@needs_c
+def test_fast_encoder_uses_the_blocked_attention_and_equals_sdpa(tmp_path):
+    """A packed BERT loaded fast switches to the "sparsetx" attention; with a padded batch its logits
+    equal the same model on transformers' SDPA (fp32 values: nothing else differs), eager and
+    under torch.compile without a graph break."""
+    from torch._dynamo.utils import counters
+
+    from conftest import tiny_packed_bert
+
+    from sparsetx.models import load_model
+
+    folder = tmp_path / "m"
+    tiny_packed_bert(folder, 100, "float32")
+    fast = load_model(folder, fast=True)
+    assert fast.config._attn_implementation == "sparsetx"
+    sdpa = load_model(folder, fast=True)
+    sdpa.config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 100, (3, 21))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    mask[2, 4:] = 0
+    with torch.inference_mode():
+        want = sdpa(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits, want, atol=ATOL, rtol=0)
+        counters.clear()
+        compiled = load_model(folder, fast=True, compile=True)
+        torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits, want, atol=ATOL, rtol=0)
+    assert not counters["graph_break"], dict(counters["graph_break"])

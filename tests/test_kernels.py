@@ -10,27 +10,13 @@ from sparsetx.kernels.loader import library
 from sparsetx.kernels.nm_linear import KernelWeight, SparseLinear, nm_linear
 from sparsetx.nm.mask import apply_mask, nm_mask
 from sparsetx.nm.pattern import NMPattern
-from conftest import assert_within_pair_bound
+from conftest import assert_within_pair_bound, tiny_packed_bert
 
 needs_c = pytest.mark.skipif(library() is None, reason="C kernel could not be built here (no gcc?)")
 PATTERNS = [NMPattern(2, 4), NMPattern(1, 4), NMPattern(4, 8), NMPattern(2, 8), NMPattern(1, 8), NMPattern(1, 16),
             NMPattern(3, 8), NMPattern(5, 16), NMPattern(3, 5), NMPattern(7, 12), NMPattern(2, 32)]
 # Tolerance: fp32 sums of up to 256 products in a different order: |err| <= 1e-4 for O(1) inputs.
 ATOL = 1e-4
-
-
-def tiny_packed_bert(folder, vocab: int, value_dtype: str):
-    """A one-layer, 64-wide BERT classifier pruned 2:8 and packed into ``folder``."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from sparsetx.formats.folder import save_packed
-    from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=1,
-                                                     num_attention_heads=4, intermediate_size=128)).eval()
-    sparsify(model, NMConfig("2:8"))
-    return save_packed(model, folder, recorded_patterns(model), value_dtype)
 
 
 def nm_weight(out, inp, pattern, seed=0):
@@ -500,6 +486,15 @@ def test_portable_build_without_simd_computes_the_same(portable_lib):
     lib.attention_fused(ptr(q), ptr(k), ptr(v), 4, 2, 1, 70, 70, 16, 0.25, None, None, ptr(out), ptr(received), 2)
     ref_out, ref_received = reference_attention(q, k, v, 0.25)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(received, ref_received, atol=1e-6, rtol=1e-5)
+    # the blocked many-query kernel: 2 query heads a KV head, 9 queries, d = 40 (a 32 + 8 split)
+    q, k, v = (torch.randn(h, n, 40, generator=g) for h, n in ((4, 9), (2, 70), (2, 70)))
+    out, received = torch.empty(9, 4, 40), torch.zeros(70, dtype=torch.float64)
+    strides = [torch.tensor([0, n * 40, 40]) for n in (9, 70, 70)] + [torch.tensor([0, 40, 160])]   # q, k, v, out
+    lib.attention_encoder(ptr(q), ptr(k), ptr(v), 1, 4, 2, 9, 70, 40, *(ptr(t) for t in strides[:3]), 0.25, None,
+                          ptr(out), ptr(strides[3]), ptr(received), 2)
+    ref_out, ref_received = reference_attention(q, k, v, 0.25)
+    torch.testing.assert_close(out.transpose(0, 1), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(received, ref_received, atol=1e-6, rtol=1e-5)
 
 

@@ -412,7 +412,9 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     their row's scale). ``fast=True`` swaps each packed layer for a
     :class:`sparsetx.kernels.nm_linear.SparseLinear` that computes from the packed weights with the
     N:M CPU kernel (inference only), and sets the process's malloc thresholds for inference
-    (:func:`sparsetx.kernels.allocator.tune_allocator`; ``SPARSETX_MALLOC=default`` opts out).
+    (:func:`sparsetx.kernels.allocator.tune_allocator`; ``SPARSETX_MALLOC=default`` opts out); an
+    encoder's self-attention then runs on the blocked C kernel
+    (:func:`sparsetx.kernels.attention.use_encoder_attention`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -454,7 +456,10 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
                                     "share them (config.json and header disagree)")
     model.eval()
     if fast:   # inference from here on: keep freed activations' memory for reuse (process-wide)
+        from ..kernels.attention import use_encoder_attention
+
         tune_allocator()
+        use_encoder_attention(model)   # an encoder's attention on the blocked C kernel
     return (model, packed) if with_sparse else model
 
 

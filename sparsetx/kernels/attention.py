@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .loader import backend_library, ptr
+from .loader import backend_library, library, ptr
 
 C_MAX_ROWS = 16        # query rows per KV head up to which the row kernel is the faster route
 QUERY_ROWS = 256       # rows per strip on the PyTorch route (measured: 256-512 best at 1024 tokens)
@@ -49,8 +49,13 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         query_pos = key_pos = None                       # every key precedes every query: no mask needed
     group = hq // hkv
     use_c = lib is not None and q.dtype == torch.float32 and (backend == "c" or group * lq <= C_MAX_ROWS)
-    if use_c and not (q.requires_grad or k.requires_grad or v.requires_grad):
+    grad = q.requires_grad or k.requires_grad or v.requires_grad
+    if use_c and not grad:
         return _fused_c(lib, q, k, v, scale, query_pos, key_pos, importance)
+    if query_pos is None and lib is not None and not grad and backend != "torch":   # many rows, no mask: blocked
+        got = encoder_attention(q[None], k[None], v[None], scale, importance=importance)
+        if got is not None:
+            return got[0][0].transpose(0, 1), got[1]
     return _strips(q, k, v, scale, query_pos, key_pos, importance, rows)
 
 
@@ -105,6 +110,85 @@ def _fused_c(lib, q, k, v, scale, query_pos, key_pos, importance):
     lib.attention_fused(ptr(q), ptr(k), ptr(v), hq, hkv, lq, lk, lk, d, float(scale), ptr(qp), ptr(kp), ptr(out),
                         ptr(received), torch.get_num_threads())
     return out, received
+
+
+def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      key_bias: torch.Tensor | None = None, importance: bool = False):
+    """Attention without a causal mask through the blocked C kernel (nm_cpu.c attention_encoder).
+    q: (B, H, Lq, d), k, v: (B, Hkv, Lk, d), any strides (HF's transposed views are read in place);
+    key_bias: (B, Lk) added to every query's scores (-inf: a padding key). Returns (out (B, Lq, H,
+    d) contiguous: HF's layout after attention, received (Lk,) float64 or None: the probabilities
+    each key receives summed over heads and queries, B = 1 only), or None when the C kernel is not
+    there or the shapes are not its own (d not a multiple of 8, Hkv not dividing H)."""
+    lib = library()
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if lib is None or d % 8 or h % hkv or (importance and b != 1) or lk == 0:
+        return None
+    q, k, v = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v))
+    out = torch.empty(b, lq, h, d)
+    received = torch.zeros(lk, dtype=torch.float64) if importance else None
+    bias = None if key_bias is None else key_bias.float().contiguous()
+    strides = [torch.tensor(t.stride()[:3], dtype=torch.int64) for t in (q, k, v)]
+    ostr = torch.tensor([out.stride(0), out.stride(2), out.stride(1)], dtype=torch.int64)
+    lib.attention_encoder(ptr(q), ptr(k), ptr(v), b, h, h // hkv, lq, lk, d, *(ptr(t) for t in strides), float(scale),
+                          ptr(bias), ptr(out), ptr(ostr), ptr(received), torch.get_num_threads())
+    return out, received
+
+
+@torch.library.custom_op("sparsetx::encoder_attention", mutates_args=())
+def _encoder_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          key_bias: torch.Tensor | None) -> torch.Tensor:
+    """encoder_attention's output as one operator (what torch.compile traces)."""
+    return encoder_attention(q, k, v, scale, key_bias)[0]
+
+
+@_encoder_attention_op.register_fake
+def _(q, k, v, scale, key_bias):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+
+
+def hf_encoder_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    """transformers' attention interface ("sparsetx"): encoder_attention where it applies (no causal
+    mask, a padding mask the same for every query, inference), else transformers' SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = attention_mask
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    # a padding mask: (B, 1, Lq, Lk) bool, the same row for every query (the first and last rows are
+    # compared outside torch.compile, where a data-dependent test would break the graph)
+    key_only = mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.dtype == torch.bool and (
+        torch.compiler.is_compiling() or torch.equal(mask[:, 0, 0], mask[:, 0, -1])))
+    d = query.shape[-1]
+    if (causal or not key_only or (dropout and module.training) or d % 8
+            or query.shape[1] % key.shape[1] or torch.is_grad_enabled() and query.requires_grad):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    bias = None
+    if mask is not None:
+        keep = mask[:, 0, 0]
+        bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -torch.inf)
+    scale = scaling if scaling is not None else d ** -0.5
+    return torch.ops.sparsetx.encoder_attention(query, key, value, float(scale), bias), None
+
+
+def use_encoder_attention(model) -> bool:
+    """Route an encoder model's self-attention through :func:`hf_encoder_attention` (registered
+    with transformers as "sparsetx", with SDPA's mask function). Decoders are left as they are
+    (their prefill is causal). Returns whether the model was switched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = model.config
+    if library() is None or getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", None, "sparsetx"):
+        return False
+    AttentionInterface.register("sparsetx", hf_encoder_attention)
+    AttentionMaskInterface.register("sparsetx", sdpa_mask)
+    config._attn_implementation = "sparsetx"
+    return True
 
 
 def reference_attention(q, k, v, scale, query_pos=None, key_pos=None):

@@ -94,6 +94,8 @@ def _load(target: Path) -> ctypes.CDLL | None:
         lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
         lib.attention_fused.argtypes = [p, p, p, i, i, i, i, i64, i, ctypes.c_float, p, p, p, p, i]
         lib.attention_fused.restype = None
+        lib.attention_encoder.argtypes = [p, p, p, i, i, i, i, i, i, p, p, p, ctypes.c_float, p, p, p, p, i]
+        lib.attention_encoder.restype = None
         lib.int8_linear.argtypes = [p, i, p, p, p, p, i, i, i]
         lib.int8_linear.restype = None
         f = ctypes.c_float

@@ -746,6 +746,188 @@ void attention_fused(const float *q, const float *k, const float *v, int hq, int
     }
 }
 
+/* Many queries, no causal mask (an encoder's attention, a prompt against a cache it follows):
+ * softmax(scale Q K^T + key bias) V a head at a time, QB query rows at a time, materialised row by
+ * row (QB x Lk scores, 12 KiB at 512 keys), register-blocked like a GEMM: S from K transposed
+ * (QB queries x 16 keys, 12 FMA chains), P V from V's rows (3 queries x 32 dimensions, 12 chains).
+ * Layouts by element strides, so HF's (B, H, L, d) views and its (B, L, H, d) output are read and
+ * written in place: q[b * qs[0] + h * qs[1] + i * qs[2] + c], k / v likewise (head h / group for
+ * grouped KV), out[b * os[0] + h * os[1] + i * os[2] + c]. key_bias: (B, Lk) added to the scores
+ * (-inf: a padding key) or NULL. received: (Lk,) += the probabilities each key receives, summed
+ * over heads and queries (SpAtten's importance; B = 1), or NULL. d a multiple of 8. */
+#define ENC_QB 6
+
+/* One score row in place: + key bias, exp(s - max) over the lk keys, 0 for the padding to lkp.
+ * Returns 1 / sum (0 when every key is masked: a zero row; SDPA gives NaN there, HF never asks).
+ * received: += the normalised row. */
+static float softmax_row(float *row, int lk, int lkp, const float *bias, double *received) {
+    int j = 0;
+    float m = -INFINITY, l = 0.0f;
+#ifdef __AVX2__
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= lk; j += 8) {
+        __m256 x = _mm256_load_ps(row + j);
+        if (bias) x = _mm256_add_ps(x, _mm256_loadu_ps(bias + j));
+        _mm256_store_ps(row + j, x);
+        mv = _mm256_max_ps(mv, x);
+    }
+    float mm[8];
+    _mm256_storeu_ps(mm, mv);
+    for (int i = 0; i < 8; i++) m = mm[i] > m ? mm[i] : m;
+#endif
+    for (; j < lk; j++) {
+        if (bias) row[j] += bias[j];
+        m = row[j] > m ? row[j] : m;
+    }
+    if (m == -INFINITY) {
+        for (j = 0; j < lkp; j++) row[j] = 0.0f;
+        return 0.0f;
+    }
+    j = 0;
+#ifdef __AVX2__
+    __m256 lv = _mm256_setzero_ps();
+    mv = _mm256_set1_ps(m);
+    for (; j + 8 <= lk; j += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_load_ps(row + j), mv));
+        _mm256_store_ps(row + j, e);
+        lv = _mm256_add_ps(lv, e);
+    }
+    l = hsum256(lv);
+#endif
+    for (; j < lk; j++) { row[j] = expf(row[j] - m); l += row[j]; }
+    for (; j < lkp; j++) row[j] = 0.0f;
+    float inv = 1.0f / l;
+    if (received)
+        for (j = 0; j < lk; j++) received[j] += (double)(row[j] * inv);
+    return inv;
+}
+
+/* sc[i * ldc + j] = scale q_i . k_j for ENC_QB query rows (qr) and 16 keys of kt (d rows, stride ldk). */
+static inline __attribute__((always_inline)) void score_tile(const float *const *qr, const float *kt, int ldk, int d,
+                                                             float scale, float *sc, int ldc, int nq) {
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0, e0 = a0, e1 = a0,
+           f0 = a0, f1 = a0;
+    const float *q0 = qr[0], *q1 = qr[1], *q2 = qr[2], *q3 = qr[3], *q4 = qr[4], *q5 = qr[5];
+    for (int c = 0; c < d; c++) {
+        __m256 k0 = _mm256_load_ps(kt + (int64_t)c * ldk), k1 = _mm256_load_ps(kt + (int64_t)c * ldk + 8), x;
+        x = _mm256_broadcast_ss(q0 + c); a0 = _mm256_fmadd_ps(x, k0, a0); a1 = _mm256_fmadd_ps(x, k1, a1);
+        x = _mm256_broadcast_ss(q1 + c); b0 = _mm256_fmadd_ps(x, k0, b0); b1 = _mm256_fmadd_ps(x, k1, b1);
+        x = _mm256_broadcast_ss(q2 + c); c0 = _mm256_fmadd_ps(x, k0, c0); c1 = _mm256_fmadd_ps(x, k1, c1);
+        x = _mm256_broadcast_ss(q3 + c); d0 = _mm256_fmadd_ps(x, k0, d0); d1 = _mm256_fmadd_ps(x, k1, d1);
+        x = _mm256_broadcast_ss(q4 + c); e0 = _mm256_fmadd_ps(x, k0, e0); e1 = _mm256_fmadd_ps(x, k1, e1);
+        x = _mm256_broadcast_ss(q5 + c); f0 = _mm256_fmadd_ps(x, k0, f0); f1 = _mm256_fmadd_ps(x, k1, f1);
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+    __m256 r[ENC_QB][2] = {{a0, a1}, {b0, b1}, {c0, c1}, {d0, d1}, {e0, e1}, {f0, f1}};
+    for (int i = 0; i < nq; i++) {
+        _mm256_store_ps(sc + i * ldc, _mm256_mul_ps(r[i][0], s));
+        _mm256_store_ps(sc + i * ldc + 8, _mm256_mul_ps(r[i][1], s));
+    }
+#else
+    for (int i = 0; i < nq; i++)
+        for (int j = 0; j < 16; j++) {
+            float a = 0.0f;
+            for (int c = 0; c < d; c++) a += qr[i][c] * kt[(int64_t)c * ldk + j];
+            sc[i * ldc + j] = a * scale;
+        }
+#endif
+}
+
+/* orow[i][c0 + c] = sum_j pr[i][j] v[j * ldv + c] for 3 query rows and nv x 8 dimensions (nv <= 4). */
+static inline __attribute__((always_inline)) void pv_tile(const float *const *pr, const float *v, int64_t ldv, int lk,
+                                                          int nv, float *const *orow, int c0, int n3, const float *inv) {
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0, c0v = a0, c1 = a0,
+           c2 = a0, c3 = a0;
+    const float *p0 = pr[0], *p1 = pr[1], *p2 = pr[2];
+    if (nv == 4) {
+        for (int j = 0; j < lk; j++) {
+            const float *vr = v + j * ldv;
+            __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8), v2 = _mm256_loadu_ps(vr + 16),
+                   v3 = _mm256_loadu_ps(vr + 24), x;
+            x = _mm256_broadcast_ss(p0 + j);
+            a0 = _mm256_fmadd_ps(x, v0, a0); a1 = _mm256_fmadd_ps(x, v1, a1); a2 = _mm256_fmadd_ps(x, v2, a2); a3 = _mm256_fmadd_ps(x, v3, a3);
+            x = _mm256_broadcast_ss(p1 + j);
+            b0 = _mm256_fmadd_ps(x, v0, b0); b1 = _mm256_fmadd_ps(x, v1, b1); b2 = _mm256_fmadd_ps(x, v2, b2); b3 = _mm256_fmadd_ps(x, v3, b3);
+            x = _mm256_broadcast_ss(p2 + j);
+            c0v = _mm256_fmadd_ps(x, v0, c0v); c1 = _mm256_fmadd_ps(x, v1, c1); c2 = _mm256_fmadd_ps(x, v2, c2); c3 = _mm256_fmadd_ps(x, v3, c3);
+        }
+    } else {   /* 8, 16 or 24 dimensions left: the same with the unused vectors kept at zero */
+        for (int j = 0; j < lk; j++) {
+            const float *vr = v + j * ldv;
+            __m256 x0 = _mm256_broadcast_ss(p0 + j), x1 = _mm256_broadcast_ss(p1 + j), x2 = _mm256_broadcast_ss(p2 + j);
+            __m256 v0 = _mm256_loadu_ps(vr);
+            a0 = _mm256_fmadd_ps(x0, v0, a0); b0 = _mm256_fmadd_ps(x1, v0, b0); c0v = _mm256_fmadd_ps(x2, v0, c0v);
+            if (nv > 1) {
+                __m256 v1 = _mm256_loadu_ps(vr + 8);
+                a1 = _mm256_fmadd_ps(x0, v1, a1); b1 = _mm256_fmadd_ps(x1, v1, b1); c1 = _mm256_fmadd_ps(x2, v1, c1);
+            }
+            if (nv > 2) {
+                __m256 v2 = _mm256_loadu_ps(vr + 16);
+                a2 = _mm256_fmadd_ps(x0, v2, a2); b2 = _mm256_fmadd_ps(x1, v2, b2); c2 = _mm256_fmadd_ps(x2, v2, c2);
+            }
+        }
+    }
+    __m256 r[3][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}, {c0v, c1, c2, c3}};
+    for (int i = 0; i < n3; i++)
+        for (int u = 0; u < nv; u++) _mm256_storeu_ps(orow[i] + c0 + 8 * u, _mm256_mul_ps(r[i][u], _mm256_set1_ps(inv[i])));
+#else
+    for (int i = 0; i < n3; i++)
+        for (int c = 0; c < 8 * nv; c++) {
+            float a = 0.0f;
+            for (int j = 0; j < lk; j++) a += pr[i][j] * v[j * ldv + c];
+            orow[i][c0 + c] = a * inv[i];
+        }
+#endif
+}
+
+void attention_encoder(const float *q, const float *k, const float *v, int B, int H, int group, int lq, int lk, int d,
+                       const int64_t *qs, const int64_t *ks, const int64_t *vs, float scale, const float *key_bias,
+                       float *out, const int64_t *os, double *received, int threads) {
+    const int lkp = (lk + 15) / 16 * 16;   /* keys padded to the 16 of the score micro-tile */
+    #pragma omp parallel num_threads(threads)
+    {
+        float *kt = aligned_alloc(64, sizeof(float) * (size_t)d * lkp);
+        float *sc = aligned_alloc(64, sizeof(float) * (size_t)ENC_QB * lkp);
+        double *mine = received ? calloc((size_t)lk, sizeof(double)) : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < (int64_t)B * H; bh++) {
+            const int b = (int)(bh / H), h = (int)(bh % H), kh = h / group;
+            const float *kb = k + b * ks[0] + kh * ks[1], *vb = v + b * vs[0] + kh * vs[1];
+            const float *qb = q + b * qs[0] + h * qs[1];
+            const float *bias = key_bias ? key_bias + (int64_t)b * lk : NULL;
+            transpose(kb, ks[2], kt, lkp, lk, d);   /* K transposed: kt[c * lkp + j], padding keys zero */
+            for (int c = 0; c < d; c++)
+                for (int j = lk; j < lkp; j++) kt[(int64_t)c * lkp + j] = 0.0f;
+            for (int i0 = 0; i0 < lq; i0 += ENC_QB) {
+                const int nq = lq - i0 < ENC_QB ? lq - i0 : ENC_QB;
+                /* scores: sc[i * lkp + j] = scale q_i . k_j + bias_j */
+                const float *qr[ENC_QB];
+                for (int i = 0; i < ENC_QB; i++) qr[i] = qb + (int64_t)(i0 + (i < nq ? i : 0)) * qs[2];
+                for (int j0 = 0; j0 < lkp; j0 += 16) score_tile(qr, kt + j0, lkp, d, scale, sc + j0, lkp, nq);
+                /* softmax a row: exp(s - max) (normalised by 1 / sum at the end, or here for received) */
+                float inv[ENC_QB];
+                for (int i = 0; i < nq; i++) inv[i] = softmax_row(sc + i * lkp, lk, lkp, bias, mine);
+                /* out_i = sum_j p_ij v_j: 3 queries x 32 dimensions at a time */
+                for (int i1 = 0; i1 < nq; i1 += 3) {
+                    const int n3 = nq - i1 < 3 ? nq - i1 : 3;
+                    const float *pr[3] = {sc + i1 * lkp, sc + (i1 + (n3 > 1)) * lkp, sc + (i1 + 2 * (n3 > 2)) * lkp};
+                    float *orow[3];
+                    for (int i = 0; i < 3; i++) orow[i] = out + b * os[0] + h * os[1] + (int64_t)(i0 + i1 + (i < n3 ? i : 0)) * os[2];
+                    for (int c0 = 0; c0 < d; c0 += 32)
+                        pv_tile(pr, vb + c0, vs[2], lk, (d - c0) / 8 < 4 ? (d - c0) / 8 : 4, orow, c0, n3, inv + i1);
+                }
+            }
+        }
+        if (received) {
+            #pragma omp critical
+            for (int j = 0; j < lk; j++) received[j] += mine[j];
+        }
+        free(kt); free(sc); free(mine);
+    }
+}
+
 /* y[o] = scales[o] * sum_k w[o, k] x[k] (+ bias[o]) for a dense int8 weight (O, K), rows contiguous,
  * symmetric per-row scales; a few token rows of x (T, K) -> y (T, O). The weight is read once per
  * call: each row's int8 values are widened to fp32 in registers and used for every token row. */
