@@ -448,7 +448,7 @@ def test_portable_build_without_simd_computes_the_same(portable_lib):
     from sparsetx.formats.packed import quantize_rows
     from sparsetx.kernels.attention import reference_attention
     from sparsetx.kernels.loader import ptr
-    from sparsetx.kernels.nm_linear import VTYPES
+    from sparsetx.kernels.nm_linear import VTYPES, pair_error_bound
 
     lib = portable_lib
     g = torch.Generator().manual_seed(4)
@@ -471,8 +471,11 @@ def test_portable_build_without_simd_computes_the_same(portable_lib):
             y = torch.empty(3, 21)
             _, _, _, _, pairs, kb, qmax = kw.pair_args
             lib.nm_linear_pairs(ptr(x), 64, 3, 64, ptr(w8), ptr(off), ptr(cols), ptr(starts), 21, pairs, pattern.n,
-                                pattern.m, kb, ptr(kw.group_scales), None, ptr(y), qmax, 2)
+                                pattern.m, kb, ptr(kw.group_scales), None, ptr(y), qmax, 0, 2)
             assert_within_pair_bound(y, want, kw, x)
+            lib.nm_linear_pairs(ptr(x), 64, 3, 64, ptr(w8), ptr(off), ptr(cols), ptr(starts), 21, pairs, pattern.n,
+                                pattern.m, kb, ptr(kw.group_scales), None, ptr(y), qmax, 1, 2)   # with GELU (erff)
+            assert ((y - torch.nn.functional.gelu(want)).abs() <= 1.13 * pair_error_bound(kw, x) + 1e-5).all()
             mv, mm = kw.mask_layout
             y = torch.empty(21)
             lib.mask_linear(ptr(x[1]), ptr(mv), ptr(mm), ptr(kw.scales), None, ptr(y), 21, 64, kw.mask_n, 1)
@@ -490,9 +493,8 @@ def test_portable_build_without_simd_computes_the_same(portable_lib):
     # the blocked many-query kernel: 2 query heads a KV head, 9 queries, d = 40 (a 32 + 8 split)
     q, k, v = (torch.randn(h, n, 40, generator=g) for h, n in ((4, 9), (2, 70), (2, 70)))
     out, received = torch.empty(9, 4, 40), torch.zeros(70, dtype=torch.float64)
-    strides = [torch.tensor([0, n * 40, 40]) for n in (9, 70, 70)] + [torch.tensor([0, 40, 160])]   # q, k, v, out
-    lib.attention_encoder(ptr(q), ptr(k), ptr(v), 1, 4, 2, 9, 70, 40, *(ptr(t) for t in strides[:3]), 0.25, None,
-                          ptr(out), ptr(strides[3]), ptr(received), 2)
+    lib.attention_encoder(ptr(q), ptr(k), ptr(v), 1, 4, 2, 9, 70, 40, 0, 9 * 40, 40, 0, 70 * 40, 40, 0, 70 * 40, 40, 0.25,
+                          None, ptr(out), 0, 40, 160, ptr(received), 2)
     ref_out, ref_received = reference_attention(q, k, v, 0.25)
     torch.testing.assert_close(out.transpose(0, 1), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(received, ref_received, atol=1e-6, rtol=1e-5)
@@ -512,3 +514,55 @@ def test_portable_build_runs_the_whole_decode_step(portable_lib, llama, monkeypa
     assert c_step.runtime.fast.lib is portable_lib and c_step.runtime.fast.plan() is not None
     torch.testing.assert_close(c_step.logits, full.logits, atol=5e-5, rtol=1e-4)
     assert c_step.preds == full.preds
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32], ids=str)
+def test_gelu_inside_the_layer_equals_gelu_after_it(dtype):
+    """activation="gelu": int8 weights get it in the pair kernel's output pass (within the kernel's
+    bound, GELU's slope is below 1.13), other weights after the product (exactly F.gelu); one token
+    and the PyTorch route too; an unknown activation is an error."""
+    import torch.nn.functional as F
+
+    from sparsetx.kernels.nm_linear import pair_error_bound
+
+    p = NMPattern(2, 8)
+    w = nm_weight(45, 128, p, seed=3)
+    kw = KernelWeight.from_packed(pack_nm(w, p, dtype), compact=True)
+    x, b = 3 * torch.randn(70, 128), torch.randn(45)
+    plain = nm_linear(x, kw, b)
+    got = nm_linear(x, kw, b, activation="gelu")
+    ref = F.gelu(x @ kw.dense().t() + b)
+    if dtype == torch.int8:
+        slack = 1.13 * pair_error_bound(kw, x) + 1e-5
+        assert ((got - ref).abs() <= slack).all()
+        assert ((got - F.gelu(plain)).abs() <= 1e-5).all()     # the in-kernel erf against torch's
+    else:
+        assert torch.equal(got, F.gelu(plain))
+    torch.testing.assert_close(nm_linear(x[:1], kw, b, activation="gelu"), F.gelu(nm_linear(x[:1], kw, b)))
+    torch.testing.assert_close(nm_linear(x, kw, b, activation="gelu", backend="torch"), ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        nm_linear(x, kw, b, activation="relu")
+
+
+@needs_c
+@pytest.mark.parametrize("value_dtype", ["int8", "float32"])
+def test_fast_bert_carries_its_gelu_inside_the_n_m_layer(tmp_path, value_dtype):
+    """load_model(fast=True) moves BERT's intermediate GELU into the SparseLinear before it (an
+    identity in its place) and computes what the model computes with the GELU as a module."""
+    from transformers.activations import GELUActivation
+
+    from sparsetx.kernels.nm_linear import fuse_activations
+    from sparsetx.models import load_model
+
+    tiny_packed_bert(tmp_path / "m", 100, value_dtype)
+    fused = load_model(tmp_path / "m", fast=True)
+    block = fused.bert.encoder.layer[0].intermediate
+    assert block.dense.activation == "gelu" and isinstance(block.intermediate_act_fn, nn.Identity)
+    assert fuse_activations(fused) == 0                      # nothing left to fuse
+    plain = load_model(tmp_path / "m", fast=True)
+    pb = plain.bert.encoder.layer[0].intermediate
+    pb.dense.activation, pb.intermediate_act_fn = None, GELUActivation()
+    ids = torch.randint(0, 100, (2, 33))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -414,7 +414,8 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     N:M CPU kernel (inference only), and sets the process's malloc thresholds for inference
     (:func:`sparsetx.kernels.allocator.tune_allocator`; ``SPARSETX_MALLOC=default`` opts out); an
     encoder's self-attention then runs on the blocked C kernel
-    (:func:`sparsetx.kernels.attention.use_encoder_attention`).
+    (:func:`sparsetx.kernels.attention.use_encoder_attention`) and a GELU after an N:M layer inside
+    it (:func:`sparsetx.kernels.nm_linear.fuse_activations`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -457,9 +458,11 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     model.eval()
     if fast:   # inference from here on: keep freed activations' memory for reuse (process-wide)
         from ..kernels.attention import use_encoder_attention
+        from ..kernels.nm_linear import fuse_activations
 
         tune_allocator()
         use_encoder_attention(model)   # an encoder's attention on the blocked C kernel
+        fuse_activations(model)        # BERT's GELU inside the N:M layer before it
     return (model, packed) if with_sparse else model
 
 

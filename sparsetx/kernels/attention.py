@@ -129,10 +129,9 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = torch.empty(b, lq, h, d)
     received = torch.zeros(lk, dtype=torch.float64) if importance else None
     bias = None if key_bias is None else key_bias.float().contiguous()
-    strides = [torch.tensor(t.stride()[:3], dtype=torch.int64) for t in (q, k, v)]
-    ostr = torch.tensor([out.stride(0), out.stride(2), out.stride(1)], dtype=torch.int64)
-    lib.attention_encoder(ptr(q), ptr(k), ptr(v), b, h, h // hkv, lq, lk, d, *(ptr(t) for t in strides), float(scale),
-                          ptr(bias), ptr(out), ptr(ostr), ptr(received), torch.get_num_threads())
+    lib.attention_encoder(ptr(q), ptr(k), ptr(v), b, h, h // hkv, lq, lk, d, *q.stride()[:3], *k.stride()[:3],
+                          *v.stride()[:3], float(scale), ptr(bias), ptr(out), out.stride(0), out.stride(2), out.stride(1),
+                          ptr(received), torch.get_num_threads())
     return out, received
 
 
@@ -169,8 +168,10 @@ def hf_encoder_attention(module, query, key, value, attention_mask, dropout: flo
     if mask is not None:
         keep = mask[:, 0, 0]
         bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -torch.inf)
-    scale = scaling if scaling is not None else d ** -0.5
-    return torch.ops.sparsetx.encoder_attention(query, key, value, float(scale), bias), None
+    scale = float(scaling if scaling is not None else d ** -0.5)
+    if torch.compiler.is_compiling():   # one opaque operator for the graph
+        return torch.ops.sparsetx.encoder_attention(query, key, value, scale, bias), None
+    return encoder_attention(query, key, value, scale, bias)[0], None   # eager: no dispatcher round trip
 
 
 def use_encoder_attention(model) -> bool:

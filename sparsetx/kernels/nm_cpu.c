@@ -41,6 +41,51 @@
 
 #define MAXTW 32
 
+#if defined(__AVX2__)
+/* exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (Cephes
+ * coefficients), 2^n into the exponent bits. Relative error about 2e-7; exp(-inf) = 0. */
+static inline __m256 exp256(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+    __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(zero_mask, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* GELU, erf form, for 8 floats: 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz and Stegun 7.1.26
+ * (absolute error below 1.5e-7) with exp256. */
+static inline __m256 gelu256(__m256 x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)), a = _mm256_andnot_ps(sign, z);
+    __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), one));
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+    __m256 erf = _mm256_fnmadd_ps(_mm256_mul_ps(p, t), exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a))), one);
+    erf = _mm256_or_ps(erf, _mm256_and_ps(z, sign));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, erf));
+}
+#endif
+
 /* dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: 8 x 8 blocks transposed
  * in registers (unpack, shuffle, permute), the edges one by one. */
 static void transpose(const float *src, int64_t src_stride, float *dst, int64_t dst_stride, int rows, int cols) {
@@ -274,7 +319,7 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const void *val
 #define PAIR_TW 32
 #endif
 #ifndef PAIR_MT
-#define PAIR_MT 2
+#define PAIR_MT 1   /* 32-token tiles a pass over a K block (2 and 4 measured 5-10 % slower) */
 #endif
 
 #define PAIR_NV (PAIR_TW / 8)
@@ -368,7 +413,7 @@ static void build_pairs(const float *x, int64_t ldx, int t0, int nt, int c0, int
 
 void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *wpair, const uint16_t *poff,
                      const uint16_t *pcols, const int32_t *pstart, int O, int np, int N, int M, int KB,
-                     const float *scales, const float *bias, float *y, int qmax, int threads) {
+                     const float *scales, const float *bias, float *y, int qmax, int act, int threads) {
     const int P = (O + ROWG - 1) / ROWG, TW = PAIR_TW, R = PAIR_R, MT = PAIR_MT;
     int maxpairs = 0;
     for (int b = 0, nb = (K + KB - 1) / KB; b < nb; b++)
@@ -380,9 +425,17 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
 #ifdef _OPENMP
         nth = omp_get_num_threads(); me = omp_get_thread_num();
 #endif
-        int steps = (P + R / ROWG - 1) / (R / ROWG);
-        int s0 = (int)((int64_t)steps * me / nth), s1 = (int)((int64_t)steps * (me + 1) / nth);
-        int p0 = s0 * (R / ROWG), p1 = s1 * (R / ROWG) < P ? s1 * (R / ROWG) : P;
+        /* threads split the token tiles when there are enough (each builds only its own tiles'
+         * pairs), else the rows (each builds every tile's pairs) */
+        const int tiles = (T + MT * TW - 1) / (MT * TW), by_tokens = tiles >= nth;
+        int p0 = 0, p1 = P, tt0 = 0, tt1 = tiles;
+        if (by_tokens) {
+            tt0 = (int)((int64_t)tiles * me / nth), tt1 = (int)((int64_t)tiles * (me + 1) / nth);
+        } else {
+            int steps = (P + R / ROWG - 1) / (R / ROWG);
+            int s0 = (int)((int64_t)steps * me / nth), s1 = (int)((int64_t)steps * (me + 1) / nth);
+            p0 = s0 * (R / ROWG), p1 = s1 * (R / ROWG) < P ? s1 * (R / ROWG) : P;
+        }
         float *tile = aligned_alloc(64, sizeof(float) * (size_t)KB * TW);
         int32_t *qt = aligned_alloc(64, sizeof(int32_t) * (size_t)KB * TW);
         int32_t *pb = aligned_alloc(64, sizeof(int32_t) * ((size_t)maxpairs + 1) * TW);
@@ -391,7 +444,7 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
         for (int q0 = p0; q0 < p1; q0 += PANEL) {
             const int q1 = q0 + PANEL < p1 ? q0 + PANEL : p1;
             const int64_t pstride = (int64_t)(q1 - q0) * ROWG * TW;   /* part of one 16-token tile */
-            for (int t0 = 0; t0 < T; t0 += MT * TW) {
+            for (int t0 = tt0 * MT * TW; t0 < T && t0 < tt1 * MT * TW; t0 += MT * TW) {
                 int mt = (T - t0 + TW - 1) / TW < MT ? (T - t0 + TW - 1) / TW : MT;
                 int ntall = T - t0 < MT * TW ? T - t0 : MT * TW;
                 token_scales(x, ldx, t0, ntall, K, qmax, sx, inv, MT * TW);
@@ -415,7 +468,7 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
                     }
                     jb += npb;
                 }
-                /* int32 sums -> fp32: row scale x token scale (+ bias), in place, then into y */
+                /* int32 sums -> fp32: row scale x token scale (+ bias; GELU when act = 1), in place, then into y */
                 for (int u = 0; u < mt; u++) {
                     int32_t *pu = part + u * pstride;
                     float *fp = (float *)pu;
@@ -425,7 +478,19 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
                             int o = ROWG * p + r;
                             float sw = scales[o], b = (bias && o < O) ? bias[o] : 0.0f;
                             int64_t e = ((int64_t)(p - q0) * ROWG + r) * TW;
-                            for (int t = 0; t < TW; t++) fp[e + t] = (float)pu[e + t] * sw * sx[u * TW + t] + b;
+                            int t = 0;
+#ifdef __AVX2__
+                            const __m256 swv = _mm256_set1_ps(sw), bv = _mm256_set1_ps(b);
+                            for (; t < TW; t += 8) {
+                                __m256 val = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(
+                                    (const __m256i *)(pu + e + t))), swv), _mm256_loadu_ps(sx + u * TW + t), bv);
+                                _mm256_storeu_ps(fp + e + t, act ? gelu256(val) : val);
+                            }
+#endif
+                            for (; t < TW; t++) {
+                                float val = (float)pu[e + t] * sw * sx[u * TW + t] + b;
+                                fp[e + t] = act ? 0.5f * val * (1.0f + erff(val * 0.70710678118654752f)) : val;
+                            }
                         }
                     int o0 = ROWG * q0, o1 = ROWG * q1 < O ? ROWG * q1 : O;
                     transpose(fp, TW, y + (int64_t)tu * O + o0, O, o1 - o0, nt);
@@ -607,35 +672,6 @@ int topk_select(const double *s, int n, int k, double *work, int64_t *out) {
 
 /* ---- fused attention ------------------------------------------------------------------------ */
 
-#if defined(__AVX2__)
-/* exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (Cephes
- * coefficients), 2^n into the exponent bits. Relative error about 2e-7; exp(-inf) = 0. */
-static inline __m256 exp256(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
-    __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(zero_mask, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 static float dot(const float *a, const float *b, int d) {
     int c = 0;
@@ -750,9 +786,9 @@ void attention_fused(const float *q, const float *k, const float *v, int hq, int
  * softmax(scale Q K^T + key bias) V a head at a time, QB query rows at a time, materialised row by
  * row (QB x Lk scores, 12 KiB at 512 keys), register-blocked like a GEMM: S from K transposed
  * (QB queries x 16 keys, 12 FMA chains), P V from V's rows (3 queries x 32 dimensions, 12 chains).
- * Layouts by element strides, so HF's (B, H, L, d) views and its (B, L, H, d) output are read and
- * written in place: q[b * qs[0] + h * qs[1] + i * qs[2] + c], k / v likewise (head h / group for
- * grouped KV), out[b * os[0] + h * os[1] + i * os[2] + c]. key_bias: (B, Lk) added to the scores
+ * Layouts by element strides (batch, head, row), so HF's (B, H, L, d) views and its (B, L, H, d)
+ * output are read and written in place: q[b * qs[0] + h * qs[1] + i * qs[2] + c], k / v likewise
+ * (head h / group for grouped KV), out[b * os[0] + h * os[1] + i * os[2] + c]. key_bias: (B, Lk) added to the scores
  * (-inf: a padding key) or NULL. received: (Lk,) += the probabilities each key receives, summed
  * over heads and queries (SpAtten's importance; B = 1), or NULL. d a multiple of 8. */
 #define ENC_QB 6
@@ -883,8 +919,10 @@ static inline __attribute__((always_inline)) void pv_tile(const float *const *pr
 }
 
 void attention_encoder(const float *q, const float *k, const float *v, int B, int H, int group, int lq, int lk, int d,
-                       const int64_t *qs, const int64_t *ks, const int64_t *vs, float scale, const float *key_bias,
-                       float *out, const int64_t *os, double *received, int threads) {
+                       int64_t qb_, int64_t qh, int64_t qi, int64_t kb_, int64_t kh_, int64_t ki,
+                       int64_t vb_, int64_t vh, int64_t vi, float scale, const float *key_bias,
+                       float *out, int64_t ob, int64_t oh, int64_t oi, double *received, int threads) {
+    const int64_t qs[3] = {qb_, qh, qi}, ks[3] = {kb_, kh_, ki}, vs[3] = {vb_, vh, vi}, os[3] = {ob, oh, oi};
     const int lkp = (lk + 15) / 16 * 16;   /* keys padded to the 16 of the score micro-tile */
     #pragma omp parallel num_threads(threads)
     {

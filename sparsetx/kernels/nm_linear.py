@@ -15,6 +15,7 @@ from ..nm.pattern import NMPattern
 from .loader import backend_library, library, ptr
 
 VTYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}   # value type codes of nm_linear_tokens
+ACTIVATIONS = {None: 0, "gelu": 1}   # output activation codes of nm_linear_pairs (GELU: the erf form)
 ROW_GROUP = 3  # rows interleaved in the many-token layout (ROWG in nm_cpu.c): 3 x 4 vectors = 12 FMA chains
 # Offsets are stored as uint16 (block-relative column x the 32-token tile stride): a K block holds
 # at most 2**16 / 32 = 2048 columns, including the doubled block of sparse patterns.
@@ -317,8 +318,18 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = None,
-              threads: int | None = None, backend: str = "auto") -> torch.Tensor:
-    """x: (..., in) fp32 -> (..., out). backend: "auto" (C kernel if it built), "c", "torch"."""
+              threads: int | None = None, backend: str = "auto", activation: str | None = None) -> torch.Tensor:
+    """x: (..., in) fp32 -> (..., out). backend: "auto" (C kernel if it built), "c", "torch".
+    activation: None, or "gelu" (erf form) applied to the result (inside the pair kernel's output
+    pass for int8 weights; after the product elsewhere)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: expected one of {sorted(map(str, ACTIVATIONS))}")
+    y, applied = _nm_linear(x, weight, bias, threads, backend, activation)
+    return y if activation is None or applied else F.gelu(y)
+
+
+def _nm_linear(x, weight, bias, threads, backend, activation) -> tuple[torch.Tensor, bool]:
+    """(x W^T + bias, whether the kernel applied ``activation`` too)."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.in_features}")
     lib = backend_library(backend, "c")
@@ -327,7 +338,7 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     x2 = x.reshape(-1, k).float()
     if lib is None or x.requires_grad or x2.shape[0] == 0:
         y = _gather_linear(x2, weight)
-        return (y + bias if bias is not None else y).reshape(*lead, o)
+        return (y + bias if bias is not None else y).reshape(*lead, o), False
     threads = threads or torch.get_num_threads()
     t = x2.shape[0]
     n, m = weight.nm
@@ -337,15 +348,15 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
         y = torch.empty(o8)
         xc = x2.contiguous()  # held in a name: a temporary's memory could be freed before the C call reads it
         lib.nm_linear_vector(ptr(xc), vals, pos, o, o8, k, n, m, ptr(b), ptr(y), vtype, scales, threads)
-        return (y if o8 == o else y[:o]).view(*lead, o)
+        return (y if o8 == o else y[:o]).view(*lead, o), False
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.pair_layout is not None:   # int8 values: the integer kernel
-        y = _pairs(lib, x2, weight.pair_args, weight.group_scales, b, o, n, m, threads)
-    else:
-        vals, offs = weight.group_layout
-        y = _tokens(lib, x2, vals, offs, weight.group_scales, b, o, n, m, weight.k_block, threads)
-    return y.view(*lead, o)
+        y = _pairs(lib, x2, weight.pair_args, weight.group_scales, b, o, n, m, threads, ACTIVATIONS[activation])
+        return y.view(*lead, o), True
+    vals, offs = weight.group_layout
+    y = _tokens(lib, x2, vals, offs, weight.group_scales, b, o, n, m, weight.k_block, threads)
+    return y.view(*lead, o), False
 
 
 def _tokens(lib, x2: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor | None,
@@ -360,14 +371,15 @@ def _tokens(lib, x2: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, 
 
 
 def _pairs(lib, x2: torch.Tensor, args: tuple, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-           n: int, m: int, threads: int) -> torch.Tensor:
+           n: int, m: int, threads: int, act: int = 0) -> torch.Tensor:
     """The integer many-token kernel (nm_cpu.c nm_linear_pairs) on x2 (T, K), rows unit-stride:
-    (T, out) fp32. ``args``: KernelWeight.pair_args (or the same built from tensors)."""
+    (T, out) fp32. ``args``: KernelWeight.pair_args (or the same built from tensors); ``act``: an
+    ACTIVATIONS code the kernel applies to its output."""
     w, off, cols, starts, pairs, kb, qmax = args
     y = torch.empty(x2.shape[0], out_features)
     if x2.shape[0]:
         lib.nm_linear_pairs(ptr(x2), x2.stride(0), x2.shape[0], x2.shape[1], w, off, cols, starts, out_features, pairs,
-                            n, m, kb, ptr(scales), ptr(bias), ptr(y), qmax, threads)
+                            n, m, kb, ptr(scales), ptr(bias), ptr(y), qmax, act, threads)
     return y
 
 
@@ -410,17 +422,17 @@ def _(x, values, offsets, scales, bias, out_features, n, m, k_block):
 @torch.library.custom_op("sparsetx::nm_linear_pairs", mutates_args=())
 def _nm_linear_pairs_op(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor,
                         starts: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                        n: int, m: int, k_block: int, qmax: int) -> torch.Tensor:
+                        n: int, m: int, k_block: int, qmax: int, act: int) -> torch.Tensor:
     """The integer many-token kernel on a pair layout passed as tensors (what torch.compile calls)."""
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     pairs = weights.numel() // scales.numel()    # scales: padded to whole row groups, one a row
     args = (ptr(weights), ptr(offsets), ptr(columns), ptr(starts), pairs, k_block, qmax)
-    y = _pairs(library(), x2, args, scales, bias, out_features, n, m, torch.get_num_threads())
+    y = _pairs(library(), x2, args, scales, bias, out_features, n, m, torch.get_num_threads(), act)
     return y.view(*x.shape[:-1], out_features)
 
 
 @_nm_linear_pairs_op.register_fake
-def _(x, weights, offsets, columns, starts, scales, bias, out_features, n, m, k_block, qmax):
+def _(x, weights, offsets, columns, starts, scales, bias, out_features, n, m, k_block, qmax, act):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -443,6 +455,7 @@ class SparseLinear(nn.Module):
         self.pair_qmax = weight.pair_args[-1] if pairs is not None else 0
         self.register_buffer("layout_scales", weight.group_scales, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.activation: str | None = None   # "gelu": the layer applies it (fuse_activations)
 
     @classmethod
     def from_packed(cls, packed: PackedNM, bias: torch.Tensor | None = None) -> SparseLinear:
@@ -462,13 +475,32 @@ class SparseLinear(nn.Module):
             if self.pair_weights is not None:
                 return torch.ops.sparsetx.nm_linear_pairs(x, self.pair_weights, self.pair_offsets, self.pair_columns,
                                                           self.pair_starts, self.layout_scales, self.bias, w.out_features,
-                                                          n, m, w.pair_block, self.pair_qmax)
-            return torch.ops.sparsetx.nm_linear(x, self.layout_values, self.layout_offsets, self.layout_scales,
-                                                self.bias, w.out_features, n, m, w.k_block)
-        return nm_linear(x, self.weight_nm, self.bias)
+                                                          n, m, w.pair_block, self.pair_qmax, ACTIVATIONS[self.activation])
+            y = torch.ops.sparsetx.nm_linear(x, self.layout_values, self.layout_offsets, self.layout_scales,
+                                             self.bias, w.out_features, n, m, w.k_block)
+            return y if self.activation is None else F.gelu(y)
+        return nm_linear(x, self.weight_nm, self.bias, activation=self.activation)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, pattern={self.weight_nm.pattern}"
+        act = f", activation={self.activation}" if self.activation else ""
+        return f"{self.in_features}, {self.out_features}, pattern={self.weight_nm.pattern}{act}"
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """Move each erf-GELU that directly follows a SparseLinear into it (the pair kernel applies it in
+    its output pass): a module with a ``dense`` SparseLinear and an ``intermediate_act_fn`` that is
+    transformers' exact GELU (BERT's intermediate block) gets ``dense.activation = "gelu"`` and an
+    identity in its place. Returns the number fused."""
+    from transformers.activations import GELUActivation
+
+    fused = 0
+    for module in model.modules():
+        dense, act = getattr(module, "dense", None), getattr(module, "intermediate_act_fn", None)
+        if isinstance(dense, SparseLinear) and dense.activation is None and type(act) is GELUActivation \
+                and act.act is F.gelu:
+            dense.activation, module.intermediate_act_fn = "gelu", nn.Identity()
+            fused += 1
+    return fused
 
 
 def to_sparse_linear(model: nn.Module, patterns: dict[str, NMPattern]) -> nn.Module:
