@@ -119,13 +119,14 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     key_bias: (B, Lk) added to every query's scores (-inf: a padding key). Returns (out (B, Lq, H,
     d) contiguous: HF's layout after attention, received (Lk,) float64 or None: the probabilities
     each key receives summed over heads and queries, B = 1 only), or None when the C kernel is not
-    there or the shapes are not its own (d not a multiple of 8, Hkv not dividing H)."""
+    there or the inputs are not its own (not fp32, d not a multiple of 8, Hkv not dividing H)."""
     lib = library()
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if lib is None or d % 8 or h % hkv or (importance and b != 1) or lk == 0:
+    if (lib is None or d % 8 or h % hkv or (importance and b != 1) or lk == 0
+            or any(t.dtype != torch.float32 for t in (q, k, v))):   # fp32 only: a float64 model keeps its precision
         return None
-    q, k, v = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(b, lq, h, d)
     received = torch.zeros(lk, dtype=torch.float64) if importance else None
     bias = None if key_bias is None else key_bias.float().contiguous()
@@ -160,7 +161,8 @@ def hf_encoder_attention(module, query, key, value, attention_mask, dropout: flo
     key_only = mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.dtype == torch.bool and (
         torch.compiler.is_compiling() or torch.equal(mask[:, 0, 0], mask[:, 0, -1])))
     d = query.shape[-1]
-    if (causal or not key_only or (dropout and module.training) or d % 8
+    if (causal or not key_only or (dropout and module.training) or d % 8 or query.dtype != torch.float32
+            or key.dtype != torch.float32 or value.dtype != torch.float32
             or query.shape[1] % key.shape[1] or torch.is_grad_enabled() and query.requires_grad):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)

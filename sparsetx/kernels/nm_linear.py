@@ -218,30 +218,35 @@ class KernelWeight:
         n, m = self.nm
         kb = self.pair_block
         values, indices = self.canonical()
-        vals = _pad_rows(values, ROW_GROUP).numpy().astype(np.int32)
-        cols = _pad_rows(indices, ROW_GROUP).numpy().astype(np.int64)
+        vals = _pad_rows(values, ROW_GROUP).numpy()
+        cols = _pad_rows(indices, ROW_GROUP).numpy().copy()
         cols[self.out_features:] = cols[0]   # padding rows (zero values) read row 0's pairs: no new ones
         o = vals.shape[0]
-        w_parts, off_parts, table, starts = [], [], [], [0]
-        for c0, j0 in zip(range(0, self.in_features, kb), range(0, cols.shape[1], kb // m * n)):
-            kept = min(kb, self.in_features - c0) // m * n
-            v, c = vals[:, j0:j0 + kept], cols[:, j0:j0 + kept] - c0
+        blocks = [(c0, j0, min(kb, self.in_features - c0) // m * n)
+                  for c0, j0 in zip(range(0, self.in_features, kb), range(0, cols.shape[1], kb // m * n))]
+        total = sum((kept + 1) // 2 for _, _, kept in blocks)
+        # written block by block into the final arrays (a layer's transient memory stays one block's)
+        w = np.empty(o * total, np.int32)
+        off = np.zeros(o * total + 4, np.uint16)     # 4 of padding: the kernel reads 3 offsets as 64 bits
+        table, starts, at = [], [0], 0
+        for c0, j0, kept in blocks:
+            v, c = vals[:, j0:j0 + kept].astype(np.int32), cols[:, j0:j0 + kept] - c0
             if kept % 2:   # an odd count: the last kept input pairs with itself at weight 0
                 v = np.concatenate([v, np.zeros((o, 1), np.int32)], axis=1)
                 c = np.concatenate([c, c[:, -1:]], axis=1)
-            key = c[:, 0::2] * kb + c[:, 1::2]
-            uniq, which = np.unique(key, return_inverse=True)
+            uniq, which = np.unique(c[:, 0::2] * kb + c[:, 1::2], return_inverse=True)
             if len(uniq) >= 1024:
                 return None
-            table.append(np.stack([uniq // kb, uniq % kb], axis=1).reshape(-1))
+            table.append(np.stack([uniq // kb, uniq % kb], axis=1).reshape(-1).astype(np.uint16))
             starts.append(starts[-1] + len(uniq))
-            w_parts.append((v[:, 0::2] & 0xFFFF) | (v[:, 1::2] << 16))
-            off_parts.append(which.reshape(o, -1) * 64)
-        def grouped(parts):   # per block (rows, pairs) -> block b, group p, pair j, row r
-            return np.concatenate([a.reshape(o // ROW_GROUP, ROW_GROUP, -1).transpose(0, 2, 1).reshape(-1) for a in parts])
-        w = grouped(w_parts).astype(np.int32)
-        off = np.concatenate([grouped(off_parts), np.zeros(4, np.int64)]).astype(np.uint16)
-        return (torch.from_numpy(w), torch.from_numpy(off), torch.from_numpy(np.concatenate(table).astype(np.uint16)),
+            npb = v.shape[1] // 2
+            # block b, group p, pair j, row r at (pairs before b) * o + p * 3 * npb + 3 * j + r
+            w[at:at + o * npb] = ((v[:, 0::2] & 0xFFFF) | (v[:, 1::2] << 16)).reshape(
+                o // ROW_GROUP, ROW_GROUP, npb).transpose(0, 2, 1).reshape(-1)
+            off[at:at + o * npb] = (which.reshape(o, npb) * 64).reshape(
+                o // ROW_GROUP, ROW_GROUP, npb).transpose(0, 2, 1).reshape(-1)
+            at += o * npb
+        return (torch.from_numpy(w), torch.from_numpy(off), torch.from_numpy(np.concatenate(table)),
                 torch.tensor(starts, dtype=torch.int32))
 
     @cached_property
