@@ -207,3 +207,20 @@ def test_fast_encoder_uses_the_blocked_attention_and_equals_sdpa(tmp_path):
         compiled = load_model(folder, fast=True, compile=True)
         torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits, want, atol=ATOL, rtol=0)
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@needs_c
+def test_causal_lms_keep_their_attention():
+    """use_encoder_attention leaves a causal LM alone (its prefill is causal; its config does not
+    say is_decoder) and switches an encoder."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    from sparsetx.kernels.attention import use_encoder_attention
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    before = llama.config._attn_implementation
+    assert not use_encoder_attention(llama) and llama.config._attn_implementation == before
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=4))
+    assert use_encoder_attention(bert) and bert.config._attn_implementation == "sparsetx"

@@ -184,7 +184,8 @@ def use_encoder_attention(model) -> bool:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = model.config
-    if library() is None or getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
+    generates = getattr(model, "can_generate", lambda: False)()   # a causal LM (its config says is_decoder False)
+    if library() is None or generates or getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
         return False
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", None, "sparsetx"):
         return False

@@ -26,7 +26,14 @@
  *    per row the kept values, and one byte a group of 8 inputs saying which are kept. The decode
  *    step of a whole Llama model (llama_step, at the end) reads it, and the two above.
  *
- * Dense x dense runs through the same code with N = M.
+ * 4. Pair layout (many tokens, int8 values; see nm_linear_pairs): each row's kept inputs two at a
+ *    time, an index into the K block's list of distinct column pairs, for an integer engine on
+ *    int16 activations (vpmaddwd: 16 multiply-adds an instruction against an FMA's 8). int8
+ *    weights take it instead of layout 1.
+ *
+ * Dense x dense runs through the same code with N = M; attention without a causal mask (an
+ * encoder's) has its own blocked kernel (attention_encoder), the decoder's one-row kernel is
+ * attention_fused.
  */
 #include <stdint.h>
 #include <stdlib.h>
