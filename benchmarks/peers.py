@@ -539,16 +539,22 @@ def status(key):
             return int(line.split()[1])
 
 if warm:   # what every model pays, paid first: the architecture's code imported, torch's first forward
+    from sparsetx.formats.packed import pack_nm
+    from sparsetx.kernels.attention import use_encoder_attention
     from sparsetx.kernels.nm_linear import SparseLinear
+    from sparsetx.nm.pattern import NMPattern
     import copy
     cfg = copy.deepcopy(transformers.AutoConfig.from_pretrained(path))
     cfg.num_hidden_layers, cfg.vocab_size = 1, 128
     tiny = model_class(cfg, task).from_config(cfg).eval()
+    if fast:
+        use_encoder_attention(tiny)   # the attention a fast load switches an encoder to
     with torch.inference_mode():
         tiny(input_ids=torch.ones(1, 128, dtype=torch.long))
         lin = torch.nn.Linear(64, 8)
         lin.weight.data[:, 2:].zero_()   # 2 kept of the first group of 8, the others empty: 2:8
-        SparseLinear.from_linear(lin, "2:8")(torch.ones(128, 64))
+        for dtype in (torch.float32, torch.int8):   # both many-token engines (fp32 / fp16 values, int8)
+            SparseLinear.from_packed(pack_nm(lin.weight.data, NMPattern(2, 8), dtype))(torch.ones(128, 64))
     del tiny
     gc.collect()
 trim_heap()   # what the warm-up freed goes back to the OS: a load must not count on reusing it
@@ -565,8 +571,9 @@ print(json.dumps({"base_kib": base, "after_load_kib": loaded, "peak_kib": status
 def peak_memory(path, task: str | None, fast: bool, warm: bool = False) -> dict:
     """Peak RSS above the imports (torch, transformers) of loading ``path`` and running one 128-token
     forward, in a fresh process (Linux VmHWM, reset through /proc/self/clear_refs). ``warm``: first
-    build and run a one-layer, 128-word model of the same architecture and one N:M kernel call, so
-    what any model of it costs (its code, torch's first-forward buffers) is out of the figure."""
+    build and run a one-layer, 128-word model of the same architecture (on the attention a fast load
+    gives it) and one call of each many-token N:M kernel, so what any model of it costs (its code,
+    torch's first-forward buffers) is out of the figure."""
     import subprocess
 
     run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), task or "", "1" if fast else "0", "1" if warm else "0"],
@@ -704,8 +711,9 @@ def report(result: dict, args) -> list[str]:
             md += ["Not run:", ""] + [f"- {k}: `{_first_error(v)}`" for k, v in enc["skipped"].items()] + [""]
     if "memory" in result:
         md += ["## Peak memory (RSS above the imports, fresh process each; medians of several)", "", *source("memory"),
-               "Warmed: after a one-layer, 128-word model of the same architecture and one N:M kernel call have "
-               "run, so the code and torch's first-forward buffers every model of it needs are out of the figure.", "",
+               "Warmed: after a one-layer, 128-word model of the same architecture (on the attention a fast load "
+               "gives it) and one call of each many-token N:M kernel (fp32 and int8 values) have run, so the code "
+               "and torch's first-forward buffers every model of it needs are out of the figure.", "",
                *memory_table(result["memory"]), ""]
     if "decoder" in result:
         dec = result["decoder"]
