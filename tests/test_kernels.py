@@ -469,11 +469,11 @@ def test_portable_build_without_simd_computes_the_same(portable_lib):
         if dtype == torch.int8:
             w8, off, cols, starts = kw.pair_layout
             y = torch.empty(3, 21)
-            _, _, _, _, pairs, kb, qmax = kw.pair_args
-            lib.nm_linear_pairs(ptr(x), 64, 3, 64, ptr(w8), ptr(off), ptr(cols), ptr(starts), 21, pairs, pattern.n,
+            _, _, _, _, kb, qmax = kw.pair_args
+            lib.nm_linear_pairs(ptr(x), 64, 3, 64, ptr(w8), ptr(off), ptr(cols), ptr(starts), 21, pattern.n,
                                 pattern.m, kb, ptr(kw.group_scales), None, ptr(y), qmax, 0, 2)
             assert_within_pair_bound(y, want, kw, x)
-            lib.nm_linear_pairs(ptr(x), 64, 3, 64, ptr(w8), ptr(off), ptr(cols), ptr(starts), 21, pairs, pattern.n,
+            lib.nm_linear_pairs(ptr(x), 64, 3, 64, ptr(w8), ptr(off), ptr(cols), ptr(starts), 21, pattern.n,
                                 pattern.m, kb, ptr(kw.group_scales), None, ptr(y), qmax, 1, 2)   # with GELU (erff)
             assert ((y - torch.nn.functional.gelu(want)).abs() <= 1.13 * pair_error_bound(kw, x) + 1e-5).all()
             mv, mm = kw.mask_layout

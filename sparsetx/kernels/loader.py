@@ -88,7 +88,7 @@ def _load(target: Path) -> ctypes.CDLL | None:
         i, i64, p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
         lib.nm_linear_tokens.argtypes = [p, i64, i, i, p, p, i, i, i, i, i, p, p, i, p, i]
         lib.nm_linear_vector.argtypes = [p, p, p, i, i, i, i, i, p, p, i, p, i]
-        lib.nm_linear_pairs.argtypes = [p, i64, i, i, p, p, p, p, i, i, i, i, i, p, p, p, i, i, i]
+        lib.nm_linear_pairs.argtypes = [p, i64, i, i, p, p, p, p, i, i, i, i, p, p, p, i, i, i]
         lib.nm_linear_pairs.restype = None
         lib.has_f16c.argtypes, lib.has_f16c.restype = [], i
         lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None

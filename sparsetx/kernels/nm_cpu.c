@@ -322,12 +322,7 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const void *val
  *     pcols[2 * i], pcols[2 * i + 1]       uint16: pair i's columns, relative to its block
  *     pstart[b] .. pstart[b + 1]           the pairs of block b in pcols
  */
-#ifndef PAIR_TW
-#define PAIR_TW 32
-#endif
-#ifndef PAIR_MT
-#define PAIR_MT 1   /* 32-token tiles a pass over a K block (2 and 4 measured 5-10 % slower) */
-#endif
+#define PAIR_TW 32   /* tokens a pair tile (16 measured slower: a broadcast feeds only 2 multiply-adds) */
 
 #define PAIR_NV (PAIR_TW / 8)
 #define PAIR_R (4 * ROWG / PAIR_NV)
@@ -419,13 +414,12 @@ static void build_pairs(const float *x, int64_t ldx, int t0, int nt, int c0, int
 }
 
 void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *wpair, const uint16_t *poff,
-                     const uint16_t *pcols, const int32_t *pstart, int O, int np, int N, int M, int KB,
+                     const uint16_t *pcols, const int32_t *pstart, int O, int N, int M, int KB,
                      const float *scales, const float *bias, float *y, int qmax, int act, int threads) {
-    const int P = (O + ROWG - 1) / ROWG, TW = PAIR_TW, R = PAIR_R, MT = PAIR_MT;
+    const int P = (O + ROWG - 1) / ROWG, TW = PAIR_TW, R = PAIR_R;
     int maxpairs = 0;
     for (int b = 0, nb = (K + KB - 1) / KB; b < nb; b++)
         if (pstart[b + 1] - pstart[b] > maxpairs) maxpairs = pstart[b + 1] - pstart[b];
-    (void)np;
     #pragma omp parallel num_threads(threads)
     {
         int nth = 1, me = 0;
@@ -434,7 +428,7 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
 #endif
         /* threads split the token tiles when there are enough (each builds only its own tiles'
          * pairs), else the rows (each builds every tile's pairs) */
-        const int tiles = (T + MT * TW - 1) / (MT * TW), by_tokens = tiles >= nth;
+        const int tiles = (T + TW - 1) / TW, by_tokens = tiles >= nth;
         int p0 = 0, p1 = P, tt0 = 0, tt1 = tiles;
         if (by_tokens) {
             tt0 = (int)((int64_t)tiles * me / nth), tt1 = (int)((int64_t)tiles * (me + 1) / nth);
@@ -446,16 +440,15 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
         float *tile = aligned_alloc(64, sizeof(float) * (size_t)KB * TW);
         int32_t *qt = aligned_alloc(64, sizeof(int32_t) * (size_t)KB * TW);
         int32_t *pb = aligned_alloc(64, sizeof(int32_t) * ((size_t)maxpairs + 1) * TW);
-        int32_t *part = aligned_alloc(64, sizeof(int32_t) * (size_t)MT * (PANEL + R) * ROWG * TW + 64);
-        float sx[PAIR_MT * PAIR_TW], inv[PAIR_MT * PAIR_TW];
+        int32_t *part = aligned_alloc(64, sizeof(int32_t) * (size_t)(PANEL + R) * ROWG * TW + 64);
+        float *fp = (float *)part;   /* the sums become the outputs in place */
+        float sx[PAIR_TW], inv[PAIR_TW];
         for (int q0 = p0; q0 < p1; q0 += PANEL) {
             const int q1 = q0 + PANEL < p1 ? q0 + PANEL : p1;
-            const int64_t pstride = (int64_t)(q1 - q0) * ROWG * TW;   /* part of one 16-token tile */
-            for (int t0 = tt0 * MT * TW; t0 < T && t0 < tt1 * MT * TW; t0 += MT * TW) {
-                int mt = (T - t0 + TW - 1) / TW < MT ? (T - t0 + TW - 1) / TW : MT;
-                int ntall = T - t0 < MT * TW ? T - t0 : MT * TW;
-                token_scales(x, ldx, t0, ntall, K, qmax, sx, inv, MT * TW);
-                memset(part, 0, sizeof(int32_t) * (size_t)mt * pstride);
+            for (int t0 = tt0 * TW; t0 < T && t0 < tt1 * TW; t0 += TW) {
+                const int nt = T - t0 < TW ? T - t0 : TW;
+                token_scales(x, ldx, t0, nt, K, qmax, sx, inv, TW);
+                memset(part, 0, sizeof(int32_t) * (size_t)(q1 - q0) * ROWG * TW);
                 for (int c0 = 0, jb = 0, b = 0; c0 < K; c0 += KB, b++) {
                     int nc = K - c0 < KB ? K - c0 : KB;
                     int npb = (nc / M * N + 1) / 2;
@@ -463,45 +456,36 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
                     const int32_t *wb = wpair + (int64_t)P * ROWG * jb;
                     const uint16_t *ob = poff + (int64_t)P * ROWG * jb;
                     const int64_t gs = ROWG * (int64_t)npb;
-                    for (int u = 0; u < mt; u++) {
-                        int tu = t0 + u * TW, nt = T - tu < TW ? T - tu : TW;
-                        build_pairs(x, ldx, tu, nt, c0, nc, inv + u * TW, pcols, pstart[b], pstart[b + 1], tile, qt, pb);
-                        int32_t *pu = part + u * pstride;
-                        int p = q0;
-                        for (; p + R / ROWG <= q1; p += R / ROWG)
-                            block_pairs(pb, wb + p * gs, ob + p * gs, gs, npb, pu + (p - q0) * ROWG * TW, R);
-                        for (; p < q1; p++)
-                            block_pairs(pb, wb + p * gs, ob + p * gs, gs, npb, pu + (p - q0) * ROWG * TW, ROWG);
-                    }
+                    build_pairs(x, ldx, t0, nt, c0, nc, inv, pcols, pstart[b], pstart[b + 1], tile, qt, pb);
+                    int p = q0;
+                    for (; p + R / ROWG <= q1; p += R / ROWG)
+                        block_pairs(pb, wb + p * gs, ob + p * gs, gs, npb, part + (p - q0) * ROWG * TW, R);
+                    for (; p < q1; p++)
+                        block_pairs(pb, wb + p * gs, ob + p * gs, gs, npb, part + (p - q0) * ROWG * TW, ROWG);
                     jb += npb;
                 }
                 /* int32 sums -> fp32: row scale x token scale (+ bias; GELU when act = 1), in place, then into y */
-                for (int u = 0; u < mt; u++) {
-                    int32_t *pu = part + u * pstride;
-                    float *fp = (float *)pu;
-                    int tu = t0 + u * TW, nt = T - tu < TW ? T - tu : TW;
-                    for (int p = q0; p < q1; p++)
-                        for (int r = 0; r < ROWG; r++) {
-                            int o = ROWG * p + r;
-                            float sw = scales[o], b = (bias && o < O) ? bias[o] : 0.0f;
-                            int64_t e = ((int64_t)(p - q0) * ROWG + r) * TW;
-                            int t = 0;
+                for (int p = q0; p < q1; p++)
+                    for (int r = 0; r < ROWG; r++) {
+                        int o = ROWG * p + r;
+                        float sw = scales[o], b = (bias && o < O) ? bias[o] : 0.0f;
+                        int64_t e = ((int64_t)(p - q0) * ROWG + r) * TW;
+                        int t = 0;
 #ifdef __AVX2__
-                            const __m256 swv = _mm256_set1_ps(sw), bv = _mm256_set1_ps(b);
-                            for (; t < TW; t += 8) {
-                                __m256 val = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(
-                                    (const __m256i *)(pu + e + t))), swv), _mm256_loadu_ps(sx + u * TW + t), bv);
-                                _mm256_storeu_ps(fp + e + t, act ? gelu256(val) : val);
-                            }
-#endif
-                            for (; t < TW; t++) {
-                                float val = (float)pu[e + t] * sw * sx[u * TW + t] + b;
-                                fp[e + t] = act ? 0.5f * val * (1.0f + erff(val * 0.70710678118654752f)) : val;
-                            }
+                        const __m256 swv = _mm256_set1_ps(sw), bv = _mm256_set1_ps(b);
+                        for (; t < TW; t += 8) {
+                            __m256 val = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(
+                                (const __m256i *)(part + e + t))), swv), _mm256_loadu_ps(sx + t), bv);
+                            _mm256_storeu_ps(fp + e + t, act ? gelu256(val) : val);
                         }
-                    int o0 = ROWG * q0, o1 = ROWG * q1 < O ? ROWG * q1 : O;
-                    transpose(fp, TW, y + (int64_t)tu * O + o0, O, o1 - o0, nt);
-                }
+#endif
+                        for (; t < TW; t++) {
+                            float val = (float)part[e + t] * sw * sx[t] + b;
+                            fp[e + t] = act ? 0.5f * val * (1.0f + erff(val * 0.70710678118654752f)) : val;
+                        }
+                    }
+                int o0 = ROWG * q0, o1 = ROWG * q1 < O ? ROWG * q1 : O;
+                transpose(fp, TW, y + (int64_t)t0 * O + o0, O, o1 - o0, nt);
             }
         }
         free(tile); free(qt); free(pb); free(part);

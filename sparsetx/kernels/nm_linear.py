@@ -251,13 +251,12 @@ class KernelWeight:
 
     @cached_property
     def pair_args(self) -> tuple:
-        """(weights, offsets, columns, block starts pointers, pairs a row, K block, qmax) for the
-        pair kernel. qmax: the activations' int16 range, so that no row's int32 sum can overflow
+        """(weights, offsets, columns, block starts pointers, K block, qmax) for the pair kernel. qmax: the activations' int16 range, so that no row's int32 sum can overflow
         (a pair adds at most 2 x qmax x 128)."""
         w, off, cols, starts = self.pair_layout
         pairs = w.numel() // (-(-self.out_features // ROW_GROUP) * ROW_GROUP)
         qmax = min(32767, (2 ** 31 - 1) // (256 * max(pairs, 1)))
-        return ptr(w), ptr(off), ptr(cols), ptr(starts), pairs, self.pair_block, qmax
+        return ptr(w), ptr(off), ptr(cols), ptr(starts), self.pair_block, qmax
 
     @cached_property
     def group_scales(self) -> torch.Tensor | None:
@@ -380,10 +379,10 @@ def _pairs(lib, x2: torch.Tensor, args: tuple, scales: torch.Tensor, bias: torch
     """The integer many-token kernel (nm_cpu.c nm_linear_pairs) on x2 (T, K), rows unit-stride:
     (T, out) fp32. ``args``: KernelWeight.pair_args (or the same built from tensors); ``act``: an
     ACTIVATIONS code the kernel applies to its output."""
-    w, off, cols, starts, pairs, kb, qmax = args
+    w, off, cols, starts, kb, qmax = args
     y = torch.empty(x2.shape[0], out_features)
     if x2.shape[0]:
-        lib.nm_linear_pairs(ptr(x2), x2.stride(0), x2.shape[0], x2.shape[1], w, off, cols, starts, out_features, pairs,
+        lib.nm_linear_pairs(ptr(x2), x2.stride(0), x2.shape[0], x2.shape[1], w, off, cols, starts, out_features,
                             n, m, kb, ptr(scales), ptr(bias), ptr(y), qmax, act, threads)
     return y
 
@@ -430,8 +429,7 @@ def _nm_linear_pairs_op(x: torch.Tensor, weights: torch.Tensor, offsets: torch.T
                         n: int, m: int, k_block: int, qmax: int, act: int) -> torch.Tensor:
     """The integer many-token kernel on a pair layout passed as tensors (what torch.compile calls)."""
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-    pairs = weights.numel() // scales.numel()    # scales: padded to whole row groups, one a row
-    args = (ptr(weights), ptr(offsets), ptr(columns), ptr(starts), pairs, k_block, qmax)
+    args = (ptr(weights), ptr(offsets), ptr(columns), ptr(starts), k_block, qmax)
     y = _pairs(library(), x2, args, scales, bias, out_features, n, m, torch.get_num_threads(), act)
     return y.view(*x.shape[:-1], out_features)
 
