@@ -87,6 +87,7 @@ def test_generate_takes_the_fast_step_and_matches(llama):
     DecoderConfig.quantized(kv_budget=8),                      # progressive quantization
     DecoderConfig(kv_budget=8, evict_after="layer"),
     DecoderConfig(kv_budget=[8, 8, 6, 6]),                     # budgets differ by layer
+    DecoderConfig(kv_budget=8, token_keep=0.5),                # keep ratios differ by layer
 ])
 def test_other_cases_take_the_full_path(llama, config):
     with torch.inference_mode(), spatten_decoder(llama, config) as rt:

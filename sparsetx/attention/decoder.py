@@ -123,6 +123,9 @@ class SpAttenDecoder:
         self.schedule = keep_schedule(config.token_keep, n, math.ceil(config.token_start * n))
         self.head_schedule = keep_schedule(config.head_keep, n, math.ceil(config.head_start * n))
         self._head_pruning = any(r < 1.0 for r in self.head_schedule)
+        # one budget for every layer at every length: one keep ratio and one KV budget throughout
+        budgets = config.kv_budget if isinstance(config.kv_budget, (list, tuple)) else [config.kv_budget]
+        self.uniform_budget = len(set(self.schedule)) == 1 and len(set(budgets)) == 1
         self.reset()
         self.fast = fast_step(self) if config.fast_step else None
 
