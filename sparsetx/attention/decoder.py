@@ -281,8 +281,6 @@ class SpAttenDecoder:
         self.positions[layer] = torch.cat([self.positions[layer], q_pos])
         pos = self.positions[layer]
 
-        stat = {"layer": layer, "tokens": int(pos.numel()), "queries": new, "kv_heads": n_kv, "head_dim": d,
-                "kv_head_ids": alive.tolist()}
         self._scaling = self.family.scaling(module)
         kv_top = max(1, math.ceil(cfg.value_topk * pos.numel())) if cfg.value_topk and cfg.value_topk < 1.0 else None
         flat_heads = torch.zeros(n_q, dtype=torch.bool)
@@ -296,21 +294,20 @@ class SpAttenDecoder:
         else:
             causal = pos[None, :] <= q_pos[:, None]                  # (new, T)
             ctx_heads, contrib, refetched, flat_heads = self._chunked(q, keys, values, causal, group, kv_top)
+        stat = self._layer_stat(layer, int(pos.numel()), new, n_kv, n_q, d, alive.tolist(),
+                                (kv_top or pos.numel()) * new * n_q, flat_heads.view(n_kv, group).any(dim=-1))
         if cfg.k_bits is not None:
             q_ids = (alive[:, None] * group + torch.arange(group)).reshape(-1)
             stat.update(rows_refetched=refetched, rows=new * n_q, requant_heads=q_ids[flat_heads].tolist())
-        stat["values_fetched_rows"] = (kv_top or pos.numel()) * new * n_q
         if self._head_pruning:  # head importance, pooled over the query heads sharing a KV head: s_h += sum |E|
             self.head_scores[alive] += head_importance(ctx_heads[0]).double().view(n_kv, group).sum(-1)
         ctx = ctx_heads.transpose(1, 2).reshape(1, new, n_q * d)
         out = self.family.output(module, ctx, q_rows)
-        stat["heads"] = n_q
         self.importance[pos] += contrib
         self.layer_importance[layer][pos] += contrib  # per layer: H2O's scores (no cascade across layers)
         seen_by = (new - torch.searchsorted(q_pos, pos)).double()   # queries of this forward at or after each key
         self.query_count[pos] += seen_by
         self.layer_query_count[layer][pos] += seen_by
-        self._fetch_stats(stat, pos.numel(), n_kv, d, flat_heads.view(n_kv, group).any(dim=-1))
         if self.config.evict_after == "layer":
             self._evict(layer, cache, idx, q_pos)
         stat["tokens_after"] = int(self.positions[layer].numel())
@@ -357,6 +354,15 @@ class SpAttenDecoder:
     def _probs(self, q, kk, causal):
         scores = (q @ kk.transpose(-1, -2)).float() * self._scaling  # 1/sqrt(d) (GPT-2 may add 1/layer)
         return torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
+
+    def _layer_stat(self, layer: int, tokens: int, queries: int, n_kv: int, n_q: int, d: int, kv_head_ids: list,
+                    values_rows: int, flat_kv) -> dict:
+        """One layer's statistics for one forward, byte counts included (the fast step writes the
+        same ones); ``tokens_after`` is added once the layer's cut is known."""
+        stat = {"layer": layer, "tokens": tokens, "queries": queries, "kv_heads": n_kv, "head_dim": d,
+                "kv_head_ids": kv_head_ids, "values_fetched_rows": values_rows, "heads": n_q}
+        self._fetch_stats(stat, tokens, n_kv, d, flat_kv)
+        return stat
 
     def _fetch_stats(self, stat, tokens, n_kv, d, flat_kv):
         """Bytes a memory system reads for this layer's K and V (fp16 baseline: 2 bytes a value).

@@ -317,11 +317,10 @@ class FastStep:
         state[2:2 + layers, pos] += received
         state[2 + layers:2 + 2 * layers, pos] += 1
         n = pos.numel()
-        # the full path's per-layer statistics, its byte counts included (the same for every layer)
-        stat = {"tokens": n, "queries": 1, "kv_heads": n_kv, "head_dim": d, "values_fetched_rows": n * n_q, "heads": n_q}
-        rt._fetch_stats(stat, n, n_kv, d, None)
+        # the full path's per-layer statistics (the same for every layer but its number)
+        stat = rt._layer_stat(0, n, 1, n_kv, n_q, d, [], n * n_q, None)
         stat["tokens_after"] = n
-        rt.stats[-1].extend({"layer": i, **stat, "kv_head_ids": list(range(n_kv))} for i in range(layers))
+        rt.stats[-1].extend({**stat, "layer": i, "kv_head_ids": list(range(n_kv))} for i in range(layers))
 
     # --- the cut after the step -----------------------------------------------------------------
     def evict(self, cache) -> None:
