@@ -1,6 +1,6 @@
 """The SpAtten decoder runtime's fast one-token step against its full path (DecoderConfig(fast_step=
 False)), in the same process, the fast step both ways: every layer in one C call (llama_step, the
-default) and its Python loop over the layers (FastStep.use_c = False); SmolLM2 (dense, or a packed folder), a 2048-token Wikipedia prompt,
+default) and its Python loop over the layers (use_c = False on the runtime's step); SmolLM2 (dense, or a packed folder), a 2048-token Wikipedia prompt,
 the KV cache cut to 512 tokens; per round and path, a fresh prefill, then 24 one-token steps, the
 median of the last 20; rounds interleaved with the order alternated.
 
@@ -23,7 +23,6 @@ from peers import wiki_ids  # noqa: E402
 
 from sparsetx.adapters import family_of  # noqa: E402
 from sparsetx.attention.decoder import DecoderConfig, spatten_decoder  # noqa: E402
-from sparsetx.attention.fast_decode import FastStep  # noqa: E402
 from sparsetx.models import load_model, load_tokenizer  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "decode_step.json"
@@ -33,8 +32,9 @@ PATHS = ("full path", "python step", "c step")
 
 
 def step_ms(model, prompt: torch.Tensor, path: str, steps: int = 24, skip: int = 4) -> float:
-    FastStep.use_c = path == "c step"
-    with torch.inference_mode(), spatten_decoder(model, DecoderConfig(kv_budget=512, fast_step=path != "full path")):
+    with torch.inference_mode(), spatten_decoder(model, DecoderConfig(kv_budget=512, fast_step=path != "full path")) as rt:
+        if rt.fast is not None:
+            rt.fast.use_c = path == "c step"   # this runtime's step only (the class default stays)
         cache = DynamicCache()
         kw = family_of(model, decoder=True).cache_kwargs(model, cache)
         nxt = model(input_ids=prompt, use_cache=True, **kw).logits[:, -1:].argmax(-1)
