@@ -314,13 +314,15 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const void *val
  * broadcast of its two int16 weights (the int8 values, row scale applied at the end) and a multiply-add
  * per 8 tokens. STA's fixed-point datapath with its index-selected operands, for the CPU.
  *
- * Layout (sparsetx/kernels/nm_linear.py KernelWeight.pair_layout), rows in groups of ROWG, K in
- * blocks of KB columns, np_b pairs a row in block b (np = their sum):
- *     wpair[p * ROWG * np + ROWG * j + r]  int32: w1 | w2 << 16 (int8 values as int16)
- *     poff [same]                          uint16: the pair's index in its block's list x 64
- *                                          (its byte offset in a 16-token pair buffer); 4 of padding
- *     pcols[2 * i], pcols[2 * i + 1]       uint16: pair i's columns, relative to its block
- *     pstart[b] .. pstart[b + 1]           the pairs of block b in pcols
+ * Layout (sparsetx/kernels/nm_linear.py KernelWeight.pair_layout), rows in groups of ROWG (P
+ * groups, padded), K in blocks of KB columns, npb pairs a row in block b, jb pairs a row before it;
+ * block by block, so a block's weights are one contiguous stream:
+ *     wpair[P * ROWG * jb + p * ROWG * npb + ROWG * j + r]  int32: w1 | w2 << 16 (int8 as int16)
+ *     poff [same]                    uint16: the pair's index in its block's list x 64; the kernel
+ *                                    scales it by PAIR_TW / 16 to a byte offset in its pair
+ *                                    buffer (PAIR_TW x 4 bytes a pair); 4 of padding
+ *     pcols[2 * i], pcols[2 * i + 1] uint16: pair i's columns, relative to its block
+ *     pstart[b] .. pstart[b + 1]     the pairs of block b in pcols
  */
 #define PAIR_TW 32   /* tokens a pair tile (16 measured slower: a broadcast feeds only 2 multiply-adds) */
 
@@ -384,8 +386,8 @@ static void token_scales(const float *x, int64_t ldx, int t0, int nt, int K, int
     }
 }
 
-/* One 16-token tile of a K block: x's columns c0..c0+nc quantised (int32 lanes holding int16), then
- * the block's listed pairs built from them (pb: pair i at i * 16 int32). */
+/* One token tile of a K block: x's columns c0..c0+nc quantised (int32 lanes holding int16), then
+ * the block's listed pairs i0..i1 built from them (pb: pair i at (i - i0) * PAIR_TW int32). */
 static void build_pairs(const float *x, int64_t ldx, int t0, int nt, int c0, int nc, const float *inv,
                         const uint16_t *pcols, int i0, int i1, float *tile, int32_t *qt, int32_t *pb) {
     const int TW = PAIR_TW;
