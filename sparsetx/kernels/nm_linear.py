@@ -16,6 +16,7 @@ from .loader import backend_library, library, ptr
 
 VTYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}   # value type codes of nm_linear_tokens
 ACTIVATIONS = {None: 0, "gelu": 1}   # output activation codes of nm_linear_pairs (GELU: the erf form)
+PAIR_UNIT = 64   # a pair offset is its index in the block's list x 64 (nm_cpu.c scales it to bytes)
 ROW_GROUP = 3  # rows interleaved in the many-token layout (ROWG in nm_cpu.c): 3 x 4 vectors = 12 FMA chains
 # Offsets are stored as uint16 (block-relative column x the 32-token tile stride): a K block holds
 # at most 2**16 / 32 = 2048 columns, including the doubled block of sparse patterns.
@@ -131,16 +132,14 @@ class KernelWeight:
     def _from_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse of :attr:`pair_layout`: int8 values and absolute indices, row by row."""
         w, off, cols, starts = (t.numpy() for t in self.pair_layout)
-        n, m = self.nm
-        kb, o = self.pair_block, -(-self.out_features // ROW_GROUP) * ROW_GROUP
+        o = -(-self.out_features // ROW_GROUP) * ROW_GROUP
         values, indices, at = [], [], 0
-        for b, c0 in enumerate(range(0, self.in_features, kb)):
-            kept = min(kb, self.in_features - c0) // m * n
+        for b, (c0, _, kept) in enumerate(self._pair_blocks()):
             npb = (kept + 1) // 2
             wb = w[at:at + o * npb].reshape(o // ROW_GROUP, npb, ROW_GROUP).transpose(0, 2, 1).reshape(o, npb)
             ob = off[at:at + o * npb].reshape(o // ROW_GROUP, npb, ROW_GROUP).transpose(0, 2, 1).reshape(o, npb)
             at += o * npb
-            pairs = cols.reshape(-1, 2)[starts[b] + ob.astype(np.int64) // 64]      # (o, npb, 2) columns
+            pairs = cols.reshape(-1, 2)[starts[b] + ob.astype(np.int64) // PAIR_UNIT]   # (o, npb, 2) columns
             vals = np.stack([(wb << 16) >> 16, wb >> 16], axis=2)                    # the two int16 halves
             values.append(vals.reshape(o, -1)[:, :kept])
             indices.append(pairs.reshape(o, -1)[:, :kept].astype(np.int32) + c0)
@@ -198,6 +197,12 @@ class KernelWeight:
         # < 2**16 since kb <= MAX_K_BLOCK; 4 codes of padding: the kernel reads a group's 3 codes as one 64-bit word
         return v, torch.from_numpy(np.concatenate([c.reshape(-1), np.zeros(4, np.uint16)]))
 
+    def _pair_blocks(self) -> list[tuple[int, int, int]]:
+        """The pair layout's K blocks: (first column, first kept slot, kept inputs a row)."""
+        n, m = self.nm
+        kb = self.pair_block
+        return [(c0, c0 // m * n, min(kb, self.in_features - c0) // m * n) for c0 in range(0, self.in_features, kb)]
+
     @property
     def pair_block(self) -> int:
         """Columns per K block of the pair layout, a multiple of M: 64, so a block's distinct pairs
@@ -215,15 +220,13 @@ class KernelWeight:
         distinct pairs are listed once (``np.unique``) and a row's pair is an index into that list."""
         if self.scales is None:
             return None
-        n, m = self.nm
         kb = self.pair_block
         values, indices = self.canonical()
         vals = _pad_rows(values, ROW_GROUP).numpy()
         cols = _pad_rows(indices, ROW_GROUP).numpy().copy()
         cols[self.out_features:] = cols[0]   # padding rows (zero values) read row 0's pairs: no new ones
         o = vals.shape[0]
-        blocks = [(c0, j0, min(kb, self.in_features - c0) // m * n)
-                  for c0, j0 in zip(range(0, self.in_features, kb), range(0, cols.shape[1], kb // m * n))]
+        blocks = self._pair_blocks()
         total = sum((kept + 1) // 2 for _, _, kept in blocks)
         # written block by block into the final arrays (a layer's transient memory stays one block's)
         w = np.empty(o * total, np.int32)
@@ -235,7 +238,7 @@ class KernelWeight:
                 v = np.concatenate([v, np.zeros((o, 1), np.int32)], axis=1)
                 c = np.concatenate([c, c[:, -1:]], axis=1)
             uniq, which = np.unique(c[:, 0::2] * kb + c[:, 1::2], return_inverse=True)
-            if len(uniq) >= 1024:
+            if len(uniq) * PAIR_UNIT >= 2 ** 16:   # 1024 pairs: the offsets are 16-bit
                 return None
             table.append(np.stack([uniq // kb, uniq % kb], axis=1).reshape(-1).astype(np.uint16))
             starts.append(starts[-1] + len(uniq))
@@ -243,7 +246,7 @@ class KernelWeight:
             # block b, group p, pair j, row r at (pairs before b) * o + p * 3 * npb + 3 * j + r
             w[at:at + o * npb] = ((v[:, 0::2] & 0xFFFF) | (v[:, 1::2] << 16)).reshape(
                 o // ROW_GROUP, ROW_GROUP, npb).transpose(0, 2, 1).reshape(-1)
-            off[at:at + o * npb] = (which.reshape(o, npb) * 64).reshape(
+            off[at:at + o * npb] = (which.reshape(o, npb) * PAIR_UNIT).reshape(
                 o // ROW_GROUP, ROW_GROUP, npb).transpose(0, 2, 1).reshape(-1)
             at += o * npb
         return (torch.from_numpy(w), torch.from_numpy(off), torch.from_numpy(np.concatenate(table)),
