@@ -112,6 +112,14 @@ def _fused_c(lib, q, k, v, scale, query_pos, key_pos, importance):
     return out, received
 
 
+def _encoder_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether attention_encoder's kernel computes inputs of these shapes and types: fp32 (a float64
+    model keeps its precision), d a multiple of 8, KV heads dividing the query heads, some keys.
+    (Whether the kernel built is asked apart: library() cannot be traced by torch.compile.)"""
+    return (q.shape[-1] % 8 == 0 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
+            and all(t.dtype == torch.float32 for t in (q, k, v)))
+
+
 def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       key_bias: torch.Tensor | None = None, importance: bool = False):
     """Attention without a causal mask through the blocked C kernel (nm_cpu.c attention_encoder).
@@ -120,11 +128,10 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     d) contiguous: HF's layout after attention, received (Lk,) float64 or None: the probabilities
     each key receives summed over heads and queries, B = 1 only), or None when the C kernel is not
     there or the inputs are not its own (not fp32, d not a multiple of 8, Hkv not dividing H)."""
-    lib = library()
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if (lib is None or d % 8 or h % hkv or (importance and b != 1) or lk == 0
-            or any(t.dtype != torch.float32 for t in (q, k, v))):   # fp32 only: a float64 model keeps its precision
+    lib = library()
+    if lib is None or not _encoder_kernel_takes(q, k, v) or (importance and b != 1):
         return None
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(b, lq, h, d)
@@ -160,17 +167,15 @@ def hf_encoder_attention(module, query, key, value, attention_mask, dropout: flo
     # compared outside torch.compile, where a data-dependent test would break the graph)
     key_only = mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.dtype == torch.bool and (
         torch.compiler.is_compiling() or torch.equal(mask[:, 0, 0], mask[:, 0, -1])))
-    d = query.shape[-1]
-    if (causal or not key_only or (dropout and module.training) or d % 8 or query.dtype != torch.float32
-            or key.dtype != torch.float32 or value.dtype != torch.float32
-            or query.shape[1] % key.shape[1] or torch.is_grad_enabled() and query.requires_grad):
+    if (causal or not key_only or (dropout and module.training) or not _encoder_kernel_takes(query, key, value)
+            or torch.is_grad_enabled() and query.requires_grad):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     bias = None
     if mask is not None:
         keep = mask[:, 0, 0]
         bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -torch.inf)
-    scale = float(scaling if scaling is not None else d ** -0.5)
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     if torch.compiler.is_compiling():   # one opaque operator for the graph
         return torch.ops.sparsetx.encoder_attention(query, key, value, scale, bias), None
     return encoder_attention(query, key, value, scale, bias)[0], None   # eager: no dispatcher round trip
