@@ -500,6 +500,33 @@ def test_portable_build_without_simd_computes_the_same(portable_lib):
     torch.testing.assert_close(received, ref_received, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pattern", ["2:8", "1:8", "3:4", "6:8"])
+def test_pair_kernel_avx512_path_equals_the_avx2_one(pattern, tmp_path_factory):
+    """On a CPU with AVX-512 VNNI the pair kernel multiplies on zmm registers (vpdpwssd, 12 rows a
+    step); its integer sums are exact, so its output must equal the AVX2 build's bit for bit, for
+    row counts that leave a remainder of row groups, a partial token tile, and both thread splits."""
+    import shutil
+
+    from sparsetx.kernels import loader
+    from sparsetx.kernels.nm_linear import _pairs
+
+    flags = loader.compile_flags()
+    if "-mavx512vnni" not in flags:
+        pytest.skip("this CPU has no AVX-512 VNNI: the default build is the AVX2 one")
+    cc = shutil.which("gcc")
+    target = tmp_path_factory.mktemp("avx2") / "nm_cpu-avx2.so"
+    assert loader._build(cc, [f for f in flags if "512" not in f], target) is None
+    avx2, default = loader._load(target), loader.library()
+    p = NMPattern.parse(pattern)
+    kw = KernelWeight.from_packed(pack_nm(nm_weight(77, 128, p, seed=8), p, torch.int8))
+    bias = torch.randn(77)
+    for tokens, threads in ((70, 1), (70, 2), (33, 2), (5, 1)):
+        x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens))
+        ys = [_pairs(lib, x, kw.pair_args, kw.group_scales, bias, 77, p.n, p.m, threads) for lib in (avx2, default)]
+        assert torch.equal(ys[0], ys[1])
+        assert_within_pair_bound(ys[1] - bias, x @ kw.dense().T, kw, x)
+
+
 def test_portable_build_runs_the_whole_decode_step(portable_lib, llama, monkeypatch):
     """The decode step's C layer loop (llama_step) of the portable build: the same logits as the
     full path on the tiny Llama."""

@@ -41,6 +41,8 @@ def compile_flags() -> list[str]:
         flags += ["-mavx2", "-mfma"]
         if "f16c" in cpu:
             flags.append("-mf16c")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu:   # the pair kernel's zmm path
+            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
     return flags
 
 
