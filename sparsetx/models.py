@@ -93,19 +93,21 @@ def model_class(config: PretrainedConfig, task: str | None = None):
 
 
 def load_model(model: str | os.PathLike | None = None, task: str | None = None, num_labels: int = 2,
-               fast: bool = False, compile: bool = False, int8_head: bool = False, **kwargs) -> PreTrainedModel:
+               fast: bool = False, compile: bool = False, int8_head: bool = False, activation_bits: int = 16,
+               **kwargs) -> PreTrainedModel:
     """Load a dense or packed (sparsetx) model folder on the CPU in fp32, eval mode. ``fast=True``
     (inference): a packed folder's N:M layers become SparseLinear modules on the CPU kernel.
     ``compile=True`` (inference): the model is compiled in place with ``torch.compile`` (the N:M
     kernel as a custom operator; its first calls, one per new input shape, take seconds), and its
     parameters stop requiring gradients. ``int8_head=True`` (inference, causal LMs): the LM head
     becomes an :class:`~sparsetx.kernels.int8_linear.Int8Linear` (int8 weights, per-row scales; a
-    tied embedding stays fp32)."""
+    tied embedding stays fp32). ``activation_bits`` (``fast``, int8-packed folders): 16 or 8, how
+    the N:M kernels round activations (see :func:`~sparsetx.formats.folder.load_packed`)."""
     from .formats.folder import is_packed_folder, load_packed
 
     path = resolve_model_path(model)
     if is_packed_folder(path):
-        loaded = load_packed(path, fast=fast)
+        loaded = load_packed(path, fast=fast, activation_bits=activation_bits)
     else:
         config = AutoConfig.from_pretrained(path, **LOCAL)
         cls = model_class(config, task)

@@ -76,12 +76,12 @@ def llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-def assert_within_pair_bound(y, ref, weight, x, atol=1e-4):
+def assert_within_pair_bound(y, ref, weight, x, atol=1e-4, activation_bits=16):
     """y (the pair kernel's int8 x int16 product) within KernelWeight's stated bound of ref (x W^T):
     the activations' rounding (nm_linear.pair_error_bound) plus fp32 ordering slack."""
     from sparsetx.kernels.nm_linear import pair_error_bound
 
-    bound = pair_error_bound(weight, x).reshape(y.shape) + atol
+    bound = pair_error_bound(weight, x, activation_bits).reshape(y.shape) + atol
     excess = ((y - ref).abs() - bound).max().item()
     assert excess <= 0, f"pair kernel off by {excess:.3g} beyond its bound"
 

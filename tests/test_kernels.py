@@ -425,6 +425,95 @@ def test_pair_layout_declines_too_many_distinct_pairs():
     torch.testing.assert_close(nm_linear(x, kw), x @ kw.dense().t(), atol=ATOL, rtol=0)
 
 
+needs_select = pytest.mark.skipif(library() is None or not library().has_select(),
+                                  reason="the select kernel needs AVX-512 VBMI + VNNI (and the C build)")
+
+
+@needs_c
+@pytest.mark.parametrize("pattern,inp", [("2:8", 128), ("1:8", 192), ("4:8", 96), ("2:4", 64), ("1:16", 160),
+                                         ("3:32", 64), ("5:8", 40)])
+def test_select_layout_round_trips_bit_exactly(pattern, inp):
+    """An int8 weight stored only as the select layout (activation_bits 8) gives back its canonical
+    values and indices bit for bit (a partial last block of 64 where 64 does not divide the input)."""
+    p = NMPattern.parse(pattern)
+    packed = pack_nm(nm_weight(37, inp, p, seed=3), p, torch.int8)
+    want = KernelWeight.from_packed(packed).canonical()
+    kw = KernelWeight.from_packed(packed)
+    assert kw.select_layout is not None
+    kw._canonical = None   # what compact(8) leaves: the select layout alone
+    assert "pair_layout" not in kw.__dict__ and "group_layout" not in kw.__dict__
+    got = kw.canonical()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_c
+def test_select_layout_declines_groups_straddling_blocks():
+    """M not dividing 64 (e.g. 2:6): a 64-column block would cut groups; the pair layout serves."""
+    p = NMPattern(2, 6)
+    kw = KernelWeight.from_packed(pack_nm(nm_weight(5, 96, p), p, torch.int8))
+    assert kw.select_layout is None
+    x = torch.randn(40, 96)
+    y = nm_linear(x, kw, activation_bits=8)   # the pair kernel at 8-bit activations
+    assert_within_pair_bound(y, x @ kw.dense().T, kw, x, activation_bits=8)
+    assert (y - nm_linear(x, kw)).abs().max() > 1e-3   # and really rounded to 8 bits
+
+
+@needs_select
+@pytest.mark.parametrize("pattern", ["2:8", "1:8", "4:8", "2:4", "1:16"])
+def test_select_kernel_within_the_int8_activation_bound(pattern):
+    """The select kernel (int8 activations, vpermb + vpdpbusd) is within its stated rounding bound
+    of x W^T (qmax 127), with and without bias and GELU, for rows not filling a lane group of 16,
+    partial token tiles and both thread splits; and its integer sums are those of the pair kernel
+    run at qmax 127 (the stand-in where the CPU lacks VBMI), so the two agree to fp32 rounding."""
+    from sparsetx.kernels.nm_linear import _pairs, _select, pair_error_bound
+
+    p = NMPattern.parse(pattern)
+    kw = KernelWeight.from_packed(pack_nm(nm_weight(77, 192, p, seed=6), p, torch.int8))
+    bias = torch.randn(77)
+    lib = library()
+    for tokens, threads in ((37, 1), (37, 2), (5, 2), (128, 2)):
+        x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(tokens))
+        want = x @ kw.dense().T + bias
+        bound = pair_error_bound(kw, x, activation_bits=8) + 1e-4
+        y = _select(lib, x, kw.select_layout, kw.select_scales, bias, 77, threads)
+        assert ((y - want).abs() <= bound).all()
+        assert (y - want).abs().max() > 1e-4   # it really rounds to 8 bits (the int16 kernel is ~100x closer)
+        w, off, cols, starts, kb, _ = kw.pair_args
+        y16 = _pairs(lib, x, (w, off, cols, starts, kb, 127), kw.group_scales, bias, 77, p.n, p.m, threads)
+        torch.testing.assert_close(y, y16, atol=1e-5, rtol=1e-5)
+        g = _select(lib, x, kw.select_layout, kw.select_scales, bias, 77, threads, 1)
+        assert ((g - torch.nn.functional.gelu(want)).abs() <= 1.13 * bound).all()
+
+
+@needs_select
+def test_int8_activation_model_eager_compiled_and_close_to_exact(tmp_path):
+    """load_model(activation_bits=8): every N:M layer stores the select layout (less memory than the
+    pair layout), the compiled model (the select kernel as a custom operator, no graph break) equals
+    the eager one, and both stay close to the int16 model's logits; bad bits are refused."""
+    from sparsetx.formats.folder import load_packed
+    from sparsetx.models import load_model
+
+    tiny_packed_bert(tmp_path / "m", 100, "int8")
+    m8 = load_model(tmp_path / "m", fast=True, activation_bits=8)
+    m16 = load_model(tmp_path / "m", fast=True)
+    layers8 = [m for m in m8.modules() if isinstance(m, SparseLinear)]
+    layers16 = [m for m in m16.modules() if isinstance(m, SparseLinear)]
+    assert layers8 and all(m.select_weights is not None and m.pair_weights is None for m in layers8)
+    assert sum(m.weight_nm.nbytes for m in layers8) < sum(m.weight_nm.nbytes for m in layers16)
+    compiled = load_model(tmp_path / "m", fast=True, compile=True, activation_bits=8)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    ids = torch.randint(0, 100, (3, 40))
+    with torch.inference_mode():
+        a, b, c = (m(input_ids=ids).logits for m in (m8, compiled, m16))
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.nn.functional.cosine_similarity(a.flatten(), c.flatten(), dim=0) > 0.999
+    with pytest.raises(ValueError, match="activation_bits"):
+        load_packed(tmp_path / "m", fast=True, activation_bits=4)
+
+
 @pytest.fixture(scope="module")
 def portable_lib(tmp_path_factory):
     """nm_cpu.c built without AVX2/FMA/F16C: what a CPU that lacks them runs (the scalar paths)."""
@@ -476,6 +565,11 @@ def test_portable_build_without_simd_computes_the_same(portable_lib):
             lib.nm_linear_pairs(ptr(x), 64, 3, 64, ptr(w8), ptr(off), ptr(cols), ptr(starts), 21, pattern.n,
                                 pattern.m, kb, ptr(kw.group_scales), None, ptr(y), qmax, 1, 2)   # with GELU (erff)
             assert ((y - torch.nn.functional.gelu(want)).abs() <= 1.13 * pair_error_bound(kw, x) + 1e-5).all()
+            idx, sw, sst, wsum = kw.select_layout   # the scalar select kernel (never called where has_select is 0)
+            y = torch.empty(3, 21)
+            lib.nm_linear_select(ptr(x), 64, 3, 64, ptr(idx), ptr(sw), ptr(sst), ptr(wsum), 21, ptr(kw.select_scales),
+                                 None, ptr(y), 0, 1)
+            assert ((y - want).abs() <= pair_error_bound(kw, x, activation_bits=8) + 1e-5).all()
             mv, mm = kw.mask_layout
             y = torch.empty(21)
             lib.mask_linear(ptr(x[1]), ptr(mv), ptr(mm), ptr(kw.scales), None, ptr(y), 21, 64, kw.mask_n, 1)

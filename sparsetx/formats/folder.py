@@ -405,7 +405,7 @@ def _build_model(folder: Path, config, tensors: dict[str, torch.Tensor], packed:
         return cls._from_config(config, dtype=torch.float32)
 
 
-def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool = False):
+def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool = False, activation_bits: int = 16):
     """Rebuild the model of a packed folder with bit-identical (unpacked) weights, in eval mode.
 
     The values are upcast to the model's fp32 weights (exact for fp16/bf16; int8: values times
@@ -415,8 +415,12 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     (:func:`sparsetx.kernels.allocator.tune_allocator`; ``SPARSETX_MALLOC=default`` opts out); an
     encoder's self-attention then runs on the blocked C kernel
     (:func:`sparsetx.kernels.attention.use_encoder_attention`) and a GELU after an N:M layer inside
-    it (:func:`sparsetx.kernels.nm_linear.fuse_activations`).
+    it (:func:`sparsetx.kernels.nm_linear.fuse_activations`). ``activation_bits`` (``fast``, int8
+    values): the integer kernels round activations per token to int16 (16) or int8 (8, STA's
+    fixed-point datapath; the faster select kernel where the CPU has AVX-512 VBMI and VNNI).
     """
+    if activation_bits not in (8, 16):
+        raise ValueError(f"activation_bits {activation_bits!r}: expected 8 or 16")
     folder = Path(folder)
     if not folder.is_dir():
         raise PackedFormatError(f"{folder}: not a folder")
@@ -435,7 +439,7 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
             # a layer's packed tensors (memory-mapped) are let go once its layout is built, unless
             # the caller asked for them: their pages leave the process's memory with them
             p = packed[name] if with_sparse else packed.pop(name)
-            model.set_submodule(name, SparseLinear.from_packed(p, state.pop(f"{name}.bias", None)))
+            model.set_submodule(name, SparseLinear.from_packed(p, state.pop(f"{name}.bias", None), activation_bits))
             del p
             trim_heap()   # the layer's decoding intermediates: see kernels/allocator.py
     else:

@@ -43,6 +43,8 @@ def compile_flags() -> list[str]:
             flags.append("-mf16c")
         if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu:   # the pair kernel's zmm path
             flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+            if "avx512vbmi" in cpu:   # vpermb: the select kernel
+                flags.append("-mavx512vbmi")
     return flags
 
 
@@ -92,6 +94,9 @@ def _load(target: Path) -> ctypes.CDLL | None:
         lib.nm_linear_vector.argtypes = [p, p, p, i, i, i, i, i, p, p, i, p, i]
         lib.nm_linear_pairs.argtypes = [p, i64, i, i, p, p, p, p, i, i, i, i, p, p, p, i, i, i]
         lib.nm_linear_pairs.restype = None
+        lib.nm_linear_select.argtypes = [p, i64, i, i, p, p, p, p, i, p, p, p, i, i]
+        lib.nm_linear_select.restype = None
+        lib.has_select.argtypes, lib.has_select.restype = [], i
         lib.has_f16c.argtypes, lib.has_f16c.restype = [], i
         lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
         lib.attention_fused.argtypes = [p, p, p, i, i, i, i, i64, i, ctypes.c_float, p, p, p, p, i]

@@ -522,6 +522,146 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
     }
 }
 
+/* ---- 5. Select layout (many tokens, int8 values, int8 activations): STA's operand multiplexer --
+ *
+ * With AVX-512 VBMI and VNNI, SIMD lanes can be output rows instead of tokens: a token's 64 inputs
+ * of a K block (quantised to unsigned bytes) fit one zmm, and vpermb hands each of 16 rows (4 byte
+ * lanes each) the four inputs its own indices pick, STA's index-driven operand multiplexer in one
+ * instruction; vpdpbusd then multiplies them by the row's four int8 weights and accumulates: 64
+ * multiply-adds for two instructions, no gather, no pair buffer, and the sums land in the output's
+ * own layout (rows contiguous per token). Activations are rounded per token to 127 steps of
+ * max|x| (held as x + 128, the unsigned operand vpdpbusd takes; the 128 x sum of a row's weights
+ * it adds is taken off at the end).
+ *
+ * Layout (sparsetx/kernels/nm_linear.py KernelWeight.select_layout): rows in lane groups of 16 (L
+ * groups), K in blocks of 64 columns, S_b = sstart[b + 1] - sstart[b] quads (4 kept inputs) a row
+ * in block b, block by block:
+ *     sidx[64 * (L * sstart[b] + S_b * l + s) + 4 * lane + i]  uint8: the column (in block b) of input i
+ *                                                           of quad s of row 16 l + lane
+ *     sw  [same]                                            int8: its weight (0 where padding)
+ *     wsum[o]                                               int32: 128 x the sum of row o's weights
+ */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define SEL_TT 16   /* tokens a tile: 16 accumulators, each 16 rows of one token */
+
+int has_select(void) { return 1; }
+
+/* Tokens t0..t0+nt of x quantised: xq[t * kp + k] = round(x / s_t) + 128, s_t = max|x_t| / 127,
+ * columns K..kp and tokens nt..SEL_TT at 128 (zero). */
+static void select_quantise(const float *x, int64_t ldx, int t0, int nt, int K, int kp, uint8_t *xq, float *sx) {
+    for (int t = 0; t < SEL_TT; t++) {
+        uint8_t *q = xq + (int64_t)t * kp;
+        sx[t] = 0.0f;
+        if (t >= nt) { memset(q, 128, kp); continue; }
+        const float *xr = x + (int64_t)(t0 + t) * ldx;
+        __m512 m16 = _mm512_setzero_ps();
+        int k = 0;
+        for (; k + 16 <= K; k += 16) m16 = _mm512_max_ps(m16, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+        float mx = _mm512_reduce_max_ps(m16);
+        for (; k < K; k++) mx = fabsf(xr[k]) > mx ? fabsf(xr[k]) : mx;
+        float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+        sx[t] = mx / 127.0f;
+        const __m512 iv = _mm512_set1_ps(inv);
+        const __m512i off = _mm512_set1_epi32(128);
+        for (k = 0; k + 16 <= K; k += 16)
+            _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(
+                _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), iv)), off)));
+        for (; k < K; k++) q[k] = (uint8_t)(lrintf(xr[k] * inv) + 128);
+        for (; k < kp; k++) q[k] = 128;
+    }
+}
+
+void nm_linear_select(const float *x, int64_t ldx, int T, int K, const uint8_t *sidx, const int8_t *sw,
+                      const int32_t *sstart, const int32_t *wsum, int O, const float *scales, const float *bias,
+                      float *y, int act, int threads) {
+    const int L = (O + 15) / 16, nb = (K + 63) / 64, kp = nb * 64, tiles = (T + SEL_TT - 1) / SEL_TT;
+    #pragma omp parallel num_threads(threads)
+    {
+        int nth = 1, me = 0;
+#ifdef _OPENMP
+        nth = omp_get_num_threads(); me = omp_get_thread_num();
+#endif
+        /* threads split the token tiles when there are enough, else the lane groups */
+        int l0 = 0, l1 = L, tt0 = 0, tt1 = tiles;
+        if (tiles >= nth) tt0 = (int)((int64_t)tiles * me / nth), tt1 = (int)((int64_t)tiles * (me + 1) / nth);
+        else l0 = (int)((int64_t)L * me / nth), l1 = (int)((int64_t)L * (me + 1) / nth);
+        uint8_t *xq = aligned_alloc(64, (size_t)SEL_TT * kp);
+        float sx[SEL_TT];
+        for (int tt = tt0; tt < tt1; tt++) {
+            const int t0 = tt * SEL_TT, nt = T - t0 < SEL_TT ? T - t0 : SEL_TT;
+            select_quantise(x, ldx, t0, nt, K, kp, xq, sx);
+            for (int l = l0; l < l1; l++) {
+                __m512i acc[SEL_TT];
+                _Pragma("GCC unroll 16") for (int t = 0; t < SEL_TT; t++) acc[t] = _mm512_setzero_si512();
+                for (int b = 0; b < nb; b++) {
+                    const int S = sstart[b + 1] - sstart[b];
+                    const int64_t base = 64 * ((int64_t)L * sstart[b] + (int64_t)S * l);
+                    const uint8_t *xb = xq + 64 * b;
+                    for (int s = 0; s < S; s++) {
+                        const __m512i ix = _mm512_loadu_si512((const void *)(sidx + base + 64 * s));
+                        const __m512i wv = _mm512_loadu_si512((const void *)(sw + base + 64 * s));
+                        _Pragma("GCC unroll 16") for (int t = 0; t < SEL_TT; t++)
+                            acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_permutexvar_epi8(
+                                ix, _mm512_load_si512((const void *)(xb + (int64_t)t * kp))), wv);
+                    }
+                }
+                /* (sum - 128 sum w) x row scale x token scale + bias (GELU when act = 1) */
+                const int o0 = 16 * l, rows = O - o0 < 16 ? O - o0 : 16;
+                const __mmask16 keep = rows == 16 ? 0xffff : (__mmask16)((1u << rows) - 1);
+                const __m512i corr = _mm512_maskz_loadu_epi32(keep, wsum + o0);
+                const __m512 sc = _mm512_maskz_loadu_ps(keep, scales + o0),
+                             bv = bias ? _mm512_maskz_loadu_ps(keep, bias + o0) : _mm512_setzero_ps();
+                for (int t = 0; t < nt; t++) {
+                    __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], corr)),
+                                               _mm512_mul_ps(sc, _mm512_set1_ps(sx[t])), bv);
+                    if (act) {
+                        __m256 lo = gelu256(_mm512_castps512_ps256(v)),
+                               hi = gelu256(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+                        v = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                                                                _mm256_castps_pd(hi), 1));
+                    }
+                    _mm512_mask_storeu_ps(y + (int64_t)(t0 + t) * O + o0, keep, v);
+                }
+            }
+        }
+        free(xq);
+    }
+}
+#else
+int has_select(void) { return 0; }
+
+void nm_linear_select(const float *x, int64_t ldx, int T, int K, const uint8_t *sidx, const int8_t *sw,
+                      const int32_t *sstart, const int32_t *wsum, int O, const float *scales, const float *bias,
+                      float *y, int act, int threads) {
+    /* without VBMI + VNNI the Python side never calls this (has_select() is 0); scalar for the record */
+    const int nb = (K + 63) / 64, L = (O + 15) / 16;
+    (void)threads;
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (int64_t)t * ldx;
+        float mx = 0.0f;
+        for (int k = 0; k < K; k++) mx = fabsf(xr[k]) > mx ? fabsf(xr[k]) : mx;
+        float inv = mx > 0.0f ? 127.0f / mx : 0.0f, st = mx / 127.0f;
+        for (int o = 0; o < O; o++) {
+            int64_t acc = 0;
+            int l = o / 16, lane = o % 16;
+            for (int b = 0; b < nb; b++) {
+                int S = sstart[b + 1] - sstart[b];
+                for (int s = 0; s < S; s++)
+                    for (int i = 0; i < 4; i++) {
+                        int64_t e = 64 * ((int64_t)L * sstart[b] + (int64_t)S * l + s) + 4 * lane + i;
+                        int k = 64 * b + sidx[e];
+                        int q = k < K ? (int)lrintf(xr[k] * inv) : 0;
+                        acc += (int64_t)q * sw[e];
+                    }
+            }
+            float v = (float)acc * scales[o] * st + (bias ? bias[o] : 0.0f);
+            y[(int64_t)t * O + o] = act ? 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)) : v;
+        }
+    }
+    (void)wsum;
+}
+#endif
+
 #if defined(__AVX2__) && defined(__F16C__)
 /* 8 lane values of slot e as fp32: vt 0 fp32, 1 fp16 (F16C), 2 int8 (the row scale comes later). */
 static inline __attribute__((always_inline)) __m256 lane_values(const void *lvals, int64_t e, const int vt) {
@@ -939,6 +1079,56 @@ static inline __attribute__((always_inline)) void pv_tile(const float *const *pr
 #endif
 }
 
+#if defined(__AVX512F__)
+#define ENC_ZMM 1
+/* The same tiles on zmm registers (AVX-512: 16 floats a register, two FMA ports on the Xeons that
+ * have it): scores for ENC_QB queries x 32 keys (two tiles of 16), 12 independent sums. */
+static inline __attribute__((always_inline)) void score_tile2(const float *const *qr, const float *kt, int ldk, int d,
+                                                              float scale, float *sc, int ldc, int nq) {
+    __m512 acc[ENC_QB][2];
+    _Pragma("GCC unroll 8") for (int i = 0; i < ENC_QB; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int c = 0; c < d; c++) {
+        __m512 k0 = _mm512_load_ps(kt + (int64_t)c * ldk), k1 = _mm512_load_ps(kt + (int64_t)c * ldk + 16);
+        _Pragma("GCC unroll 8") for (int i = 0; i < ENC_QB; i++) {
+            __m512 x = _mm512_set1_ps(qr[i][c]);
+            acc[i][0] = _mm512_fmadd_ps(x, k0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(x, k1, acc[i][1]);
+        }
+    }
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int i = 0; i < nq; i++) {
+        _mm512_store_ps(sc + i * ldc, _mm512_mul_ps(acc[i][0], s));
+        _mm512_store_ps(sc + i * ldc + 16, _mm512_mul_ps(acc[i][1], s));
+    }
+}
+
+/* orow[i][c0 + c] = inv_i sum_j pr[i][j] v[j * ldv + c0 + c] for ENC_QB query rows and the next
+ * 8, 16, 24 or 32 dimensions (masked loads and stores below 32). */
+static inline __attribute__((always_inline)) void pv_tile6(const float *const *pr, const float *v, int64_t ldv, int lk,
+                                                           int nd, float *const *orow, int c0, int n6, const float *inv) {
+    const __mmask16 m0 = nd >= 16 ? 0xffff : (__mmask16)((1u << nd) - 1),
+                    m1 = nd > 16 ? (__mmask16)((1u << (nd - 16)) - 1) : 0;
+    __m512 acc[ENC_QB][2];
+    _Pragma("GCC unroll 8") for (int i = 0; i < ENC_QB; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int j = 0; j < lk; j++) {
+        const float *vr = v + j * ldv;
+        __m512 v0 = _mm512_maskz_loadu_ps(m0, vr), v1 = _mm512_maskz_loadu_ps(m1, vr + 16);
+        _Pragma("GCC unroll 8") for (int i = 0; i < ENC_QB; i++) {
+            __m512 x = _mm512_set1_ps(pr[i][j]);
+            acc[i][0] = _mm512_fmadd_ps(x, v0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(x, v1, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < n6; i++) {
+        const __m512 w = _mm512_set1_ps(inv[i]);
+        _mm512_mask_storeu_ps(orow[i] + c0, m0, _mm512_mul_ps(acc[i][0], w));
+        _mm512_mask_storeu_ps(orow[i] + c0 + 16, m1, _mm512_mul_ps(acc[i][1], w));
+    }
+}
+#else
+#define ENC_ZMM 0
+#endif
+
 void attention_encoder(const float *q, const float *k, const float *v, int B, int H, int group, int lq, int lk, int d,
                        int64_t qb_, int64_t qh, int64_t qi, int64_t kb_, int64_t kh_, int64_t ki,
                        int64_t vb_, int64_t vh, int64_t vi, float scale, const float *key_bias,
@@ -964,11 +1154,27 @@ void attention_encoder(const float *q, const float *k, const float *v, int B, in
                 /* scores: sc[i * lkp + j] = scale q_i . k_j + bias_j */
                 const float *qr[ENC_QB];
                 for (int i = 0; i < ENC_QB; i++) qr[i] = qb + (int64_t)(i0 + (i < nq ? i : 0)) * qs[2];
-                for (int j0 = 0; j0 < lkp; j0 += 16) score_tile(qr, kt + j0, lkp, d, scale, sc + j0, lkp, nq);
+                int j0 = 0;
+#if ENC_ZMM
+                for (; j0 + 32 <= lkp; j0 += 32) score_tile2(qr, kt + j0, lkp, d, scale, sc + j0, lkp, nq);
+#endif
+                for (; j0 < lkp; j0 += 16) score_tile(qr, kt + j0, lkp, d, scale, sc + j0, lkp, nq);
                 /* softmax a row: exp(s - max) (normalised by 1 / sum at the end, or here for received) */
                 float inv[ENC_QB];
                 for (int i = 0; i < nq; i++) inv[i] = softmax_row(sc + i * lkp, lk, lkp, bias, mine);
-                /* out_i = sum_j p_ij v_j: 3 queries x 32 dimensions at a time */
+                /* out_i = sum_j p_ij v_j: 3 queries x 32 dimensions at a time (6 on zmm) */
+#if ENC_ZMM
+                {
+                    const float *pr[ENC_QB];
+                    float *orow[ENC_QB];
+                    for (int i = 0; i < ENC_QB; i++) {
+                        pr[i] = sc + (i < nq ? i : 0) * lkp;
+                        orow[i] = out + b * os[0] + h * os[1] + (int64_t)(i0 + (i < nq ? i : 0)) * os[2];
+                    }
+                    for (int c0 = 0; c0 < d; c0 += 32) pv_tile6(pr, vb + c0, vs[2], lk, d - c0 < 32 ? d - c0 : 32, orow, c0, nq, inv);
+                }
+                continue;
+#endif
                 for (int i1 = 0; i1 < nq; i1 += 3) {
                     const int n3 = nq - i1 < 3 ? nq - i1 : 3;
                     const float *pr[3] = {sc + i1 * lkp, sc + (i1 + (n3 > 1)) * lkp, sc + (i1 + 2 * (n3 > 2)) * lkp};

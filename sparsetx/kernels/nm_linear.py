@@ -85,11 +85,15 @@ class KernelWeight:
         idx = torch.arange(inp, dtype=torch.int32).expand(out, inp).contiguous()
         return cls(weight.detach().float().contiguous(), idx, inp, None)
 
-    def compact(self) -> KernelWeight:
+    def compact(self, activation_bits: int = 16) -> KernelWeight:
         """Build the many-token layout now and keep it as the only stored form (when the C kernel
-        is there to read it; otherwise the canonical form stays). Returns self."""
-        if library() is not None and self._canonical is not None:
-            if self.pair_layout is None:   # int8 values read as pairs; the rest as row groups
+        is there to read it; otherwise the canonical form stays). int8 values: the select layout
+        for ``activation_bits`` 8 where the CPU runs the select kernel, else the pair layout.
+        Returns self."""
+        lib = library()
+        if lib is not None and self._canonical is not None:
+            select = activation_bits == 8 and bool(lib.has_select()) and self.select_layout is not None
+            if not select and self.pair_layout is None:   # int8 values read as pairs; the rest as row groups
                 self.group_layout  # noqa: B018 - built from the canonical form, then that is dropped
             self._canonical = None
         return self
@@ -116,7 +120,10 @@ class KernelWeight:
         return v * self.scales.view(-1, 1) if self.scales is not None else v
 
     def _from_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inverse of :attr:`pair_layout` or :attr:`group_layout`, whichever was kept."""
+        """The inverse of :attr:`select_layout`, :attr:`pair_layout` or :attr:`group_layout`,
+        whichever was kept."""
+        if self.__dict__.get("select_layout") is not None:
+            return self._from_select()
         if self.__dict__.get("pair_layout") is not None:
             return self._from_pairs()
         vals, offs = self.group_layout
@@ -146,6 +153,22 @@ class KernelWeight:
         v = torch.from_numpy(np.concatenate(values, axis=1).astype(np.int8))[:self.out_features]
         return v.contiguous(), torch.from_numpy(np.concatenate(indices, axis=1))[:self.out_features].contiguous()
 
+    def _from_select(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse of :attr:`select_layout`: int8 values and absolute indices, row by row."""
+        idx, w, starts, _ = (t.numpy() for t in self.select_layout)
+        n, m = self.nm
+        lanes = -(-self.out_features // 16)
+        values, indices = [], []
+        for b, c0 in enumerate(range(0, self.in_features, 64)):
+            kept, quads = min(64, self.in_features - c0) // m * n, int(starts[b + 1] - starts[b])
+            at, end = 64 * lanes * int(starts[b]), 64 * lanes * int(starts[b + 1])
+            def rows(a):   # (L, S, 16, 4) -> (rows, 4 S), the first ``kept`` slots
+                return a[at:end].reshape(lanes, quads, 16, 4).transpose(0, 2, 1, 3).reshape(16 * lanes, -1)[:, :kept]
+            values.append(rows(w))
+            indices.append(rows(idx).astype(np.int32) + c0)
+        v = torch.from_numpy(np.concatenate(values, axis=1))[:self.out_features]
+        return v.contiguous(), torch.from_numpy(np.concatenate(indices, axis=1))[:self.out_features].contiguous()
+
     @property
     def nm(self) -> tuple[int, int]:
         """(N, M) as the kernels see it; dense weights run as 8:8 (1:1 when in % 8 != 0)."""
@@ -157,7 +180,8 @@ class KernelWeight:
     def nbytes(self) -> int:
         """Bytes this weight holds now (canonical form and whichever layouts are built)."""
         held = list(self._canonical or ()) + ([] if self.scales is None else [self.scales])
-        for name in ("group_layout", "pair_layout", "lane_layout", "group_scales", "lane_scales", "mask_layout"):
+        for name in ("group_layout", "pair_layout", "select_layout", "lane_layout", "group_scales", "select_scales",
+                     "lane_scales", "mask_layout"):
             got = self.__dict__.get(name)
             held += [t for t in (got if isinstance(got, tuple) else (got,)) if t is not None]
         seen, total = set(), 0
@@ -253,6 +277,41 @@ class KernelWeight:
                 torch.tensor(starts, dtype=torch.int32))
 
     @cached_property
+    def select_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(uint8 indices, int8 weights, int32 quad starts, int32 128 x row sums) of the select
+        kernel (nm_cpu.c ``nm_linear_select``, where the layout is drawn), or None where it does not
+        apply: values not int8, or M not dividing 64 (a K block of 64 must hold whole groups). Each
+        64-column block's kept inputs of a row are taken four at a time (a quad; the last one padded
+        with weight 0), rows in lane groups of 16."""
+        n, m = self.nm
+        if self.scales is None or 64 % m:
+            return None
+        values, indices = self.canonical()
+        o16 = -(-self.out_features // 16) * 16
+        vals, cols = _pad_rows(values, 16).numpy(), _pad_rows(indices, 16).numpy()
+        lanes = o16 // 16
+        idx_parts, w_parts, starts = [], [], [0]
+        for c0 in range(0, self.in_features, 64):
+            j0, kept = c0 // m * n, min(64, self.in_features - c0) // m * n
+            quads = -(-kept // 4)
+            v = np.zeros((o16, 4 * quads), np.int8)
+            c = np.zeros((o16, 4 * quads), np.uint8)
+            v[:, :kept] = vals[:, j0:j0 + kept]
+            c[:, :kept] = cols[:, j0:j0 + kept] - c0
+            # block b, lane group l, quad s, lane r, input i at 64 (L start_b + S_b l + s) + 4 r + i
+            idx_parts.append(c.reshape(lanes, 16, quads, 4).transpose(0, 2, 1, 3).reshape(-1))
+            w_parts.append(v.reshape(lanes, 16, quads, 4).transpose(0, 2, 1, 3).reshape(-1))
+            starts.append(starts[-1] + quads)
+        wsum = 128 * vals.astype(np.int32).sum(1)
+        return (torch.from_numpy(np.concatenate(idx_parts)), torch.from_numpy(np.concatenate(w_parts)),
+                torch.tensor(starts, dtype=torch.int32), torch.from_numpy(wsum.astype(np.int32)))
+
+    @cached_property
+    def select_scales(self) -> torch.Tensor | None:
+        """int8 values: the row scales padded to whole lane groups of 16."""
+        return None if self.scales is None else _pad_rows(self.scales.view(-1, 1), 16).view(-1).contiguous()
+
+    @cached_property
     def pair_args(self) -> tuple:
         """(weights, offsets, columns, block starts pointers, K block, qmax) for the pair kernel. qmax: the activations' int16 range, so that no row's int32 sum can overflow
         (a pair adds at most 2 x qmax x 128)."""
@@ -260,6 +319,11 @@ class KernelWeight:
         pairs = w.numel() // (-(-self.out_features // ROW_GROUP) * ROW_GROUP)
         qmax = min(32767, (2 ** 31 - 1) // (256 * max(pairs, 1)))
         return ptr(w), ptr(off), ptr(cols), ptr(starts), self.pair_block, qmax
+
+    def qmax(self, activation_bits: int = 16) -> int:
+        """The activations' integer range in the integer kernels: 127 for 8 bits (the select kernel's,
+        and the pair kernel's when it stands in for it), else the pair kernel's int16 range."""
+        return 127 if activation_bits == 8 else self.pair_args[-1]
 
     @cached_property
     def group_scales(self) -> torch.Tensor | None:
@@ -325,17 +389,22 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = None,
-              threads: int | None = None, backend: str = "auto", activation: str | None = None) -> torch.Tensor:
+              threads: int | None = None, backend: str = "auto", activation: str | None = None,
+              activation_bits: int = 16) -> torch.Tensor:
     """x: (..., in) fp32 -> (..., out). backend: "auto" (C kernel if it built), "c", "torch".
-    activation: None, or "gelu" (erf form) applied to the result (inside the pair kernel's output
-    pass for int8 weights; after the product elsewhere)."""
+    activation: None, or "gelu" (erf form) applied to the result (inside the integer kernels'
+    output pass for int8 weights; after the product elsewhere). activation_bits (int8 weights, many
+    tokens, C kernel): the activations are rounded per token to int16 (16) or int8 (8: STA's
+    fixed-point datapath; the select kernel where the CPU has AVX-512 VBMI + VNNI)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r}: expected one of {sorted(map(str, ACTIVATIONS))}")
-    y, applied = _nm_linear(x, weight, bias, threads, backend, activation)
+    if activation_bits not in (8, 16):
+        raise ValueError(f"activation_bits {activation_bits!r}: expected 8 or 16")
+    y, applied = _nm_linear(x, weight, bias, threads, backend, activation, activation_bits)
     return y if activation is None or applied else F.gelu(y)
 
 
-def _nm_linear(x, weight, bias, threads, backend, activation) -> tuple[torch.Tensor, bool]:
+def _nm_linear(x, weight, bias, threads, backend, activation, activation_bits=16) -> tuple[torch.Tensor, bool]:
     """(x W^T + bias, whether the kernel applied ``activation`` too)."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.in_features}")
@@ -358,8 +427,13 @@ def _nm_linear(x, weight, bias, threads, backend, activation) -> tuple[torch.Ten
         return (y if o8 == o else y[:o]).view(*lead, o), False
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    if weight.scales is not None and activation_bits == 8 and lib.has_select() and weight.select_layout is not None:
+        y = _select(lib, x2, weight.select_layout, weight.select_scales, b, o, threads, ACTIVATIONS[activation])
+        return y.view(*lead, o), True
     if weight.pair_layout is not None:   # int8 values: the integer kernel
-        y = _pairs(lib, x2, weight.pair_args, weight.group_scales, b, o, n, m, threads, ACTIVATIONS[activation])
+        w, off, cols, starts, kb, _ = weight.pair_args
+        args = (w, off, cols, starts, kb, weight.qmax(activation_bits))
+        y = _pairs(lib, x2, args, weight.group_scales, b, o, n, m, threads, ACTIVATIONS[activation])
         return y.view(*lead, o), True
     vals, offs = weight.group_layout
     y = _tokens(lib, x2, vals, offs, weight.group_scales, b, o, n, m, weight.k_block, threads)
@@ -390,13 +464,26 @@ def _pairs(lib, x2: torch.Tensor, args: tuple, scales: torch.Tensor, bias: torch
     return y
 
 
-def pair_error_bound(weight: KernelWeight, x: torch.Tensor) -> torch.Tensor:
-    """(T, out): how far the pair kernel's output may be from x W^T for int8 weights. Each token is
-    rounded to int16 steps of max|x_t| / qmax, at most half a step an input, so a row's sum moves by
-    at most ||w_o||_1 x max|x_t| / (2 qmax) (fp32 rounding of the result aside)."""
+def _select(lib, x2: torch.Tensor, layout: tuple, scales: torch.Tensor, bias: torch.Tensor | None,
+            out_features: int, threads: int, act: int = 0) -> torch.Tensor:
+    """The int8 x int8 many-token kernel (nm_cpu.c nm_linear_select) on x2 (T, K), rows unit-stride,
+    and a KernelWeight.select_layout: (T, out) fp32."""
+    idx, w, starts, wsum = layout
+    y = torch.empty(x2.shape[0], out_features)
+    if x2.shape[0]:
+        lib.nm_linear_select(ptr(x2), x2.stride(0), x2.shape[0], x2.shape[1], ptr(idx), ptr(w), ptr(starts), ptr(wsum),
+                             out_features, ptr(scales), ptr(bias), ptr(y), act, threads)
+    return y
+
+
+def pair_error_bound(weight: KernelWeight, x: torch.Tensor, activation_bits: int = 16) -> torch.Tensor:
+    """(T, out): how far the integer kernels' output may be from x W^T for int8 weights. Each token
+    is rounded to integer steps of max|x_t| / qmax (KernelWeight.qmax), at most half a step an
+    input, so a row's sum moves by at most ||w_o||_1 x max|x_t| / (2 qmax) (fp32 rounding of the
+    result aside)."""
     x2 = x.reshape(-1, weight.in_features).float()
     l1 = weight.float_values().abs().sum(1)
-    return x2.abs().amax(1, keepdim=True) * l1 / (2 * weight.pair_args[-1])
+    return x2.abs().amax(1, keepdim=True) * l1 / (2 * weight.qmax(activation_bits))
 
 
 def _gather_linear(x2: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
@@ -442,30 +529,55 @@ def _(x, weights, offsets, columns, starts, scales, bias, out_features, n, m, k_
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+@torch.library.custom_op("sparsetx::nm_linear_select", mutates_args=())
+def _nm_linear_select_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, starts: torch.Tensor,
+                         sums: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                         act: int) -> torch.Tensor:
+    """The int8 x int8 many-token kernel on a select layout passed as tensors (what torch.compile calls)."""
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = _select(library(), x2, (indices, weights, starts, sums), scales, bias, out_features, torch.get_num_threads(), act)
+    return y.view(*x.shape[:-1], out_features)
+
+
+@_nm_linear_select_op.register_fake
+def _(x, indices, weights, starts, sums, scales, bias, out_features, act):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class SparseLinear(nn.Module):
     """Drop-in nn.Linear replacement holding a packed N:M weight (inference)."""
 
-    def __init__(self, weight: KernelWeight, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: KernelWeight, bias: torch.Tensor | None = None, activation_bits: int = 16) -> None:
+        """activation_bits: how the integer kernels round activations for int8 weights (see
+        :func:`nm_linear`); 8 stores the select layout where the CPU runs that kernel."""
         super().__init__()
-        self.weight_nm = weight.compact()   # inference: the kernel's layout is the stored form
+        if activation_bits not in (8, 16):
+            raise ValueError(f"activation_bits {activation_bits!r}: expected 8 or 16")
+        self.activation_bits = activation_bits
+        self.weight_nm = weight.compact(activation_bits)   # inference: the kernel's layout is the stored form
         self.in_features, self.out_features = weight.in_features, weight.out_features
         # the layout as buffers too, so torch.compile passes them to the operator as tensors
-        native = library() is not None
-        pairs = weight.pair_layout if native else None
-        layout = weight.group_layout if native and pairs is None else (None, None)
+        lib = library()
+        native = lib is not None
+        select = weight.__dict__.get("select_layout") if native and activation_bits == 8 else None
+        for name, t in zip(("select_indices", "select_weights", "select_starts", "select_sums"), select or (None,) * 4):
+            self.register_buffer(name, t, persistent=False)
+        self.register_buffer("select_scales", weight.select_scales if select else None, persistent=False)
+        pairs = weight.pair_layout if native and select is None else None
+        layout = weight.group_layout if native and pairs is None and select is None else (None, None)
         self.register_buffer("layout_values", layout[0], persistent=False)
         self.register_buffer("layout_offsets", layout[1], persistent=False)
         for name, t in zip(("pair_weights", "pair_offsets", "pair_columns", "pair_starts"), pairs or (None,) * 4):
             self.register_buffer(name, t, persistent=False)
         # plain ints for the traced call (a cached_property takes a lock torch.compile cannot trace)
-        self.pair_qmax = weight.pair_args[-1] if pairs is not None else 0
+        self.pair_qmax = weight.qmax(activation_bits) if pairs is not None else 0
         self.register_buffer("layout_scales", weight.group_scales, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.activation: str | None = None   # "gelu": the layer applies it (fuse_activations)
 
     @classmethod
-    def from_packed(cls, packed: PackedNM, bias: torch.Tensor | None = None) -> SparseLinear:
-        return cls(KernelWeight.from_packed(packed), bias)   # __init__ compacts it
+    def from_packed(cls, packed: PackedNM, bias: torch.Tensor | None = None, activation_bits: int = 16) -> SparseLinear:
+        return cls(KernelWeight.from_packed(packed), bias, activation_bits)   # __init__ compacts it
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, pattern: NMPattern | str) -> SparseLinear:
@@ -474,10 +586,15 @@ class SparseLinear(nn.Module):
         return cls.from_packed(pack_nm(linear.weight.detach(), NMPattern.parse(pattern), torch.float32), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and (self.layout_values is not None or self.pair_weights is not None):
+        if torch.compiler.is_compiling() and (self.layout_values is not None or self.pair_weights is not None
+                                              or self.select_weights is not None):
             # torch.compile sees the kernel as one opaque operator with a known output shape
             w = self.weight_nm
             n, m = w.nm
+            if self.select_weights is not None:
+                return torch.ops.sparsetx.nm_linear_select(x, self.select_indices, self.select_weights, self.select_starts,
+                                                           self.select_sums, self.select_scales, self.bias, w.out_features,
+                                                           ACTIVATIONS[self.activation])
             if self.pair_weights is not None:
                 return torch.ops.sparsetx.nm_linear_pairs(x, self.pair_weights, self.pair_offsets, self.pair_columns,
                                                           self.pair_starts, self.layout_scales, self.bias, w.out_features,
@@ -485,10 +602,11 @@ class SparseLinear(nn.Module):
             y = torch.ops.sparsetx.nm_linear(x, self.layout_values, self.layout_offsets, self.layout_scales,
                                              self.bias, w.out_features, n, m, w.k_block)
             return y if self.activation is None else F.gelu(y)
-        return nm_linear(x, self.weight_nm, self.bias, activation=self.activation)
+        return nm_linear(x, self.weight_nm, self.bias, activation=self.activation, activation_bits=self.activation_bits)
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation}" if self.activation else ""
+        act += ", int8 activations" if self.activation_bits == 8 else ""
         return f"{self.in_features}, {self.out_features}, pattern={self.weight_nm.pattern}{act}"
 
 
