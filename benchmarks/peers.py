@@ -180,7 +180,7 @@ def openvino_runner(path: Path, threads: int):
     return run
 
 
-def encoder_contenders(dense, sparse_dirs: dict, onnx: dict, threads: int):
+def encoder_contenders(dense, sparse_dirs: dict, onnx: dict, threads: int, activation_bits: int = 8):
     from sparsetx.attention.encoder import SpAttenConfig, spatten
     from sparsetx.models import load_model
 
@@ -197,13 +197,14 @@ def encoder_contenders(dense, sparse_dirs: dict, onnx: dict, threads: int):
         out.append(Contender("ORT int8", ort_runner(onnx["int8"], threads), ref, exact=False))
     if onnx.get("openvino"):
         out.append(Contender("OpenVINO f32", openvino_runner(onnx["fp32"], threads), ref))
+    exact = activation_bits == 16   # int8 activations round like ORT int8's: cosine reported, not required
     for pattern, folder in sparse_dirs.items():
-        fast = load_model(folder, task="sentiment", fast=True)
+        fast = load_model(folder, task="sentiment", fast=True, activation_bits=activation_bits)
         slow = load_model(folder, task="sentiment")          # the same weights on PyTorch's dense path
         sref = torch_runner(slow)
-        out.append(Contender(f"sparsetx {pattern}", torch_runner(fast), sref))
-        compiled = load_model(folder, task="sentiment", fast=True, compile=True)
-        out.append(Contender(f"sparsetx {pattern} compiled", torch_runner(compiled), sref,
+        out.append(Contender(f"sparsetx {pattern}", torch_runner(fast), sref, exact=exact))
+        compiled = load_model(folder, task="sentiment", fast=True, compile=True, activation_bits=activation_bits)
+        out.append(Contender(f"sparsetx {pattern} compiled", torch_runner(compiled), sref, exact=exact,
                              note="torch.compile (inductor) with the N:M kernel as a custom operator"))
         out.append(Contender(f"sparsetx {pattern} + tokens {SPATTEN_KEEP:.0%}",
                              torch_runner(fast, lambda m=fast: spatten(m, keep)), sref, exact=False,
@@ -262,11 +263,12 @@ def encoder_part(args, errors: dict) -> dict:
         skipped.setdefault(name, err)
 
     result = {"models": {"dense": str(dense_dir), **{p: str(d) for p, d in sparse_dirs.items()}},
-              "skipped": skipped, "settings": [], "accuracy": {}, "checks": {}}
+              "skipped": skipped, "settings": [], "accuracy": {}, "checks": {},
+              "activation_bits": args.activation_bits}
     test = sentiment_splits()["test"].subset(args.test_limit)
     for threads in args.threads:
         torch.set_num_threads(threads)
-        contenders = encoder_contenders(dense, sparse_dirs, onnx, threads)
+        contenders = encoder_contenders(dense, sparse_dirs, onnx, threads, args.activation_bits)
         # outputs first: every contender against its PyTorch model, on a real 128-token batch
         ids, mask = encoder_inputs(tok, 128, 2)
         for c in contenders:
@@ -530,6 +532,7 @@ import torch, transformers  # noqa: F401  (imported before the baseline is read)
 from sparsetx.kernels.allocator import trim_heap, tune_allocator
 from sparsetx.models import load_model, model_class
 path, task, fast, warm = sys.argv[1], sys.argv[2] or None, sys.argv[3] == "1", sys.argv[4] == "1"
+bits = int(sys.argv[5])
 torch.set_num_threads(1)
 tune_allocator()   # the same allocator for every model measured (a fast load would set it anyway)
 
@@ -554,13 +557,13 @@ if warm:   # what every model pays, paid first: the architecture's code imported
         lin = torch.nn.Linear(64, 8)
         lin.weight.data[:, 2:].zero_()   # 2 kept of the first group of 8, the others empty: 2:8
         for dtype in (torch.float32, torch.int8):   # both many-token engines (fp32 / fp16 values, int8)
-            SparseLinear.from_packed(pack_nm(lin.weight.data, NMPattern(2, 8), dtype))(torch.ones(128, 64))
+            SparseLinear.from_packed(pack_nm(lin.weight.data, NMPattern(2, 8), dtype), None, bits)(torch.ones(128, 64))
     del tiny
     gc.collect()
 trim_heap()   # what the warm-up freed goes back to the OS: a load must not count on reusing it
 open("/proc/self/clear_refs", "w").write("5")   # reset the high-water mark (VmHWM) to the current RSS
 base = status("VmRSS")
-model = load_model(path, task=task, fast=fast)
+model = load_model(path, task=task, fast=fast, activation_bits=bits)
 loaded = status("VmHWM")
 with torch.inference_mode():
     model(input_ids=torch.ones(1, 128, dtype=torch.long))
@@ -568,15 +571,17 @@ print(json.dumps({"base_kib": base, "after_load_kib": loaded, "peak_kib": status
 """
 
 
-def peak_memory(path, task: str | None, fast: bool, warm: bool = False) -> dict:
+def peak_memory(path, task: str | None, fast: bool, warm: bool = False, activation_bits: int = 16) -> dict:
     """Peak RSS above the imports (torch, transformers) of loading ``path`` and running one 128-token
     forward, in a fresh process (Linux VmHWM, reset through /proc/self/clear_refs). ``warm``: first
     build and run a one-layer, 128-word model of the same architecture (on the attention a fast load
     gives it) and one call of each many-token N:M kernel, so what any model of it costs (its code,
-    torch's first-forward buffers) is out of the figure."""
+    torch's first-forward buffers) is out of the figure. ``activation_bits``: the fast load's (int8
+    activations store the smaller select layout where the CPU runs that kernel)."""
     import subprocess
 
-    run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), task or "", "1" if fast else "0", "1" if warm else "0"],
+    run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), task or "", "1" if fast else "0", "1" if warm else "0",
+                          str(activation_bits)],
                          capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"memory probe of {path} failed:\n{run.stderr[-2000:]}")
@@ -584,10 +589,10 @@ def peak_memory(path, task: str | None, fast: bool, warm: bool = False) -> dict:
     return {"load_mib": (r["after_load_kib"] - r["base_kib"]) / 1024, "peak_mib": (r["peak_kib"] - r["base_kib"]) / 1024}
 
 
-def peak_memory_stats(path, task: str | None, fast: bool, warm: bool, repeats: int) -> dict:
+def peak_memory_stats(path, task: str | None, fast: bool, warm: bool, repeats: int, activation_bits: int = 16) -> dict:
     """:func:`peak_memory` in ``repeats`` fresh processes: medians, and the peak's min and max (the
     peak moves by a few MiB from process to process with where the allocator places things)."""
-    runs = [peak_memory(path, task, fast, warm) for _ in range(repeats)]
+    runs = [peak_memory(path, task, fast, warm, activation_bits) for _ in range(repeats)]
     peaks = [r["peak_mib"] for r in runs]
     return {"load_mib": statistics.median(r["load_mib"] for r in runs), "peak_mib": statistics.median(peaks),
             "peak_min_mib": min(peaks), "peak_max_mib": max(peaks), "runs": repeats}
@@ -608,8 +613,10 @@ def memory_part(args) -> dict:
         n = args.memory_repeats
         group = {"MiniLM dense fp32 (HF)" + tag: peak_memory_stats(dense_dir, "sentiment", False, warm, n)}
         for pattern, folder in folders:
-            group[f"MiniLM {pattern} packed ({_value_dtype(folder)}), N:M kernel{tag}"] = peak_memory_stats(
-                folder, "sentiment", True, warm, n)
+            bits = args.activation_bits if _value_dtype(folder) == "int8" else 16
+            act = ", int8 activations" if bits == 8 else ""
+            group[f"MiniLM {pattern} packed ({_value_dtype(folder)}{act}), N:M kernel{tag}"] = peak_memory_stats(
+                folder, "sentiment", True, warm, n, bits)
         base = group["MiniLM dense fp32 (HF)" + tag]["peak_mib"]
         for r in group.values():
             r["vs_dense"] = r["peak_mib"] / base
@@ -705,7 +712,10 @@ def report(result: dict, args) -> list[str]:
     if "encoder" in result:
         enc = result["encoder"]
         md += ["## MiniLM sentiment classifier", "", *source("encoder"),
-               "Median ms per forward (speed ratio vs the fastest dense peer of that setting; higher is faster).", "",
+               "Median ms per forward (speed ratio vs the fastest dense peer of that setting; higher is faster). "
+               + ("sparsetx rows: int8 values, activations rounded per token to int8 (`activation_bits=8`: the "
+                  "select kernel where the CPU has AVX-512 VBMI + VNNI)." if enc.get("activation_bits", 16) == 8 else
+                  "sparsetx rows: int8 values, activations rounded per token to int16."), "",
                *encoder_table(enc), "", "Targets (issue 12):", "", *encoder_targets(enc), ""]
         if enc["skipped"]:
             md += ["Not run:", ""] + [f"- {k}: `{_first_error(v)}`" for k, v in enc["skipped"].items()] + [""]
@@ -737,6 +747,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", default="128,512", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--batches", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--activation-bits", type=int, default=8, choices=(8, 16),
+                    help="sparsetx's int8 models: activations rounded per token to int8 (the select kernel) or int16")
     ap.add_argument("--test-limit", type=int, default=None, help="first N test snippets only (default: all)")
     ap.add_argument("--part", default="encoder,memory,decoder", type=lambda s: s.split(","))
     ap.add_argument("--memory-repeats", type=int, default=5, help="fresh processes per memory figure (median)")
