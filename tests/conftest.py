@@ -86,8 +86,9 @@ def assert_within_pair_bound(y, ref, weight, x, atol=1e-4, activation_bits=16):
     assert excess <= 0, f"pair kernel off by {excess:.3g} beyond its bound"
 
 
-def tiny_packed_bert(folder, vocab: int, value_dtype: str):
-    """A one-layer, 64-wide BERT classifier pruned 2:8 and packed into ``folder``."""
+def tiny_packed_bert(folder, vocab: int, value_dtype: str, layers: int = 1, pattern: str = "2:8"):
+    """A ``layers``-layer (default one), 64-wide BERT classifier pruned to ``pattern`` and packed into
+    ``folder``."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -95,7 +96,7 @@ def tiny_packed_bert(folder, vocab: int, value_dtype: str):
     from sparsetx.nm.prune import NMConfig, recorded_patterns, sparsify
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=1,
+    model = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers,
                                                      num_attention_heads=4, intermediate_size=128)).eval()
-    sparsify(model, NMConfig("2:8"))
+    sparsify(model, NMConfig(pattern))
     return save_packed(model, folder, recorded_patterns(model), value_dtype)

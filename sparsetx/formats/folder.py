@@ -415,7 +415,8 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     (:func:`sparsetx.kernels.allocator.tune_allocator`; ``SPARSETX_MALLOC=default`` opts out); an
     encoder's self-attention then runs on the blocked C kernel
     (:func:`sparsetx.kernels.attention.use_encoder_attention`) and a GELU after an N:M layer inside
-    it (:func:`sparsetx.kernels.nm_linear.fuse_activations`). ``activation_bits`` (``fast``, int8
+    it (:func:`sparsetx.kernels.nm_linear.fuse_activations`), and an encoder of int8 N:M layers runs
+    them all in one C call (:func:`sparsetx.kernels.encoder.use_encoder_layers`). ``activation_bits`` (``fast``, int8
     values): the integer kernels round activations per token to int16 (16) or int8 (8, STA's
     fixed-point datapath; the faster select kernel where the CPU has AVX-512 VBMI and VNNI).
     """
@@ -462,11 +463,13 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     model.eval()
     if fast:   # inference from here on: keep freed activations' memory for reuse (process-wide)
         from ..kernels.attention import use_encoder_attention
+        from ..kernels.encoder import use_encoder_layers
         from ..kernels.nm_linear import fuse_activations
 
         tune_allocator()
         use_encoder_attention(model)   # an encoder's attention on the blocked C kernel
         fuse_activations(model)        # BERT's GELU inside the N:M layer before it
+        use_encoder_layers(model)      # int8 N:M encoder layers: all in one C call
     return (model, packed) if with_sparse else model
 
 

@@ -97,6 +97,8 @@ def _load(target: Path) -> ctypes.CDLL | None:
         lib.nm_linear_select.argtypes = [p, i64, i, i, p, p, p, p, i, p, p, p, i, i]
         lib.nm_linear_select.restype = None
         lib.has_select.argtypes, lib.has_select.restype = [], i
+        lib.encoder_layers.argtypes = [p, i, i, i, i, i, i, ctypes.c_float, p, p, i]
+        lib.encoder_layers.restype = None
         lib.has_f16c.argtypes, lib.has_f16c.restype = [], i
         lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
         lib.attention_fused.argtypes = [p, p, p, i, i, i, i, i64, i, ctypes.c_float, p, p, p, p, i]

@@ -70,6 +70,28 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_andnot_ps(zero_mask, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+#ifdef __AVX512F__
+/* exp256's polynomial on 16 floats (AVX-512). */
+static inline __m512 exp512(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.3f);
+    __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps((__mmask16)~zero, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+}
+#endif
+
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -981,6 +1003,18 @@ static float softmax_row(float *row, int lk, int lkp, const float *bias, double 
         return 0.0f;
     }
     j = 0;
+#ifdef __AVX512F__
+    {   /* 16 keys a step on zmm (the row is 64-byte aligned: lkp a multiple of 16) */
+        __m512 l16 = _mm512_setzero_ps();
+        const __m512 m16 = _mm512_set1_ps(m);
+        for (; j + 16 <= lk; j += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_load_ps(row + j), m16));
+            _mm512_store_ps(row + j, e);
+            l16 = _mm512_add_ps(l16, e);
+        }
+        l = _mm512_reduce_add_ps(l16);
+    }
+#endif
 #ifdef __AVX2__
     __m256 lv = _mm256_setzero_ps();
     mv = _mm256_set1_ps(m);
@@ -989,7 +1023,7 @@ static float softmax_row(float *row, int lk, int lkp, const float *bias, double 
         _mm256_store_ps(row + j, e);
         lv = _mm256_add_ps(lv, e);
     }
-    l = hsum256(lv);
+    l += hsum256(lv);
 #endif
     for (; j < lk; j++) { row[j] = expf(row[j] - m); l += row[j]; }
     for (; j < lkp; j++) row[j] = 0.0f;
@@ -1108,21 +1142,26 @@ static inline __attribute__((always_inline)) void pv_tile6(const float *const *p
                                                            int nd, float *const *orow, int c0, int n6, const float *inv) {
     const __mmask16 m0 = nd >= 16 ? 0xffff : (__mmask16)((1u << nd) - 1),
                     m1 = nd > 16 ? (__mmask16)((1u << (nd - 16)) - 1) : 0;
-    __m512 acc[ENC_QB][2];
-    _Pragma("GCC unroll 8") for (int i = 0; i < ENC_QB; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    /* named accumulators: in an array gcc kept them on the stack, a store and a load each step */
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0v = a0, c1 = a0, d0 = a0, d1 = a0, e0 = a0, e1 = a0,
+           f0 = a0, f1 = a0;
+    const float *p0 = pr[0], *p1 = pr[1], *p2 = pr[2], *p3 = pr[3], *p4 = pr[4], *p5 = pr[5];
     for (int j = 0; j < lk; j++) {
         const float *vr = v + j * ldv;
-        __m512 v0 = _mm512_maskz_loadu_ps(m0, vr), v1 = _mm512_maskz_loadu_ps(m1, vr + 16);
-        _Pragma("GCC unroll 8") for (int i = 0; i < ENC_QB; i++) {
-            __m512 x = _mm512_set1_ps(pr[i][j]);
-            acc[i][0] = _mm512_fmadd_ps(x, v0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(x, v1, acc[i][1]);
-        }
+        const __m512 v0 = _mm512_maskz_loadu_ps(m0, vr), v1 = _mm512_maskz_loadu_ps(m1, vr + 16);
+        __m512 x;
+        x = _mm512_set1_ps(p0[j]); a0 = _mm512_fmadd_ps(x, v0, a0); a1 = _mm512_fmadd_ps(x, v1, a1);
+        x = _mm512_set1_ps(p1[j]); b0 = _mm512_fmadd_ps(x, v0, b0); b1 = _mm512_fmadd_ps(x, v1, b1);
+        x = _mm512_set1_ps(p2[j]); c0v = _mm512_fmadd_ps(x, v0, c0v); c1 = _mm512_fmadd_ps(x, v1, c1);
+        x = _mm512_set1_ps(p3[j]); d0 = _mm512_fmadd_ps(x, v0, d0); d1 = _mm512_fmadd_ps(x, v1, d1);
+        x = _mm512_set1_ps(p4[j]); e0 = _mm512_fmadd_ps(x, v0, e0); e1 = _mm512_fmadd_ps(x, v1, e1);
+        x = _mm512_set1_ps(p5[j]); f0 = _mm512_fmadd_ps(x, v0, f0); f1 = _mm512_fmadd_ps(x, v1, f1);
     }
+    const __m512 r[ENC_QB][2] = {{a0, a1}, {b0, b1}, {c0v, c1}, {d0, d1}, {e0, e1}, {f0, f1}};
     for (int i = 0; i < n6; i++) {
         const __m512 w = _mm512_set1_ps(inv[i]);
-        _mm512_mask_storeu_ps(orow[i] + c0, m0, _mm512_mul_ps(acc[i][0], w));
-        _mm512_mask_storeu_ps(orow[i] + c0 + 16, m1, _mm512_mul_ps(acc[i][1], w));
+        _mm512_mask_storeu_ps(orow[i] + c0, m0, _mm512_mul_ps(r[i][0], w));
+        _mm512_mask_storeu_ps(orow[i] + c0 + 16, m1, _mm512_mul_ps(r[i][1], w));
     }
 }
 #else
@@ -1368,4 +1407,95 @@ void llama_step(const int64_t *table, int L, int H, int hq, int hkv, int d, int 
         for (int i = 0; i < H; i++) h[i] += y[i];
     }
     free(x); free(y); free(q); free(kv); free(ctx); free(g); free(u);
+}
+
+/* ---- 8. A BERT-family encoder's layers in one call (many tokens, int8 N:M weights) -----------
+ *
+ * Post-norm layers: h = LN(h + O(attention(Q h, K h, V h))), h = LN(h + Down(GELU(Up h))), every
+ * projection an int8 N:M layer on the select kernel (kind 0) or the pair kernel (kind 1), the
+ * attention on attention_encoder. One row of int64 fields a linear (E_KIND .. E_ACT), and a layer's
+ * row: its two LayerNorms' weight and bias, then q k v o up down. What per-layer Python and PyTorch
+ * ops cost around the kernels (about 5 ms of a 128-token MiniLM forward) is gone. */
+enum { E_KIND, E_P0, E_P1, E_P2, E_P3, E_SCALES, E_BIAS, E_O, E_K, E_N, E_M, E_KB, E_QMAX, E_ACT, NE };
+#define ENC_LAYER_FIELDS (4 + 6 * NE)
+
+static void encoder_linear(const int64_t *f, const float *x, int T, float *y, int threads) {
+#define EP(i) ((const void *)(intptr_t)f[i])
+    const float *sc = (const float *)EP(E_SCALES), *b = (const float *)EP(E_BIAS);
+    const int O = (int)f[E_O], K = (int)f[E_K];
+    if (f[E_KIND] == 0)
+        nm_linear_select(x, K, T, K, (const uint8_t *)EP(E_P0), (const int8_t *)EP(E_P1), (const int32_t *)EP(E_P2),
+                         (const int32_t *)EP(E_P3), O, sc, b, y, (int)f[E_ACT], threads);
+    else
+        nm_linear_pairs(x, K, T, K, (const int32_t *)EP(E_P0), (const uint16_t *)EP(E_P1), (const uint16_t *)EP(E_P2),
+                        (const int32_t *)EP(E_P3), O, (int)f[E_N], (int)f[E_M], (int)f[E_KB], sc, b, y,
+                        (int)f[E_QMAX], (int)f[E_ACT], threads);
+#undef EP
+}
+
+/* h[t] = LayerNorm(h[t] + a[t]) (weight g, bias b; two passes: mean, then the centred variance). */
+static void residual_layer_norm(float *h, const float *a, int T, int D, const float *g, const float *b, float eps,
+                                int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < T; t++) {
+        float *r = h + (int64_t)t * D;
+        const float *s = a + (int64_t)t * D;
+        int i = 0;
+        float sum = 0.0f, sq = 0.0f;
+#ifdef __AVX2__
+        __m256 s8 = _mm256_setzero_ps(), q8 = s8;
+        for (; i + 8 <= D; i += 8) {
+            __m256 x = _mm256_add_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(s + i));
+            _mm256_storeu_ps(r + i, x);
+            s8 = _mm256_add_ps(s8, x);
+        }
+        sum = hsum256(s8);
+#endif
+        for (; i < D; i++) { r[i] += s[i]; sum += r[i]; }
+        const float m = sum / D;
+        i = 0;
+#ifdef __AVX2__
+        const __m256 m8 = _mm256_set1_ps(m);
+        for (; i + 8 <= D; i += 8) {
+            __m256 c = _mm256_sub_ps(_mm256_loadu_ps(r + i), m8);
+            q8 = _mm256_fmadd_ps(c, c, q8);
+        }
+        sq = hsum256(q8);
+#endif
+        for (; i < D; i++) sq += (r[i] - m) * (r[i] - m);
+        const float inv = 1.0f / sqrtf(sq / D + eps);
+        i = 0;
+#ifdef __AVX2__
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (; i + 8 <= D; i += 8)
+            _mm256_storeu_ps(r + i, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(r + i), m8), iv),
+                                                    _mm256_loadu_ps(g + i), _mm256_loadu_ps(b + i)));
+#endif
+        for (; i < D; i++) r[i] = (r[i] - m) * inv * g[i] + b[i];
+    }
+}
+
+/* h (B, T, D) in place through L layers of H heads (D / H each) and I intermediate units. key_bias
+ * (B, T): added to every query's scores (-inf: a padding key), or NULL. */
+void encoder_layers(const int64_t *table, int L, int B, int T, int D, int H, int I, float eps, float *h,
+                    const float *key_bias, int threads) {
+    const int64_t n = (int64_t)B * T, d = D / H;
+    float *q = malloc(sizeof(float) * n * D), *k = malloc(sizeof(float) * n * D), *v = malloc(sizeof(float) * n * D),
+          *ctx = malloc(sizeof(float) * n * D), *u = malloc(sizeof(float) * n * (I > D ? I : D));
+    const float scale = 1.0f / sqrtf((float)d);
+    for (int l = 0; l < L; l++) {
+        const int64_t *t = table + (int64_t)l * ENC_LAYER_FIELDS, *lin = t + 4;
+        encoder_linear(lin + 0 * NE, h, (int)n, q, threads);
+        encoder_linear(lin + 1 * NE, h, (int)n, k, threads);
+        encoder_linear(lin + 2 * NE, h, (int)n, v, threads);
+        /* (B, T, H, d) read as (B, H, T, d); the context lands as (B, T, H, d) = (n, D) */
+        attention_encoder(q, k, v, B, H, 1, T, T, (int)d, (int64_t)T * D, d, D, (int64_t)T * D, d, D, (int64_t)T * D, d, D,
+                          scale, key_bias, ctx, (int64_t)T * D, d, D, NULL, threads);
+        encoder_linear(lin + 3 * NE, ctx, (int)n, u, threads);
+        residual_layer_norm(h, u, (int)n, D, (const float *)(intptr_t)t[0], (const float *)(intptr_t)t[1], eps, threads);
+        encoder_linear(lin + 4 * NE, h, (int)n, u, threads);   /* up (+ GELU): u (n, I) */
+        encoder_linear(lin + 5 * NE, u, (int)n, q, threads);                         /* down: q (n, D) */
+        residual_layer_norm(h, q, (int)n, D, (const float *)(intptr_t)t[2], (const float *)(intptr_t)t[3], eps, threads);
+    }
+    free(q); free(k); free(v); free(ctx); free(u);
 }

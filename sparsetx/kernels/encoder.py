@@ -1,0 +1,108 @@
+"""A BERT-family encoder's layers in one C call (nm_cpu.c ``encoder_layers``).
+
+With int8 N:M layers on the integer kernels, a 128-token MiniLM forward spent about as long in the
+Python around its layers (transformers' module calls, views, LayerNorm and residual ops) as in the
+N:M kernels themselves. :func:`use_encoder_layers` gives the encoder module a forward that hands
+the hidden states to C for all layers at once, where the model is one it can run: post-norm
+layers (BERT, MiniLM, RoBERTa...) whose six projections are int8 :class:`SparseLinear` layers on
+the select or pair kernel, the intermediate GELU fused into its layer, absolute positions. Any
+call it cannot take as a whole (gradients, torch.compile tracing, cross-attention, a mask that is
+not a per-key padding mask, hooks on a layer, extra arguments) goes to the model's own forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .loader import library, ptr
+from .nm_linear import ACTIVATIONS, SparseLinear
+
+NE = 14   # int64 fields of a linear in encoder_layers' table (nm_cpu.c E_KIND .. E_ACT)
+
+
+def _linear_row(lin: nn.Module) -> list[int] | None:
+    """One projection's table row, or None when it is not an int8 SparseLinear on an integer kernel."""
+    if not isinstance(lin, SparseLinear):
+        return None
+    n, m = lin.weight_nm.nm
+    bias = ptr(lin.bias).value if lin.bias is not None else 0
+    act = ACTIVATIONS[lin.activation]
+    if lin.select_weights is not None:
+        p = (lin.select_indices, lin.select_weights, lin.select_starts, lin.select_sums)
+        return [0, *(t.data_ptr() for t in p), lin.select_scales.data_ptr(), bias, lin.out_features, lin.in_features,
+                n, m, 0, 0, act]
+    if lin.pair_weights is not None:
+        p = (lin.pair_weights, lin.pair_offsets, lin.pair_columns, lin.pair_starts)
+        return [1, *(t.data_ptr() for t in p), lin.layout_scales.data_ptr(), bias, lin.out_features, lin.in_features,
+                n, m, lin.weight_nm.pair_block, lin.pair_qmax, act]
+    return None
+
+
+class EncoderLayers:
+    """The table ``encoder_layers`` reads for one encoder (built once; it points into the modules'
+    buffers, which it keeps alive), and the forward that calls it."""
+
+    def __init__(self, encoder: nn.Module, config) -> None:
+        self.encoder, self.original = encoder, type(encoder).forward.__get__(encoder)
+        rows = []
+        for layer in encoder.layer:
+            att, out = layer.attention, layer.output
+            norms = (att.output.LayerNorm, out.LayerNorm)
+            lins = [_linear_row(x) for x in (att.self.query, att.self.key, att.self.value, att.output.dense,
+                                             layer.intermediate.dense, out.dense)]
+            if None in lins or lins[4][-1] != ACTIVATIONS["gelu"]:
+                raise ValueError("not every projection is an int8 SparseLinear with the GELU fused")
+            rows.append([t.data_ptr() for n in norms for t in (n.weight, n.bias)] + [v for r in lins for v in r])
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.hidden, self.heads = config.hidden_size, config.num_attention_heads
+        self.inter, self.eps = config.intermediate_size, float(config.layer_norm_eps)
+        self.layers = list(encoder.layer)
+
+    def takes(self, hidden, mask, args, kwargs) -> bool:
+        """Whether this call can run as a whole in C (else the model's own forward runs it)."""
+        if (args or torch.compiler.is_compiling() or (torch.is_grad_enabled() and hidden.requires_grad)
+                or hidden.dtype != torch.float32 or hidden.dim() != 3 or hidden.shape[1] == 0
+                or any(kwargs.get(k) is not None for k in ("encoder_hidden_states", "head_mask"))
+                or any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states", "use_cache"))):
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for layer in self.layers for m in layer.modules()):
+            return False   # something records or changes what a layer does
+        return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.dtype == torch.bool
+                                and torch.equal(mask[:, 0, 0], mask[:, 0, -1]))
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        if not self.takes(hidden_states, attention_mask, args, kwargs):
+            return self.original(hidden_states, attention_mask, *args, **kwargs)
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+        b, t, d = hidden_states.shape
+        h = hidden_states.contiguous().clone()
+        bias = None
+        if attention_mask is not None:
+            keep = attention_mask[:, 0, 0]
+            bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -torch.inf).contiguous()
+        library().encoder_layers(ptr(self.table), len(self.layers), b, t, d, self.heads, self.inter, self.eps, ptr(h),
+                                 ptr(bias), torch.get_num_threads())
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
+
+
+def use_encoder_layers(model: nn.Module) -> bool:
+    """Give a BERT-family encoder of int8 N:M SparseLinear layers (GELU fused, see
+    :func:`~sparsetx.kernels.nm_linear.fuse_activations`) a forward that runs all its layers in one
+    C call; returns whether it did. The model's own forward stays for every call it cannot take."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "base_model", model)
+    encoder = getattr(base, "encoder", None)
+    if (library() is None or config is None or encoder is None or not hasattr(encoder, "layer")
+            or getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False)
+            or getattr(config, "hidden_act", None) != "gelu"
+            or getattr(config, "position_embedding_type", "absolute") != "absolute"
+            or getattr(config, "_attn_implementation", None) != "sparsetx"):
+        return False
+    try:
+        plan = EncoderLayers(encoder, config)
+    except (AttributeError, ValueError, TypeError):
+        return False
+    encoder.forward = plan.forward   # an instance attribute shadows the class's forward
+    encoder.sparsetx_layers = plan
+    return True
