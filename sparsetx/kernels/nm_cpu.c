@@ -982,6 +982,31 @@ void attention_fused(const float *q, const float *k, const float *v, int hq, int
 static float softmax_row(float *row, int lk, int lkp, const float *bias, double *received) {
     int j = 0;
     float m = -INFINITY, l = 0.0f;
+#ifdef __AVX512F__
+    {   /* the max with four independent chains (one chain waits out vmaxps' latency every step) */
+        __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+        for (; j + 64 <= lk; j += 64) {
+            __m512 x0 = _mm512_load_ps(row + j), x1 = _mm512_load_ps(row + j + 16), x2 = _mm512_load_ps(row + j + 32),
+                   x3 = _mm512_load_ps(row + j + 48);
+            if (bias) {
+                x0 = _mm512_add_ps(x0, _mm512_loadu_ps(bias + j)); x1 = _mm512_add_ps(x1, _mm512_loadu_ps(bias + j + 16));
+                x2 = _mm512_add_ps(x2, _mm512_loadu_ps(bias + j + 32)); x3 = _mm512_add_ps(x3, _mm512_loadu_ps(bias + j + 48));
+                _mm512_store_ps(row + j, x0); _mm512_store_ps(row + j + 16, x1);
+                _mm512_store_ps(row + j + 32, x2); _mm512_store_ps(row + j + 48, x3);
+            }
+            m0 = _mm512_max_ps(m0, x0); m1 = _mm512_max_ps(m1, x1); m2 = _mm512_max_ps(m2, x2); m3 = _mm512_max_ps(m3, x3);
+        }
+        for (; j + 16 <= lk; j += 16) {
+            __m512 x = _mm512_load_ps(row + j);
+            if (bias) {
+                x = _mm512_add_ps(x, _mm512_loadu_ps(bias + j));
+                _mm512_store_ps(row + j, x);
+            }
+            m0 = _mm512_max_ps(m0, x);
+        }
+        m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+    }
+#endif
 #ifdef __AVX2__
     __m256 mv = _mm256_set1_ps(-INFINITY);
     for (; j + 8 <= lk; j += 8) {
