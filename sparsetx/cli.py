@@ -239,13 +239,15 @@ def cmd_prune(args):
         stages = [Stage(str(p), args.steps or 100) for p in parse_series(args.series)]
         result = run(RunSpec(args.model, args.out, stages, _train_config(args), _layer_config(args, stages[0].pattern)))
         console.print(_rows_table("IDP candidates", result["stages"]))
+        _repack_candidates(args, [f"candidate-{s.name}" for s in stages])
         return result
     if not args.pattern:
         raise ValueError(f"--method {args.method} needs --pattern, e.g. 2:4")
     if args.method == "srste":
-        result = run(RunSpec(args.model, args.out, [Stage(args.pattern, args.steps or 100)], _train_config(args),
-                             _layer_config(args, args.pattern)))
+        stage = Stage(args.pattern, args.steps or 100)
+        result = run(RunSpec(args.model, args.out, [stage], _train_config(args), _layer_config(args, args.pattern)))
         console.print(_rows_table("SR-STE", result["stages"]))
+        _repack_candidates(args, [f"candidate-{stage.name}"])
         return result
     # one-shot
     from .adapters import model_task
@@ -264,10 +266,27 @@ def cmd_prune(args):
     console.print(_rows_table(f"one-shot {config.criterion} N:M", report))
     if not all(r["nm_ok"] for r in report):
         raise RuntimeError("a pruned layer is not N:M: this is a bug")
-    save_packed(model, args.out, recorded_patterns(model), args.value_dtype, args.encoding, tokenizer=tok,
+    save_packed(model, args.out, recorded_patterns(model), args.value_dtype or "float16", args.encoding, tokenizer=tok,
                 overwrite=args.overwrite, clamp=args.clamp_values)
     console.print(f"saved packed model to {args.out}")
     return report
+
+
+def _repack_candidates(args, names: list[str]) -> None:
+    """Trained candidates are written with fp32 values (what a resumed run compares against); an
+    explicit --value-dtype re-packs each finished one in place in that dtype."""
+    if args.value_dtype in (None, "float32"):
+        return
+    from .formats.folder import save_packed
+    from .models import load_model, load_tokenizer
+    from .nm.prune import recorded_patterns
+
+    for name in names:
+        folder = Path(args.out) / name
+        model = load_model(folder)
+        save_packed(model, folder, recorded_patterns(model), args.value_dtype, args.encoding,
+                    tokenizer=load_tokenizer(folder), overwrite=True, clamp=args.clamp_values)
+        console.print(f"re-packed {folder} with {args.value_dtype} values")
 
 
 def cmd_eval(args):
@@ -579,8 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--include", action="append", type=regex_arg, help="regex of Linear names to prune (replaces the default block Linears)")
     s.add_argument("--exclude", action="append", type=regex_arg, help="regex of Linear names to leave dense")
     s.add_argument("--layer", action="append", type=layer_arg, help="per-layer pattern, NAME_REGEX=N:M (repeatable)")
-    s.add_argument("--value-dtype", default="float16", choices=("float32", "float16", "bfloat16", "int8"),
-                   help="int8: symmetric per-row scales, error at most 1/254 of the row's largest weight (formats/packed.py)")
+    s.add_argument("--value-dtype", default=None, choices=("float32", "float16", "bfloat16", "int8"),
+                   help="values of the packed output: one-shot default float16; srste/idp candidates are written "
+                        "float32 and, when this is given, re-packed in this dtype once trained. int8: symmetric "
+                        "per-row scales, error at most 1/254 of the row's largest weight (formats/packed.py)")
     s.add_argument("--encoding", default="index", choices=("index", "rank"))
     s.add_argument("--clamp-values", action="store_true",
                    help="clamp weights beyond the value dtype's range (reported) instead of refusing them")

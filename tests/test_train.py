@@ -95,3 +95,27 @@ def test_two_process_ddp_matches_one_process(tiny_bert, tmp_path):
         torch.testing.assert_close(a_dense[k], b_dense[k], atol=1e-5, rtol=1e-4, msg=k)
     for k in a_packed:
         torch.testing.assert_close(a_packed[k], b_packed[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_cli_idp_value_dtype_repacks_the_trained_candidates(tiny_bert, tmp_path):
+    """`sparsetx prune --method idp --value-dtype int8`: the candidates end packed with int8 values
+    (per-row scales), their weights those of the fp32 candidate rounded to int8 (the flag was once
+    accepted and silently ignored: candidates stayed fp32)."""
+    from sparsetx.cli import main
+    from sparsetx.formats.folder import read_header
+
+    flags = ["--steps", "2", "--batch-size", "8", "--max-length", "16", "--train-examples", "64",
+             "--eval-examples", "16", "--checkpoint-every", "2"]
+    base = ["prune", "--method", "idp", "--model", str(tiny_bert), "--series", "2:8,1:8", *flags]
+    assert main([*base, "--out", str(tmp_path / "fp32")]) == 0
+    assert main([*base, "--value-dtype", "int8", "--out", str(tmp_path / "int8")]) == 0
+    for stage in ("2_8", "1_8"):
+        assert read_header(tmp_path / "fp32" / f"candidate-{stage}")["value_dtype"] == "float32"
+        folder = tmp_path / "int8" / f"candidate-{stage}"
+        assert read_header(folder)["value_dtype"] == "int8"
+        _, exact = _tensors(tmp_path / "fp32" / f"candidate-{stage}")
+        _, rounded = _tensors(folder)
+        for name, w in exact.items():
+            step = w.abs().amax(1, keepdim=True) / 127
+            assert ((rounded[name] - w).abs() <= step / 2 + 1e-7).all()
+            assert ((rounded[name] != 0) <= (w != 0)).all()   # the N:M mask kept (a tiny weight may round to 0)
