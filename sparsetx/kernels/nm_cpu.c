@@ -49,46 +49,37 @@
 #define MAXTW 32
 
 #if defined(__AVX2__)
-/* exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (Cephes
- * coefficients), 2^n into the exponent bits. Relative error about 2e-7; exp(-inf) = 0. */
+/* exp(x) for a vector of floats: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial
+ * (Cephes coefficients), 2^n into the exponent bits. Relative error about 2e-7; exp(-inf) = 0.
+ * One body for 8 lanes (AVX2) and 16 (AVX-512): W is the intrinsics' prefix, V / VI the float
+ * and integer vector types, ROUND and BITS the two operations whose names differ by width. The
+ * body leaves exp(x) in p, and x's value before clamping in under. */
+#define EXP_BODY(W, V, VI, ROUND, BITS, x)                                                          \
+    const V lo = W##_set1_ps(-87.3f), hi = W##_set1_ps(88.3f), under = x;                           \
+    x = W##_min_ps(W##_max_ps(x, lo), hi);                                                          \
+    V n = ROUND(W##_mul_ps(x, W##_set1_ps(1.44269504088896341f)),                                    \
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                                     \
+    V r = W##_fnmadd_ps(n, W##_set1_ps(0.693359375f), x);                                           \
+    r = W##_fnmadd_ps(n, W##_set1_ps(-2.12194440e-4f), r);                                          \
+    V p = W##_set1_ps(1.9875691500e-4f);                                                            \
+    p = W##_fmadd_ps(p, r, W##_set1_ps(1.3981999507e-3f));                                          \
+    p = W##_fmadd_ps(p, r, W##_set1_ps(8.3334519073e-3f));                                          \
+    p = W##_fmadd_ps(p, r, W##_set1_ps(4.1665795894e-2f));                                          \
+    p = W##_fmadd_ps(p, r, W##_set1_ps(1.6666665459e-1f));                                          \
+    p = W##_fmadd_ps(p, r, W##_set1_ps(5.0000001201e-1f));                                          \
+    p = W##_fmadd_ps(p, W##_mul_ps(r, r), W##_add_ps(r, W##_set1_ps(1.0f)));                        \
+    VI e = W##_slli_epi32(W##_add_epi32(W##_cvtps_epi32(n), W##_set1_epi32(127)), 23);              \
+    p = W##_mul_ps(p, BITS(e))
+
 static inline __m256 exp256(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
-    __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(zero_mask, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+    EXP_BODY(_mm256, __m256, __m256i, _mm256_round_ps, _mm256_castsi256_ps, x);
+    return _mm256_andnot_ps(_mm256_cmp_ps(under, lo, _CMP_LT_OQ), p);   /* below -87.3: 0 */
 }
 
 #ifdef __AVX512F__
-/* exp256's polynomial on 16 floats (AVX-512). */
 static inline __m512 exp512(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.3f);
-    __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mov_ps((__mmask16)~zero, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+    EXP_BODY(_mm512, __m512, __m512i, _mm512_roundscale_ps, _mm512_castsi512_ps, x);
+    return _mm512_maskz_mov_ps((__mmask16)~_mm512_cmp_ps_mask(under, lo, _CMP_LT_OQ), p);
 }
 #endif
 
@@ -359,12 +350,31 @@ void nm_linear_tokens(const float *x, int64_t ldx, int T, int K, const void *val
 #define PAIR_R (4 * ROWG / PAIR_NV)
 #endif
 
+/* One step of the pair loop on either width: zmm with vpdpwssd (multiply, pair, accumulate: one
+ * instruction), or ymm with vpmaddwd + vpaddd. */
+#if PAIR_ZMM
+typedef __m512i pair_vec;
+#define PAIR_LANES 16
+#define PV_LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define PV_STORE(p, v) _mm512_storeu_si512((void *)(p), v)
+#define PV_MAC(acc, a, w) _mm512_dpwssd_epi32(acc, a, w)
+#define PV_SET1(w) _mm512_set1_epi32(w)
+#elif defined(__AVX2__)
+typedef __m256i pair_vec;
+#define PAIR_LANES 8
+#define PV_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define PV_STORE(p, v) _mm256_storeu_si256((__m256i *)(p), v)
+#define PV_MAC(acc, a, w) _mm256_add_epi32(acc, _mm256_madd_epi16(a, w))
+#define PV_SET1(w) _mm256_set1_epi32(w)
+#endif
+
 static inline __attribute__((always_inline)) void block_pairs(
     const int32_t *pb, const int32_t *w, const uint16_t *off, int64_t stride, int npb, int32_t *part, const int R) {
-#if PAIR_ZMM
-    __m512i acc[PAIR_R][PAIR_TW / 16];
+#if PAIR_ZMM || defined(__AVX2__)
+    enum { NV = PAIR_TW / PAIR_LANES };
+    pair_vec acc[PAIR_R][NV];
     for (int r = 0; r < R; r++)
-        for (int u = 0; u < PAIR_TW / 16; u++) acc[r][u] = _mm512_loadu_si512((const void *)(part + r * PAIR_TW + u * 16));
+        for (int u = 0; u < NV; u++) acc[r][u] = PV_LOAD(part + r * PAIR_TW + u * PAIR_LANES);
     for (int j = 0; j < npb; j++) {
         for (int g = 0; g < R / ROWG; g++) {
             int64_t o = g * stride + ROWG * j;
@@ -373,35 +383,13 @@ static inline __attribute__((always_inline)) void block_pairs(
             for (int rr = 0; rr < ROWG; rr++) {
                 int r = g * ROWG + rr;
                 const char *p = (const char *)pb + ((codes >> (16 * rr)) & 0xffff) * (PAIR_TW / 16);
-                __m512i wv = _mm512_set1_epi32(w[o + rr]);
-                for (int u = 0; u < PAIR_TW / 16; u++)
-                    acc[r][u] = _mm512_dpwssd_epi32(acc[r][u], _mm512_loadu_si512((const void *)(p + 64 * u)), wv);
+                pair_vec wv = PV_SET1(w[o + rr]);
+                for (int u = 0; u < NV; u++) acc[r][u] = PV_MAC(acc[r][u], PV_LOAD(p + 4 * PAIR_LANES * u), wv);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int u = 0; u < PAIR_TW / 16; u++) _mm512_storeu_si512((void *)(part + r * PAIR_TW + u * 16), acc[r][u]);
-#elif defined(__AVX2__)
-    __m256i acc[PAIR_R][PAIR_NV];
-    for (int r = 0; r < R; r++)
-        for (int u = 0; u < PAIR_NV; u++) acc[r][u] = _mm256_loadu_si256((const __m256i *)(part + r * PAIR_TW + u * 8));
-    for (int j = 0; j < npb; j++) {
-        for (int g = 0; g < R / ROWG; g++) {
-            int64_t o = g * stride + ROWG * j;
-            uint64_t codes;
-            memcpy(&codes, off + o, sizeof codes);
-            for (int rr = 0; rr < ROWG; rr++) {
-                int r = g * ROWG + rr;
-                const char *p = (const char *)pb + ((codes >> (16 * rr)) & 0xffff) * (PAIR_TW / 16);
-                __m256i wv = _mm256_set1_epi32(w[o + rr]);
-                for (int u = 0; u < PAIR_NV; u++)
-                    acc[r][u] = _mm256_add_epi32(acc[r][u], _mm256_madd_epi16(
-                        _mm256_loadu_si256((const __m256i *)(p + 32 * u)), wv));
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int u = 0; u < PAIR_NV; u++) _mm256_storeu_si256((__m256i *)(part + r * PAIR_TW + u * 8), acc[r][u]);
+        for (int u = 0; u < NV; u++) PV_STORE(part + r * PAIR_TW + u * PAIR_LANES, acc[r][u]);
 #else
     for (int j = 0; j < npb; j++)
         for (int r = 0; r < R; r++) {
