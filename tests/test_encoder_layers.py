@@ -40,13 +40,16 @@ def test_one_call_equals_the_layer_by_layer_path(folder, bits):
     assert hasattr(fast.bert.encoder, "sparsetx_layers")
     slow = _without_plan(load_packed(folder, fast=True, activation_bits=bits))
     ids, mask = _batch()
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        with torch.inference_mode():
-            a, b = (m(input_ids=ids, attention_mask=mask) for m in (fast, slow))
-        tol = 1e-4 if bits == 16 else 2e-2
-        torch.testing.assert_close(a.logits, b.logits, atol=tol, rtol=0)
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                a, b = (m(input_ids=ids, attention_mask=mask) for m in (fast, slow))
+            tol = 1e-4 if bits == 16 else 2e-2
+            torch.testing.assert_close(a.logits, b.logits, atol=tol, rtol=0)
+    finally:   # later tests compare runs bit for bit with subprocesses at the default thread count
+        torch.set_num_threads(before)
     exact = load_packed(folder)
     with torch.inference_mode():
         want = exact(input_ids=ids, attention_mask=mask).logits

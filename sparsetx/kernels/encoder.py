@@ -3,9 +3,10 @@
 With int8 N:M layers on the integer kernels, a 128-token MiniLM forward spent about as long in the
 Python around its layers (transformers' module calls, views, LayerNorm and residual ops) as in the
 N:M kernels themselves. :func:`use_encoder_layers` gives the encoder module a forward that hands
-the hidden states to C for all layers at once, where the model is one it can run: post-norm
-layers (BERT, MiniLM, RoBERTa...) whose six projections are int8 :class:`SparseLinear` layers on
-the select or pair kernel, the intermediate GELU fused into its layer, absolute positions. Any
+the hidden states to C for all layers at once, where the model is one it can run: the BERT
+family's post-norm blocks (``adapters.BertFamily``: BERT, MiniLM) whose six projections are int8
+:class:`SparseLinear` layers on the select or pair kernel, the intermediate GELU fused into its
+layer, absolute positions. Any
 call it cannot take as a whole (gradients, torch.compile tracing, cross-attention, a mask that is
 not a per-key padding mask, hooks on a layer, extra arguments) goes to the model's own forward.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..adapters import BertFamily, find_family
 from .loader import library, ptr
 from .nm_linear import ACTIVATIONS, SparseLinear
 
@@ -42,21 +44,21 @@ class EncoderLayers:
     """The table ``encoder_layers`` reads for one encoder (built once; it points into the modules'
     buffers, which it keeps alive), and the forward that calls it."""
 
-    def __init__(self, encoder: nn.Module, config) -> None:
-        self.encoder, self.original = encoder, type(encoder).forward.__get__(encoder)
+    def __init__(self, model: nn.Module, family: BertFamily) -> None:
+        config = model.config
+        self.encoder = encoder = family.base(model).encoder
+        self.original = type(encoder).forward.__get__(encoder)
         rows = []
-        for layer in encoder.layer:
-            att, out = layer.attention, layer.output
-            norms = (att.output.LayerNorm, out.LayerNorm)
-            lins = [_linear_row(x) for x in (att.self.query, att.self.key, att.self.value, att.output.dense,
-                                             layer.intermediate.dense, out.dense)]
+        for block in family.encoder_blocks(model):
+            lins = [_linear_row(x) for x in (block.q, block.k, block.v, block.o, block.ffn_in, block.ffn_out)]
             if None in lins or lins[4][-1] != ACTIVATIONS["gelu"]:
                 raise ValueError("not every projection is an int8 SparseLinear with the GELU fused")
+            norms = (block.ln_attn, block.ln_ffn)
             rows.append([t.data_ptr() for n in norms for t in (n.weight, n.bias)] + [v for r in lins for v in r])
         self.table = torch.tensor(rows, dtype=torch.int64)
         self.hidden, self.heads = config.hidden_size, config.num_attention_heads
         self.inter, self.eps = config.intermediate_size, float(config.layer_norm_eps)
-        self.layers = list(encoder.layer)
+        self.layers = list(family.block_list(model)[1])
 
     def takes(self, hidden, mask, args, kwargs) -> bool:
         """Whether this call can run as a whole in C (else the model's own forward runs it)."""
@@ -91,18 +93,17 @@ def use_encoder_layers(model: nn.Module) -> bool:
     :func:`~sparsetx.kernels.nm_linear.fuse_activations`) a forward that runs all its layers in one
     C call; returns whether it did. The model's own forward stays for every call it cannot take."""
     config = getattr(model, "config", None)
-    base = getattr(model, "base_model", model)
-    encoder = getattr(base, "encoder", None)
-    if (library() is None or config is None or encoder is None or not hasattr(encoder, "layer")
+    family = find_family(model)
+    if (library() is None or config is None or not isinstance(family, BertFamily)
             or getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False)
             or getattr(config, "hidden_act", None) != "gelu"
             or getattr(config, "position_embedding_type", "absolute") != "absolute"
             or getattr(config, "_attn_implementation", None) != "sparsetx"):
         return False
     try:
-        plan = EncoderLayers(encoder, config)
+        plan = EncoderLayers(model, family)
     except (AttributeError, ValueError, TypeError):
         return False
-    encoder.forward = plan.forward   # an instance attribute shadows the class's forward
-    encoder.sparsetx_layers = plan
+    plan.encoder.forward = plan.forward   # an instance attribute shadows the class's forward
+    plan.encoder.sparsetx_layers = plan
     return True
