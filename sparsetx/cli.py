@@ -296,7 +296,8 @@ def cmd_eval(args):
     from .evaluate import accuracy, embedding_similarity, perplexity, text_passages
     from .models import load_model, load_tokenizer
 
-    model, tok = load_model(args.model, fast=True, int8_head=args.int8_head), load_tokenizer(args.model)  # packed: the N:M kernel
+    model = load_model(args.model, fast=True, int8_head=args.int8_head, activation_bits=args.activation_bits)  # packed: N:M kernel
+    tok = load_tokenizer(args.model)
     task = model_task(model)
     rows = []
     if task == "classifier":
@@ -618,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--passages", type=positive_int, default=128)
     s.add_argument("--no-lm", action="store_true")
     s.add_argument("--int8-head", action="store_true", help="a causal LM's head weight in int8, per-row scales")
+    s.add_argument("--activation-bits", type=int, choices=(8, 16), default=16,
+                   help="int8-packed models: activations rounded per token to int16 (default) or int8 (the select "
+                        "kernel, as peers.py times it)")
     s.add_argument("--json", type=out_file)
     s.set_defaults(fn=cmd_eval)
 
