@@ -98,7 +98,9 @@ def use_encoder_layers(model: nn.Module) -> bool:
             or getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False)
             or getattr(config, "hidden_act", None) != "gelu"
             or getattr(config, "position_embedding_type", "absolute") != "absolute"
-            or getattr(config, "_attn_implementation", None) != "sparsetx"):
+            or getattr(config, "_attn_implementation", None) != "sparsetx"
+            or config.hidden_size % config.num_attention_heads
+            or (config.hidden_size // config.num_attention_heads) % 8):   # the attention kernel's head sizes
         return False
     try:
         plan = EncoderLayers(model, family)
