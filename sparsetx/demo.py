@@ -3,7 +3,8 @@
 Data card -> dense fine-tune (short) -> one-shot 2:4 and 2:8 (magnitude and activation-aware) ->
 SR-STE per pattern and a short IDP series 2:4 -> 2:8 -> the comparison table, JSON and plot ->
 pack the IDP 2:8 candidate with fp16 values -> reload -> verify -> its speed on the N:M CPU kernel
-and on the simulated STA accelerator -> SpAtten token and KV-cache pruning.
+(and with int8 values and int8 activations on the integer kernel) and on the simulated STA
+accelerator -> SpAtten token and KV-cache pruning.
 """
 from __future__ import annotations
 
@@ -82,9 +83,10 @@ def spatten_section(classifier: Path, quick: bool) -> dict:
     return {"encoder": enc_rows, "decoder": dec_rows}
 
 
-def speed_section(packed_dir: Path, quick: bool) -> dict:
+def speed_section(packed_dir: Path, quick: bool, int8_dir: Path | None = None) -> dict:
     """The packed 2:8 model on the N:M kernel against its dense twin on PyTorch, measured in the
-    same run, and the same model on the simulated STA accelerator."""
+    same run (and, from ``int8_dir``, the same candidate with int8 values on the integer kernel
+    with int8 activations), and the same model on the simulated STA accelerator."""
     import statistics
     import time
 
@@ -92,14 +94,18 @@ def speed_section(packed_dir: Path, quick: bool) -> dict:
 
     console.rule("speed: the packed 2:8 model on the CPU kernel, and on a simulated STA accelerator")
     dense, fast = load_packed(packed_dir), load_packed(packed_dir, fast=True)
+    cases = [("dense (F.linear)", dense), ("2:8 (SparseLinear)", fast)]
+    if int8_dir is not None:
+        cases.append(("2:8 int8 (int8 activations)", load_packed(int8_dir, fast=True, activation_bits=8)))
     tok = load_tokenizer(packed_dir)
     enc = tok(["a gripping, beautifully acted film that never lets go of you"] * 8, return_tensors="pt",
               padding="max_length", max_length=128, truncation=True)
-    times = {"dense (F.linear)": [], "2:8 (SparseLinear)": []}
+    times = {name: [] for name, _ in cases}
     with torch.no_grad():
         same = float((fast(**enc).logits - dense(**enc).logits).abs().max())
+        near = float((cases[-1][1](**enc).logits - dense(**enc).logits).abs().max()) if int8_dir else None
         for _ in range(2 if quick else 7):  # interleaved; the first round warms up
-            for name, m in (("dense (F.linear)", dense), ("2:8 (SparseLinear)", fast)):
+            for name, m in cases:
                 t = time.perf_counter()
                 m(**enc)
                 times[name].append(time.perf_counter() - t)
@@ -107,6 +113,12 @@ def speed_section(packed_dir: Path, quick: bool) -> dict:
     speedup = med["dense (F.linear)"] / med["2:8 (SparseLinear)"]
     console.print(f"8 x 128 tokens, {torch.get_num_threads()} threads: dense {med['dense (F.linear)'] * 1e3:.1f} ms, "
                   f"2:8 {med['2:8 (SparseLinear)'] * 1e3:.1f} ms (x{speedup:.2f}); max |logit difference| {same:.1e}")
+    int8 = {}
+    if int8_dir is not None:
+        t8 = med["2:8 int8 (int8 activations)"]
+        int8 = {"cpu_speedup_int8": med["dense (F.linear)"] / t8, "max_logit_diff_int8": near}
+        console.print(f"  the same candidate with int8 values and int8 activations: {t8 * 1e3:.1f} ms "
+                      f"(x{int8['cpu_speedup_int8']:.2f}); max |logit difference| {near:.1e} (rounding to 8 bits)")
     sims = {}
     for pattern in (None, "2:8"):
         r = simulate(SimConfig(arch="sta", model=str(packed_dir), tokens=128, pattern=pattern))
@@ -115,7 +127,8 @@ def speed_section(packed_dir: Path, quick: bool) -> dict:
     console.print(f"simulated STA (assumed 200 MHz, 16x16 PEs), 128 tokens: dense {d['ms']:.2f} ms, 2:8 {s['ms']:.2f} ms "
                   f"(x{d['ms'] / s['ms']:.2f}), DRAM {d['dram_bytes'] / s['dram_bytes']:.2f}x less, energy "
                   f"{d['uj'] / s['uj']:.2f}x less (sparsetx sim run --help for more)")
-    return {"cpu_ms": {k: v * 1e3 for k, v in med.items()}, "cpu_speedup": speedup, "max_logit_diff": same, "sta": sims}
+    return {"cpu_ms": {k: v * 1e3 for k, v in med.items()}, "cpu_speedup": speedup, "max_logit_diff": same, **int8,
+            "sta": sims}
 
 
 def demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
@@ -153,7 +166,8 @@ def demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
                   f"max |logit difference| vs fp32 candidate: {diff:.2e}")
     summary = {"comparison": result["rows"], "packed": {"folder": str(packed_dir), "bytes": report["pruned_layers"],
                "model_bytes": report["model"], "bit_identical": exact, "nm_ok": nm_ok, "max_logit_diff": diff},
-               "speed": speed_section(packed_dir, quick),
+               "speed": speed_section(packed_dir, quick, save_packed(model, out / "packed-2_8-int8", patterns, "int8",
+                                                                     tokenizer=tok, overwrite=True)),
                "spatten": spatten_section(out / "compare" / "dense" / "candidate-dense", quick)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     console.print(f"wrote {out}/demo.json, {out}/compare/results.json, {out}/compare/accuracy_vs_sparsity.png")

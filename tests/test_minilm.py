@@ -133,6 +133,8 @@ def test_demo_quick(tmp_path):
     assert speed["max_logit_diff"] < 1e-3
     ms = speed["cpu_ms"]
     assert speed["cpu_speedup"] == pytest.approx(ms["dense (F.linear)"] / ms["2:8 (SparseLinear)"])
+    assert speed["cpu_speedup_int8"] == pytest.approx(ms["dense (F.linear)"] / ms["2:8 int8 (int8 activations)"])
+    assert 0 < speed["max_logit_diff_int8"] < 0.1   # int8 values and activations: rounded, not exact
     assert speed["sta"]["2:8"]["ms"] < speed["sta"]["dense"]["ms"]
 
 
