@@ -420,8 +420,9 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     values): the integer kernels round activations per token to int16 (16) or int8 (8, STA's
     fixed-point datapath; the faster select kernel where the CPU has AVX-512 VBMI and VNNI).
     """
-    if activation_bits not in (8, 16):
-        raise ValueError(f"activation_bits {activation_bits!r}: expected 8 or 16")
+    from ..kernels.nm_linear import check_activation_bits   # kernels sit above formats: imported on demand
+
+    check_activation_bits(activation_bits)   # before anything is read
     folder = Path(folder)
     if not folder.is_dir():
         raise PackedFormatError(f"{folder}: not a folder")

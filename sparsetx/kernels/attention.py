@@ -155,26 +155,35 @@ def _(q, k, v, scale, key_bias):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
 
 
+def padding_only(mask: torch.Tensor | None) -> bool:
+    """Whether a transformers attention mask is only key padding: None, or (B, 1, Lq, Lk) bool with
+    the same row for every query (the first and last rows are compared outside torch.compile,
+    where a data-dependent test would break the graph)."""
+    return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.dtype == torch.bool and (
+        torch.compiler.is_compiling() or torch.equal(mask[:, 0, 0], mask[:, 0, -1])))
+
+
+def key_bias(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A padding-only mask (see :func:`padding_only`) as the (B, Lk) fp32 bias the C attention
+    kernels add to every query's scores: 0 for a key kept, -inf for padding; None for no mask."""
+    if mask is None:
+        return None
+    keep = mask[:, 0, 0]
+    return torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -torch.inf)
+
+
 def hf_encoder_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                          is_causal=None, **kwargs):
     """transformers' attention interface ("sparsetx"): encoder_attention where it applies (no causal
     mask, a padding mask the same for every query, inference), else transformers' SDPA function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    mask = attention_mask
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    # a padding mask: (B, 1, Lq, Lk) bool, the same row for every query (the first and last rows are
-    # compared outside torch.compile, where a data-dependent test would break the graph)
-    key_only = mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.dtype == torch.bool and (
-        torch.compiler.is_compiling() or torch.equal(mask[:, 0, 0], mask[:, 0, -1])))
-    if (causal or not key_only or (dropout and module.training) or not _encoder_kernel_takes(query, key, value)
-            or torch.is_grad_enabled() and query.requires_grad):
+    if (causal or not padding_only(attention_mask) or (dropout and module.training)
+            or not _encoder_kernel_takes(query, key, value) or torch.is_grad_enabled() and query.requires_grad):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    bias = None
-    if mask is not None:
-        keep = mask[:, 0, 0]
-        bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -torch.inf)
+    bias = key_bias(attention_mask)
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     if torch.compiler.is_compiling():   # one opaque operator for the graph
         return torch.ops.sparsetx.encoder_attention(query, key, value, scale, bias), None

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..adapters import BertFamily, find_family
+from .attention import key_bias, padding_only
 from .loader import library, ptr
 from .nm_linear import ACTIVATIONS, SparseLinear
 
@@ -56,8 +57,8 @@ class EncoderLayers:
             norms = (block.ln_attn, block.ln_ffn)
             rows.append([t.data_ptr() for n in norms for t in (n.weight, n.bias)] + [v for r in lins for v in r])
         self.table = torch.tensor(rows, dtype=torch.int64)
-        self.hidden, self.heads = config.hidden_size, config.num_attention_heads
-        self.inter, self.eps = config.intermediate_size, float(config.layer_norm_eps)
+        self.heads, self.inter = config.num_attention_heads, config.intermediate_size
+        self.eps = float(config.layer_norm_eps)
         self.layers = list(family.block_list(model)[1])
 
     def takes(self, hidden, mask, args, kwargs) -> bool:
@@ -69,8 +70,7 @@ class EncoderLayers:
             return False
         if any(m._forward_hooks or m._forward_pre_hooks for layer in self.layers for m in layer.modules()):
             return False   # something records or changes what a layer does
-        return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.dtype == torch.bool
-                                and torch.equal(mask[:, 0, 0], mask[:, 0, -1]))
+        return padding_only(mask)
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         if not self.takes(hidden_states, attention_mask, args, kwargs):
@@ -79,10 +79,7 @@ class EncoderLayers:
 
         b, t, d = hidden_states.shape
         h = hidden_states.contiguous().clone()
-        bias = None
-        if attention_mask is not None:
-            keep = attention_mask[:, 0, 0]
-            bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -torch.inf).contiguous()
+        bias = key_bias(attention_mask)
         library().encoder_layers(ptr(self.table), len(self.layers), b, t, d, self.heads, self.inter, self.eps, ptr(h),
                                  ptr(bias), torch.get_num_threads())
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)

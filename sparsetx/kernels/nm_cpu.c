@@ -556,27 +556,23 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
 
 int has_select(void) { return 1; }
 
-/* Tokens t0..t0+nt of x quantised: xq[t * kp + k] = round(x / s_t) + 128, s_t = max|x_t| / 127,
- * columns K..kp and tokens nt..SEL_TT at 128 (zero). */
+/* Tokens t0..t0+nt of x quantised: xq[t * kp + k] = round(x / s_t) + 128, s_t = max|x_t| / 127
+ * (token_scales, the pair kernel's per-token scales at qmax 127), columns K..kp and tokens
+ * nt..SEL_TT at 128 (zero). */
 static void select_quantise(const float *x, int64_t ldx, int t0, int nt, int K, int kp, uint8_t *xq, float *sx) {
+    float inv[SEL_TT];
+    token_scales(x, ldx, t0, nt, K, 127, sx, inv, SEL_TT);
+    const __m512i off = _mm512_set1_epi32(128);
     for (int t = 0; t < SEL_TT; t++) {
         uint8_t *q = xq + (int64_t)t * kp;
-        sx[t] = 0.0f;
         if (t >= nt) { memset(q, 128, kp); continue; }
         const float *xr = x + (int64_t)(t0 + t) * ldx;
-        __m512 m16 = _mm512_setzero_ps();
+        const __m512 iv = _mm512_set1_ps(inv[t]);
         int k = 0;
-        for (; k + 16 <= K; k += 16) m16 = _mm512_max_ps(m16, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
-        float mx = _mm512_reduce_max_ps(m16);
-        for (; k < K; k++) mx = fabsf(xr[k]) > mx ? fabsf(xr[k]) : mx;
-        float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-        sx[t] = mx / 127.0f;
-        const __m512 iv = _mm512_set1_ps(inv);
-        const __m512i off = _mm512_set1_epi32(128);
-        for (k = 0; k + 16 <= K; k += 16)
+        for (; k + 16 <= K; k += 16)
             _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(
                 _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), iv)), off)));
-        for (; k < K; k++) q[k] = (uint8_t)(lrintf(xr[k] * inv) + 128);
+        for (; k < K; k++) q[k] = (uint8_t)(lrintf(xr[k] * inv[t]) + 128);
         for (; k < kp; k++) q[k] = 128;
     }
 }
@@ -648,9 +644,8 @@ void nm_linear_select(const float *x, int64_t ldx, int T, int K, const uint8_t *
     (void)threads;
     for (int t = 0; t < T; t++) {
         const float *xr = x + (int64_t)t * ldx;
-        float mx = 0.0f;
-        for (int k = 0; k < K; k++) mx = fabsf(xr[k]) > mx ? fabsf(xr[k]) : mx;
-        float inv = mx > 0.0f ? 127.0f / mx : 0.0f, st = mx / 127.0f;
+        float st, inv;
+        token_scales(x, ldx, t, 1, K, 127, &st, &inv, 1);
         for (int o = 0; o < O; o++) {
             int64_t acc = 0;
             int l = o / 16, lane = o % 16;

@@ -26,6 +26,13 @@ MAX_K_BLOCK = 2 ** 16 // 32
 FALLBACK_ELEMENTS = 1 << 22
 
 
+def check_activation_bits(bits: int) -> int:
+    """``bits`` if it is an activation width the integer kernels take (8 or 16), else a ValueError."""
+    if bits not in (8, 16):
+        raise ValueError(f"activation_bits {bits!r}: expected 8 or 16")
+    return bits
+
+
 def _k_block_setting() -> int:
     """Columns per K block (a 32-token x tile of 16 KiB at 128); SPARSETX_K_BLOCK overrides it."""
     text = os.environ.get("SPARSETX_K_BLOCK", "128")
@@ -90,13 +97,17 @@ class KernelWeight:
         is there to read it; otherwise the canonical form stays). int8 values: the select layout
         for ``activation_bits`` 8 where the CPU runs the select kernel, else the pair layout.
         Returns self."""
-        lib = library()
-        if lib is not None and self._canonical is not None:
-            select = activation_bits == 8 and bool(lib.has_select()) and self.select_layout is not None
-            if not select and self.pair_layout is None:   # int8 values read as pairs; the rest as row groups
+        if library() is not None and self._canonical is not None:
+            if not self.uses_select(activation_bits) and self.pair_layout is None:   # int8: pairs; the rest: row groups
                 self.group_layout  # noqa: B018 - built from the canonical form, then that is dropped
             self._canonical = None
         return self
+
+    def uses_select(self, activation_bits: int) -> bool:
+        """Whether the select kernel computes this weight at ``activation_bits``: 8 bits, int8 values
+        whose groups fit its 64-column blocks, and a CPU it was built for (AVX-512 VBMI + VNNI)."""
+        lib = library()
+        return activation_bits == 8 and lib is not None and bool(lib.has_select()) and self.select_layout is not None
 
     def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values as stored, int32 absolute indices), each (out, kn): kept, or rebuilt from the
@@ -141,7 +152,7 @@ class KernelWeight:
         w, off, cols, starts = (t.numpy() for t in self.pair_layout)
         o = -(-self.out_features // ROW_GROUP) * ROW_GROUP
         values, indices, at = [], [], 0
-        for b, (c0, _, kept) in enumerate(self._pair_blocks()):
+        for b, (c0, _, kept) in enumerate(self._blocks(self.pair_block)):
             npb = (kept + 1) // 2
             wb = w[at:at + o * npb].reshape(o // ROW_GROUP, npb, ROW_GROUP).transpose(0, 2, 1).reshape(o, npb)
             ob = off[at:at + o * npb].reshape(o // ROW_GROUP, npb, ROW_GROUP).transpose(0, 2, 1).reshape(o, npb)
@@ -156,11 +167,10 @@ class KernelWeight:
     def _from_select(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse of :attr:`select_layout`: int8 values and absolute indices, row by row."""
         idx, w, starts, _ = (t.numpy() for t in self.select_layout)
-        n, m = self.nm
         lanes = -(-self.out_features // 16)
         values, indices = [], []
-        for b, c0 in enumerate(range(0, self.in_features, 64)):
-            kept, quads = min(64, self.in_features - c0) // m * n, int(starts[b + 1] - starts[b])
+        for b, (c0, _, kept) in enumerate(self._blocks(64)):
+            quads = int(starts[b + 1] - starts[b])
             at, end = 64 * lanes * int(starts[b]), 64 * lanes * int(starts[b + 1])
             def rows(a):   # (L, S, 16, 4) -> (rows, 4 S), the first ``kept`` slots
                 return a[at:end].reshape(lanes, quads, 16, 4).transpose(0, 2, 1, 3).reshape(16 * lanes, -1)[:, :kept]
@@ -221,11 +231,11 @@ class KernelWeight:
         # < 2**16 since kb <= MAX_K_BLOCK; 4 codes of padding: the kernel reads a group's 3 codes as one 64-bit word
         return v, torch.from_numpy(np.concatenate([c.reshape(-1), np.zeros(4, np.uint16)]))
 
-    def _pair_blocks(self) -> list[tuple[int, int, int]]:
-        """The pair layout's K blocks: (first column, first kept slot, kept inputs a row)."""
+    def _blocks(self, width: int) -> list[tuple[int, int, int]]:
+        """K blocks of ``width`` columns (a multiple of M): (first column, first kept slot, kept
+        inputs a row), for the pair layout (``pair_block``) and the select layout (64)."""
         n, m = self.nm
-        kb = self.pair_block
-        return [(c0, c0 // m * n, min(kb, self.in_features - c0) // m * n) for c0 in range(0, self.in_features, kb)]
+        return [(c0, c0 // m * n, min(width, self.in_features - c0) // m * n) for c0 in range(0, self.in_features, width)]
 
     @property
     def pair_block(self) -> int:
@@ -250,7 +260,7 @@ class KernelWeight:
         cols = _pad_rows(indices, ROW_GROUP).numpy().copy()
         cols[self.out_features:] = cols[0]   # padding rows (zero values) read row 0's pairs: no new ones
         o = vals.shape[0]
-        blocks = self._pair_blocks()
+        blocks = self._blocks(self.pair_block)
         total = sum((kept + 1) // 2 for _, _, kept in blocks)
         # written block by block into the final arrays (a layer's transient memory stays one block's)
         w = np.empty(o * total, np.int32)
@@ -283,16 +293,14 @@ class KernelWeight:
         apply: values not int8, or M not dividing 64 (a K block of 64 must hold whole groups). Each
         64-column block's kept inputs of a row are taken four at a time (a quad; the last one padded
         with weight 0), rows in lane groups of 16."""
-        n, m = self.nm
-        if self.scales is None or 64 % m:
+        if self.scales is None or 64 % self.nm[1]:
             return None
         values, indices = self.canonical()
         o16 = -(-self.out_features // 16) * 16
         vals, cols = _pad_rows(values, 16).numpy(), _pad_rows(indices, 16).numpy()
         lanes = o16 // 16
         idx_parts, w_parts, starts = [], [], [0]
-        for c0 in range(0, self.in_features, 64):
-            j0, kept = c0 // m * n, min(64, self.in_features - c0) // m * n
+        for c0, j0, kept in self._blocks(64):
             quads = -(-kept // 4)
             v = np.zeros((o16, 4 * quads), np.int8)
             c = np.zeros((o16, 4 * quads), np.uint8)
@@ -313,8 +321,9 @@ class KernelWeight:
 
     @cached_property
     def pair_args(self) -> tuple:
-        """(weights, offsets, columns, block starts pointers, K block, qmax) for the pair kernel. qmax: the activations' int16 range, so that no row's int32 sum can overflow
-        (a pair adds at most 2 x qmax x 128)."""
+        """(weights, offsets, columns, block starts pointers, K block, qmax) for the pair kernel.
+        qmax: the activations' int16 range, so that no row's int32 sum can overflow (a pair adds at
+        most 2 x qmax x 128)."""
         w, off, cols, starts = self.pair_layout
         pairs = w.numel() // (-(-self.out_features // ROW_GROUP) * ROW_GROUP)
         qmax = min(32767, (2 ** 31 - 1) // (256 * max(pairs, 1)))
@@ -398,8 +407,7 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     fixed-point datapath; the select kernel where the CPU has AVX-512 VBMI + VNNI)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r}: expected one of {sorted(map(str, ACTIVATIONS))}")
-    if activation_bits not in (8, 16):
-        raise ValueError(f"activation_bits {activation_bits!r}: expected 8 or 16")
+    check_activation_bits(activation_bits)
     y, applied = _nm_linear(x, weight, bias, threads, backend, activation, activation_bits)
     return y if activation is None or applied else F.gelu(y)
 
@@ -427,7 +435,7 @@ def _nm_linear(x, weight, bias, threads, backend, activation, activation_bits=16
         return (y if o8 == o else y[:o]).view(*lead, o), False
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if weight.scales is not None and activation_bits == 8 and lib.has_select() and weight.select_layout is not None:
+    if weight.uses_select(activation_bits):
         y = _select(lib, x2, weight.select_layout, weight.select_scales, b, o, threads, ACTIVATIONS[activation])
         return y.view(*lead, o), True
     if weight.pair_layout is not None:   # int8 values: the integer kernel
@@ -551,15 +559,12 @@ class SparseLinear(nn.Module):
         """activation_bits: how the integer kernels round activations for int8 weights (see
         :func:`nm_linear`); 8 stores the select layout where the CPU runs that kernel."""
         super().__init__()
-        if activation_bits not in (8, 16):
-            raise ValueError(f"activation_bits {activation_bits!r}: expected 8 or 16")
-        self.activation_bits = activation_bits
+        self.activation_bits = check_activation_bits(activation_bits)
         self.weight_nm = weight.compact(activation_bits)   # inference: the kernel's layout is the stored form
         self.in_features, self.out_features = weight.in_features, weight.out_features
         # the layout as buffers too, so torch.compile passes them to the operator as tensors
-        lib = library()
-        native = lib is not None
-        select = weight.__dict__.get("select_layout") if native and activation_bits == 8 else None
+        native = library() is not None
+        select = weight.select_layout if weight.uses_select(activation_bits) else None
         for name, t in zip(("select_indices", "select_weights", "select_starts", "select_sums"), select or (None,) * 4):
             self.register_buffer(name, t, persistent=False)
         self.register_buffer("select_scales", weight.select_scales if select else None, persistent=False)
