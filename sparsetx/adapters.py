@@ -79,6 +79,10 @@ class BertFamily(Family):
                              b.intermediate.intermediate_act_fn, b.output.dense, b.output.LayerNorm)
                 for b in self.block_list(model)[1]]
 
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The self-attention modules (what transformers passes to an attention function)."""
+        return [b.attention.self for b in self.block_list(model)[1]]
+
     def embed(self, base: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """Word + absolute position + token type embeddings, LayerNorm: (1, L) -> (1, L, hidden)."""
         return base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)

@@ -33,12 +33,14 @@ def _without_plan(model):
 def test_one_call_equals_the_layer_by_layer_path(folder, bits):
     """Three post-norm layers in one C call give the logits and hidden states the per-layer path
     gives on the same kernels (LayerNorm, residuals and attention in C; int8 activations too, where
-    a rounding step can flip, hence their looser tolerance), padding masked, at 1 and 2 threads."""
+    a rounding step can flip, hence their looser tolerance; at 8 bits both paths' attention is
+    int8), padding masked, at 1 and 2 threads."""
     from sparsetx.formats.folder import load_packed
 
     fast = load_packed(folder, fast=True, activation_bits=bits)
-    assert hasattr(fast.bert.encoder, "sparsetx_layers")
+    assert fast.bert.encoder.sparsetx_layers.attention_bits == (8 if bits == 8 else 32)   # int8 Q, K, V at 8
     slow = _without_plan(load_packed(folder, fast=True, activation_bits=bits))
+    assert {m.sparsetx_attention_bits for m in (l.attention.self for l in slow.bert.encoder.layer)} == {bits * (bits == 8) or 32}
     ids, mask = _batch()
     before = torch.get_num_threads()
     try:

@@ -535,7 +535,7 @@ def test_portable_build_without_simd_computes_the_same(portable_lib):
     """The one-token, many-token, mask, int8 and attention kernels of the portable build give the
     reference products."""
     from sparsetx.formats.packed import quantize_rows
-    from sparsetx.kernels.attention import reference_attention
+    from sparsetx.kernels.attention import reference_attention, reference_int8_attention
     from sparsetx.kernels.loader import ptr
     from sparsetx.kernels.nm_linear import VTYPES, pair_error_bound
 
@@ -588,10 +588,15 @@ def test_portable_build_without_simd_computes_the_same(portable_lib):
     q, k, v = (torch.randn(h, n, 40, generator=g) for h, n in ((4, 9), (2, 70), (2, 70)))
     out, received = torch.empty(9, 4, 40), torch.zeros(70, dtype=torch.float64)
     lib.attention_encoder(ptr(q), ptr(k), ptr(v), 1, 4, 2, 9, 70, 40, 0, 9 * 40, 40, 0, 70 * 40, 40, 0, 70 * 40, 40, 0.25,
-                          None, ptr(out), 0, 40, 160, ptr(received), 2)
+                          None, ptr(out), 0, 40, 160, ptr(received), 32, 2)
     ref_out, ref_received = reference_attention(q, k, v, 0.25)
     torch.testing.assert_close(out.transpose(0, 1), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(received, ref_received, atol=1e-6, rtol=1e-5)
+    # int8 attention (bits 8): the scalar integer path against its PyTorch twin
+    lib.attention_encoder(ptr(q), ptr(k), ptr(v), 1, 4, 2, 9, 70, 40, 0, 9 * 40, 40, 0, 70 * 40, 40, 0, 70 * 40, 40, 0.25,
+                          None, ptr(out), 0, 40, 160, None, 8, 2)
+    want = reference_int8_attention(q[None], k[None], v[None], 0.25)[0]
+    torch.testing.assert_close(out.transpose(0, 1), want, atol=2e-3 * v.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("pattern", ["2:8", "1:8", "3:4", "6:8"])

@@ -418,7 +418,9 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     it (:func:`sparsetx.kernels.nm_linear.fuse_activations`), and an encoder of int8 N:M layers runs
     them all in one C call (:func:`sparsetx.kernels.encoder.use_encoder_layers`). ``activation_bits`` (``fast``, int8
     values): the integer kernels round activations per token to int16 (16) or int8 (8, STA's
-    fixed-point datapath; the faster select kernel where the CPU has AVX-512 VBMI and VNNI).
+    fixed-point datapath; the faster select kernel where the CPU has AVX-512 VBMI and VNNI); 8 also
+    puts a BERT-family encoder's attention on int8 Q, K, V and 14-bit probabilities (SpAtten's
+    low-bit attention; :func:`sparsetx.kernels.attention.encoder_attention`).
     """
     from ..kernels.nm_linear import check_activation_bits   # kernels sit above formats: imported on demand
 
@@ -468,7 +470,7 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
         from ..kernels.nm_linear import fuse_activations
 
         tune_allocator()
-        use_encoder_attention(model)   # an encoder's attention on the blocked C kernel
+        use_encoder_attention(model, 8 if activation_bits == 8 else 32)   # an encoder's attention in C
         fuse_activations(model)        # BERT's GELU inside the N:M layer before it
         use_encoder_layers(model)      # int8 N:M encoder layers: all in one C call
     return (model, packed) if with_sparse else model

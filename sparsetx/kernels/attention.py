@@ -121,13 +121,16 @@ def _encoder_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 
 
 def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      key_bias: torch.Tensor | None = None, importance: bool = False):
+                      key_bias: torch.Tensor | None = None, importance: bool = False, bits: int = 32):
     """Attention without a causal mask through the blocked C kernel (nm_cpu.c attention_encoder).
     q: (B, H, Lq, d), k, v: (B, Hkv, Lk, d), any strides (HF's transposed views are read in place);
     key_bias: (B, Lk) added to every query's scores (-inf: a padding key). Returns (out (B, Lq, H,
     d) contiguous: HF's layout after attention, received (Lk,) float64 or None: the probabilities
     each key receives summed over heads and queries, B = 1 only), or None when the C kernel is not
-    there or the inputs are not its own (not fp32, d not a multiple of 8, Hkv not dividing H)."""
+    there or the inputs are not its own (not fp32, d not a multiple of 8, Hkv not dividing H).
+    bits: 32 computes in fp32; 8 quantises Q and K per row and V per channel to int8 and the
+    probabilities to 14 bits, with integer products (nm_cpu.c, "int8 attention")."""
+    check_attention_bits(bits)
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     lib = library()
@@ -139,19 +142,25 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     bias = None if key_bias is None else key_bias.float().contiguous()
     lib.attention_encoder(ptr(q), ptr(k), ptr(v), b, h, h // hkv, lq, lk, d, *q.stride()[:3], *k.stride()[:3],
                           *v.stride()[:3], float(scale), ptr(bias), ptr(out), out.stride(0), out.stride(2), out.stride(1),
-                          ptr(received), torch.get_num_threads())
+                          ptr(received), bits, torch.get_num_threads())
     return out, received
+
+
+def check_attention_bits(bits: int) -> int:
+    if bits not in (8, 32):
+        raise ValueError(f"attention bits {bits!r}: expected 32 (fp32) or 8 (int8 Q, K, V)")
+    return bits
 
 
 @torch.library.custom_op("sparsetx::encoder_attention", mutates_args=())
 def _encoder_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                          key_bias: torch.Tensor | None) -> torch.Tensor:
+                          key_bias: torch.Tensor | None, bits: int = 32) -> torch.Tensor:
     """encoder_attention's output as one operator (what torch.compile traces)."""
-    return encoder_attention(q, k, v, scale, key_bias)[0]
+    return encoder_attention(q, k, v, scale, key_bias, bits=bits)[0]
 
 
 @_encoder_attention_op.register_fake
-def _(q, k, v, scale, key_bias):
+def _(q, k, v, scale, key_bias, bits=32):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
 
 
@@ -185,15 +194,21 @@ def hf_encoder_attention(module, query, key, value, attention_mask, dropout: flo
                                       is_causal=is_causal, **kwargs)
     bias = key_bias(attention_mask)
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    bits = getattr(module, "sparsetx_attention_bits", 32)
     if torch.compiler.is_compiling():   # one opaque operator for the graph
-        return torch.ops.sparsetx.encoder_attention(query, key, value, scale, bias), None
-    return encoder_attention(query, key, value, scale, bias)[0], None   # eager: no dispatcher round trip
+        return torch.ops.sparsetx.encoder_attention(query, key, value, scale, bias, bits), None
+    return encoder_attention(query, key, value, scale, bias, bits=bits)[0], None   # eager: no dispatcher round trip
 
 
-def use_encoder_attention(model) -> bool:
+def use_encoder_attention(model, bits: int = 32) -> bool:
     """Route an encoder model's self-attention through :func:`hf_encoder_attention` (registered
     with transformers as "sparsetx", with SDPA's mask function). Decoders are left as they are
-    (their prefill is causal). Returns whether the model was switched."""
+    (their prefill is causal). Returns whether the model was switched. ``bits`` 8: the attention
+    of a BERT-family model computes on int8 Q, K, V (see :func:`encoder_attention`); other
+    families stay fp32."""
+    from ..adapters import BertFamily, find_family
+
+    check_attention_bits(bits)
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -206,6 +221,10 @@ def use_encoder_attention(model) -> bool:
     AttentionInterface.register("sparsetx", hf_encoder_attention)
     AttentionMaskInterface.register("sparsetx", sdpa_mask)
     config._attn_implementation = "sparsetx"
+    family = find_family(model)
+    if isinstance(family, BertFamily):
+        for module in family.attention_modules(model):
+            module.sparsetx_attention_bits = bits
     return True
 
 
@@ -218,3 +237,27 @@ def reference_attention(q, k, v, scale, query_pos=None, key_pos=None):
         scores = scores.masked_fill(~(key_pos[None, :] <= query_pos[:, None]), -torch.inf)
     probs = torch.softmax(scores, dim=-1)
     return probs @ vv, probs.sum(dim=(0, 1)).double()
+
+
+def reference_int8_attention(q, k, v, scale, key_bias=None):
+    """encoder_attention at bits 8, in PyTorch (tests): q (B, H, Lq, d), k, v (B, Hkv, Lk, d), key_bias
+    (B, Lk) or None -> (B, H, Lq, d). Q and K int8 per row, V int8 per channel, probabilities
+    round(16383 * 2^(s - max)) on base-2 scores (exact 2^x here; the kernel's polynomial is within
+    0.06 of an integer step, so a probability may differ by one)."""
+    def int8(x, dim):
+        mx = x.abs().amax(dim, keepdim=True)
+        inv = torch.where(mx > 0, 127.0 / mx, torch.zeros_like(mx))
+        return torch.round(x * inv).double(), (mx / 127.0).double()
+
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    (q8, sq), (k8, sk), (v8, sv) = int8(q, -1), int8(k, -1), int8(v, -2)
+    log2e = 1.4426950408889634
+    s = (q8 @ k8.transpose(-1, -2)) * sk.transpose(-1, -2) * scale * log2e * sq
+    if key_bias is not None:
+        s = s + key_bias.double()[:, None, None, :] * log2e
+    m = s.amax(-1, keepdim=True)
+    p = torch.round(16383 * torch.exp2((s - m).clamp(min=-32))).nan_to_num(0.0)   # a row masked everywhere: 0
+    total = p.sum(-1, keepdim=True)
+    out = (p @ v8) * sv / torch.where(total > 0, total, torch.ones_like(total))
+    return out.float()

@@ -57,6 +57,8 @@ class EncoderLayers:
             norms = (block.ln_attn, block.ln_ffn)
             rows.append([t.data_ptr() for n in norms for t in (n.weight, n.bias)] + [v for r in lins for v in r])
         self.table = torch.tensor(rows, dtype=torch.int64)
+        # the attention's precision: what the model's attention function uses (use_encoder_attention)
+        self.attention_bits = getattr(family.attention_modules(model)[0], "sparsetx_attention_bits", 32)
         self.heads, self.inter = config.num_attention_heads, config.intermediate_size
         self.eps = float(config.layer_norm_eps)
         self.layers = list(family.block_list(model)[1])
@@ -81,7 +83,7 @@ class EncoderLayers:
         h = hidden_states.contiguous().clone()
         bias = key_bias(attention_mask)
         library().encoder_layers(ptr(self.table), len(self.layers), b, t, d, self.heads, self.inter, self.eps, ptr(h),
-                                 ptr(bias), torch.get_num_threads())
+                                 ptr(bias), self.attention_bits, torch.get_num_threads())
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
 

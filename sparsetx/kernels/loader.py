@@ -97,13 +97,13 @@ def _load(target: Path) -> ctypes.CDLL | None:
         lib.nm_linear_select.argtypes = [p, i64, i, i, p, p, p, p, i, p, p, p, i, i]
         lib.nm_linear_select.restype = None
         lib.has_select.argtypes, lib.has_select.restype = [], i
-        lib.encoder_layers.argtypes = [p, i, i, i, i, i, i, ctypes.c_float, p, p, i]
+        lib.encoder_layers.argtypes = [p, i, i, i, i, i, i, ctypes.c_float, p, p, i, i]
         lib.encoder_layers.restype = None
         lib.has_f16c.argtypes, lib.has_f16c.restype = [], i
         lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None
         lib.attention_fused.argtypes = [p, p, p, i, i, i, i, i64, i, ctypes.c_float, p, p, p, p, i]
         lib.attention_fused.restype = None
-        lib.attention_encoder.argtypes = [p, p, p, i, i, i, i, i, i] + [i64] * 9 + [ctypes.c_float, p, p] + [i64] * 3 + [p, i]
+        lib.attention_encoder.argtypes = [p, p, p, i, i, i, i, i, i] + [i64] * 9 + [ctypes.c_float, p, p] + [i64] * 3 + [p, i, i]
         lib.attention_encoder.restype = None
         lib.int8_linear.argtypes = [p, i, p, p, p, p, i, i, i]
         lib.int8_linear.restype = None

@@ -1176,10 +1176,298 @@ static inline __attribute__((always_inline)) void pv_tile6(const float *const *p
 #define ENC_ZMM 0
 #endif
 
+/* ---- int8 attention (bits 8 of attention_encoder): SpAtten's low-bit Q, K, V, STA's fixed point --
+ * K: per key symmetric int8 (scale sk_j), 4 dimensions x 16 keys a 64-byte block (kq as int32:
+ * kq[(c / 4) lkp + j] holds k8_j,c..c+3); Q: per query symmetric int8, held as u8 = q8 + 128, so
+ * the scores, in base 2 (log2 e folded into the key scales) with the key bias b_j:
+ *   s_ij = log2(e) (scale sq_i sk_j (sum_c (q8_ic + 128) k8_jc - 128 sum_c k8_jc) + b_j)   (vpdpbusd: u8 x s8)
+ * P: p_ij = round(16383 * 2^(s_ij - max_i s_i)), 14-bit integers (2^x: a degree-4 polynomial and
+ * vscalefps); V: per channel (a column over the keys) symmetric int8, 2 keys x 16 channels as
+ * int16 pairs (vq as int32: vq[(j / 2) d + c] holds v8_2m,c low, v8_2m+1,c high):
+ *   o_ic = sv_c sum_j p_ij v8_jc / sum_j p_ij                              (vpdpwssd: s16 x s16)
+ * int32 sums: Q K^T < 255 * 127 * d (d <= 128: < 2^22); P V < 16383 * 127 * 1024 < 2^31 for a chunk
+ * of 1024 keys (longer rows add chunk by chunk in fp32). Builds without AVX-512 VNNI compute the
+ * same integers in scalar code. */
+#define P_ONE 16383
+#define PV_CHUNK 1024
+#define LOG2E 1.44269504088896341f
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define ATT_VNNI 1
+#else
+#define ATT_VNNI 0
+#endif
+/* 16383 * 2^f on |f| <= 1/2: 16383 (1 + c1 f + c2 f^2 + c3 f^3 + c4 f^4), least squares in the
+ * relative error (3.1e-6, 0.06 of the last integer step) */
+#define EXP2_C1 (16383.0f * 0.69312198470f)
+#define EXP2_C2 (16383.0f * 0.24023718625f)
+#define EXP2_C3 (16383.0f * 0.05591697746f)
+#define EXP2_C4 (16383.0f * 0.00960040924f)
+
+typedef struct {
+    int32_t *kq, *kcorr, *vq, *qw;   /* qw: ENC_QB query rows of d u8, read 4 at a time */
+    float *ks, *kbias, *sv, *sq, *tmp;   /* tmp: 3 d scratch */
+    int16_t *pq;                     /* ENC_QB rows of lkp probabilities */
+} QuantHead;
+
+static QuantHead quant_head_alloc(int d, int lkp) {
+    QuantHead w;
+    w.kq = aligned_alloc(64, (size_t)d * lkp);
+    w.kcorr = aligned_alloc(64, sizeof(int32_t) * (size_t)lkp);
+    w.ks = aligned_alloc(64, sizeof(float) * (size_t)lkp);
+    w.kbias = aligned_alloc(64, sizeof(float) * (size_t)lkp);
+    w.vq = aligned_alloc(64, sizeof(int16_t) * (size_t)d * lkp + 128);
+    w.sv = aligned_alloc(64, sizeof(float) * (size_t)(d + 32));
+    w.qw = aligned_alloc(64, (size_t)ENC_QB * d + 64);
+    w.sq = aligned_alloc(64, sizeof(float) * 64);
+    w.tmp = aligned_alloc(64, sizeof(float) * (size_t)(3 * d + 32));
+    w.pq = aligned_alloc(64, sizeof(int16_t) * (size_t)ENC_QB * lkp);
+    return w;
+}
+
+static void quant_head_free(QuantHead *w) {
+    free(w->kq); free(w->kcorr); free(w->ks); free(w->kbias); free(w->vq); free(w->sv); free(w->qw); free(w->sq);
+    free(w->tmp); free(w->pq);
+}
+
+/* q[i] = round(x[i] * s[i]) (nearest, ties to even: lrintf's rounding) for n floats; s[i] = s[0]
+ * for every i when step is 0. */
+static inline void round_scaled(const float *x, const float *s, int step, int n, int32_t *q) {
+    int i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_si512(q + i, _mm512_cvtps_epi32(_mm512_mul_ps(
+            _mm512_loadu_ps(x + i), step ? _mm512_loadu_ps(s + i) : _mm512_set1_ps(s[0]))));
+#endif
+    for (; i < n; i++) q[i] = (int32_t)lrintf(x[i] * s[step ? i : 0]);
+}
+
+/* One head's K (lk rows, stride ki) and V (stride vi) quantised into w, and its key bias (log2 e
+ * times bias, or 0; the padding keys lk..lkp -inf). */
+static void quant_kv(const float *kb, int64_t ki, const float *vb, int64_t vi, const float *bias, int lk, int lkp,
+                     int d, float scale, QuantHead *w) {
+    int8_t *kq = (int8_t *)w->kq;
+    int32_t *q = (int32_t *)(w->tmp + d), *q2 = q + d;   /* scratch */
+    for (int j = 0; j < lkp; j++) {
+        w->kcorr[j] = 0;
+        w->ks[j] = 0.0f;
+        w->kbias[j] = j < lk ? (bias ? bias[j] * LOG2E : 0.0f) : -INFINITY;
+        if (j >= lk) {
+            for (int c = 0; c < d; c++) kq[(int64_t)(c / 4) * 4 * lkp + 4 * j + c % 4] = 0;
+            continue;
+        }
+        float sk, inv;
+        token_scales(kb, ki, j, 1, d, 127, &sk, &inv, 1);
+        round_scaled(kb + j * ki, &inv, 0, d, q);
+        int32_t sum = 0;
+        for (int c = 0; c < d; c++) {
+            kq[(int64_t)(c / 4) * 4 * lkp + 4 * j + c % 4] = (int8_t)q[c];
+            sum += q[c];
+        }
+        w->kcorr[j] = 128 * sum;
+        w->ks[j] = sk * scale * LOG2E;
+    }
+    float *ic = w->tmp;   /* per channel: max |v|, then 127 / max */
+    for (int c = 0; c < d; c++) ic[c] = 0.0f;
+    for (int j = 0; j < lk; j++)
+        for (int c = 0; c < d; c++) ic[c] = fabsf(vb[j * vi + c]) > ic[c] ? fabsf(vb[j * vi + c]) : ic[c];
+    for (int c = 0; c < d; c++) {
+        w->sv[c] = ic[c] / 127.0f;
+        ic[c] = ic[c] > 0.0f ? 127.0f / ic[c] : 0.0f;
+    }
+    for (int m = 0; m < lkp / 2; m++) {
+        const int j = 2 * m;
+        if (j < lk) round_scaled(vb + j * vi, ic, 1, d, q); else memset(q, 0, sizeof(int32_t) * d);
+        if (j + 1 < lk) round_scaled(vb + (j + 1) * vi, ic, 1, d, q2); else memset(q2, 0, sizeof(int32_t) * d);
+        for (int c = 0; c < d; c++) w->vq[(int64_t)m * d + c] = (int32_t)(((uint32_t)q2[c] << 16) | ((uint32_t)q[c] & 0xffffu));
+    }
+}
+
+/* ENC_QB query rows (qr) as u8 = round(q / sq) + 128, sq = max |q| / 127. */
+static void quant_queries(const float *const *qr, int d, QuantHead *w) {
+    uint8_t *qu = (uint8_t *)w->qw;
+    int32_t *q = (int32_t *)w->tmp;
+    for (int i = 0; i < ENC_QB; i++) {
+        float inv;
+        token_scales(qr[i], 0, 0, 1, d, 127, w->sq + i, &inv, 1);
+        round_scaled(qr[i], &inv, 0, d, q);
+        for (int c = 0; c < d; c++) qu[i * d + c] = (uint8_t)(q[c] + 128);
+    }
+}
+
+/* Base-2 scores of the ENC_QB quantised queries against the lkp keys into sc (ENC_QB rows of lkp),
+ * each row's max into mx. */
+static void quant_scores(const QuantHead *w, int lkp, int d, float *sc, float *mx) {
+    const int d4 = d / 4;
+#if ATT_VNNI
+    const int32_t *q0 = w->qw, *q1 = q0 + d4, *q2 = q1 + d4, *q3 = q2 + d4, *q4 = q3 + d4, *q5 = q4 + d4;
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0, m4 = m0, m5 = m0;
+    const __m512 s0 = _mm512_set1_ps(w->sq[0]), s1 = _mm512_set1_ps(w->sq[1]), s2 = _mm512_set1_ps(w->sq[2]),
+                 s3 = _mm512_set1_ps(w->sq[3]), s4 = _mm512_set1_ps(w->sq[4]), s5 = _mm512_set1_ps(w->sq[5]);
+    for (int j0 = 0; j0 < lkp; j0 += 16) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+        for (int c4 = 0; c4 < d4; c4++) {
+            const __m512i kv = _mm512_load_si512(w->kq + (int64_t)c4 * lkp + j0);
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(q0[c4]), kv);
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(q1[c4]), kv);
+            a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(q2[c4]), kv);
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(q3[c4]), kv);
+            a4 = _mm512_dpbusd_epi32(a4, _mm512_set1_epi32(q4[c4]), kv);
+            a5 = _mm512_dpbusd_epi32(a5, _mm512_set1_epi32(q5[c4]), kv);
+        }
+        const __m512i corr = _mm512_load_si512(w->kcorr + j0);
+        const __m512 ks = _mm512_load_ps(w->ks + j0), kb = _mm512_load_ps(w->kbias + j0);
+#define QSCORE(I, A, S, M)                                                                                      \
+        do {                                                                                                    \
+            const __m512 s = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(A, corr)), ks), S, kb); \
+            _mm512_store_ps(sc + (int64_t)(I) * lkp + j0, s);                                                   \
+            M = _mm512_max_ps(M, s);                                                                            \
+        } while (0)
+        QSCORE(0, a0, s0, m0); QSCORE(1, a1, s1, m1); QSCORE(2, a2, s2, m2);
+        QSCORE(3, a3, s3, m3); QSCORE(4, a4, s4, m4); QSCORE(5, a5, s5, m5);
+#undef QSCORE
+    }
+    mx[0] = _mm512_reduce_max_ps(m0); mx[1] = _mm512_reduce_max_ps(m1); mx[2] = _mm512_reduce_max_ps(m2);
+    mx[3] = _mm512_reduce_max_ps(m3); mx[4] = _mm512_reduce_max_ps(m4); mx[5] = _mm512_reduce_max_ps(m5);
+#else
+    const uint8_t *qu = (const uint8_t *)w->qw;
+    const int8_t *kq = (const int8_t *)w->kq;
+    for (int i = 0; i < ENC_QB; i++) {
+        mx[i] = -INFINITY;
+        for (int j = 0; j < lkp; j++) {
+            int32_t a = 0;
+            for (int c = 0; c < d; c++) a += (int32_t)qu[i * d + c] * kq[(int64_t)(c / 4) * 4 * lkp + 4 * j + c % 4];
+            const float s = fmaf((float)(a - w->kcorr[j]) * w->ks[j], w->sq[i], w->kbias[j]);
+            sc[(int64_t)i * lkp + j] = s;
+            mx[i] = s > mx[i] ? s : mx[i];
+        }
+    }
+#endif
+}
+
+/* p[j] = round(16383 * 2^(row[j] - m)) for the lkp scores of a row (0 below 2^-32, and for every
+ * key when all are masked: m = -inf); returns sum_j p[j]. */
+static int32_t quant_exp_row(const float *row, int lkp, float m, int16_t *p) {
+    if (m == -INFINITY) {
+        memset(p, 0, sizeof(int16_t) * lkp);
+        return 0;
+    }
+    int j = 0;
+    int32_t sum = 0;
+#ifdef __AVX512F__
+    const __m512 mv = _mm512_set1_ps(m), lo = _mm512_set1_ps(-32.0f);
+    __m512i s16 = _mm512_setzero_si512();
+    for (; j + 16 <= lkp; j += 16) {
+        const __m512 y = _mm512_max_ps(_mm512_sub_ps(_mm512_load_ps(row + j), mv), lo);
+        const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(y, n);
+        __m512 e = _mm512_fmadd_ps(f, _mm512_set1_ps(EXP2_C4), _mm512_set1_ps(EXP2_C3));
+        e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(EXP2_C2));
+        e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(EXP2_C1));
+        e = _mm512_fmadd_ps(e, f, _mm512_set1_ps((float)P_ONE));
+        const __m512i pi = _mm512_cvtps_epi32(_mm512_scalef_ps(e, n));
+        _mm256_store_si256((__m256i *)(p + j), _mm512_cvtepi32_epi16(pi));
+        s16 = _mm512_add_epi32(s16, pi);
+    }
+    sum = _mm512_reduce_add_epi32(s16);
+#endif
+    for (; j < lkp; j++) {
+        float y = row[j] - m;
+        y = y > -32.0f ? y : -32.0f;
+        const float n = nearbyintf(y), f = y - n;
+        float e = fmaf(f, EXP2_C4, EXP2_C3);
+        e = fmaf(e, f, EXP2_C2);
+        e = fmaf(e, f, EXP2_C1);
+        e = fmaf(e, f, (float)P_ONE);
+        p[j] = (int16_t)lrintf(ldexpf(e, (int)n));
+        sum += p[j];
+    }
+    return sum;
+}
+
+/* orow[i][c] = inv_i sv_c sum_j p_ij v8_jc for the nq queries' probabilities. */
+static void quant_pv(const QuantHead *w, int lkp, int d, int nq, const float *inv, float *const *orow) {
+    for (int j0 = 0; j0 < lkp; j0 += PV_CHUNK) {
+        const int m0 = j0 / 2, m1 = (j0 + PV_CHUNK < lkp ? j0 + PV_CHUNK : lkp) / 2;
+#if ATT_VNNI
+        const int32_t *p0 = (const int32_t *)w->pq, *p1 = p0 + lkp / 2, *p2 = p1 + lkp / 2, *p3 = p2 + lkp / 2,
+                      *p4 = p3 + lkp / 2, *p5 = p4 + lkp / 2;
+        for (int c0 = 0; c0 < d; c0 += 32) {
+            const int nd = d - c0 < 32 ? d - c0 : 32;
+            const __mmask16 k0 = nd >= 16 ? 0xffff : (__mmask16)((1u << nd) - 1),
+                            k1 = nd > 16 ? (__mmask16)((1u << (nd - 16)) - 1) : 0;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0, c0v = a0, c1 = a0, d0 = a0, d1 = a0,
+                    e0 = a0, e1 = a0, f0 = a0, f1 = a0;
+            for (int m = m0; m < m1; m++) {
+                const int32_t *vr = w->vq + (int64_t)m * d + c0;
+                const __m512i v0 = _mm512_maskz_loadu_epi32(k0, vr), v1 = _mm512_maskz_loadu_epi32(k1, vr + 16);
+                __m512i p;
+                p = _mm512_set1_epi32(p0[m]); a0 = _mm512_dpwssd_epi32(a0, p, v0); a1 = _mm512_dpwssd_epi32(a1, p, v1);
+                p = _mm512_set1_epi32(p1[m]); b0 = _mm512_dpwssd_epi32(b0, p, v0); b1 = _mm512_dpwssd_epi32(b1, p, v1);
+                p = _mm512_set1_epi32(p2[m]); c0v = _mm512_dpwssd_epi32(c0v, p, v0); c1 = _mm512_dpwssd_epi32(c1, p, v1);
+                p = _mm512_set1_epi32(p3[m]); d0 = _mm512_dpwssd_epi32(d0, p, v0); d1 = _mm512_dpwssd_epi32(d1, p, v1);
+                p = _mm512_set1_epi32(p4[m]); e0 = _mm512_dpwssd_epi32(e0, p, v0); e1 = _mm512_dpwssd_epi32(e1, p, v1);
+                p = _mm512_set1_epi32(p5[m]); f0 = _mm512_dpwssd_epi32(f0, p, v0); f1 = _mm512_dpwssd_epi32(f1, p, v1);
+            }
+            const __m512i r[ENC_QB][2] = {{a0, a1}, {b0, b1}, {c0v, c1}, {d0, d1}, {e0, e1}, {f0, f1}};
+            const __m512 s0 = _mm512_maskz_loadu_ps(k0, w->sv + c0), s1 = _mm512_maskz_loadu_ps(k1, w->sv + c0 + 16);
+            for (int i = 0; i < nq; i++) {
+                const __m512 iv = _mm512_set1_ps(inv[i]);
+                __m512 o0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(r[i][0]), s0), iv),
+                       o1 = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(r[i][1]), s1), iv);
+                if (j0) {
+                    o0 = _mm512_add_ps(o0, _mm512_maskz_loadu_ps(k0, orow[i] + c0));
+                    o1 = _mm512_add_ps(o1, _mm512_maskz_loadu_ps(k1, orow[i] + c0 + 16));
+                }
+                _mm512_mask_storeu_ps(orow[i] + c0, k0, o0);
+                _mm512_mask_storeu_ps(orow[i] + c0 + 16, k1, o1);
+            }
+        }
+#else
+        for (int i = 0; i < nq; i++)
+            for (int c = 0; c < d; c++) {
+                int32_t a = 0;
+                for (int m = m0; m < m1; m++) {
+                    const int32_t pv = w->vq[(int64_t)m * d + c];
+                    a += (int32_t)w->pq[(int64_t)i * lkp + 2 * m] * (int16_t)(pv & 0xffff)
+                         + (int32_t)w->pq[(int64_t)i * lkp + 2 * m + 1] * (int16_t)(pv >> 16);
+                }
+                const float o = ((float)a * w->sv[c]) * inv[i];
+                orow[i][c] = j0 ? orow[i][c] + o : o;
+            }
+#endif
+    }
+}
+
+/* One head of attention_encoder at bits 8 (see above), ENC_QB queries at a time; received +=
+ * the probabilities (p_ij / sum_j p_ij) each key gets. */
+static void quant_head(const float *qb, int64_t qi, const float *kb, int64_t ki, const float *vb, int64_t vi, int lq,
+                       int lk, int lkp, int d, float scale, const float *bias, float *ob, int64_t oi, double *received,
+                       float *sc, QuantHead *w) {
+    quant_kv(kb, ki, vb, vi, bias, lk, lkp, d, scale, w);
+    for (int i0 = 0; i0 < lq; i0 += ENC_QB) {
+        const int nq = lq - i0 < ENC_QB ? lq - i0 : ENC_QB;
+        const float *qr[ENC_QB];
+        float *orow[ENC_QB], inv[ENC_QB], mx[ENC_QB];
+        for (int i = 0; i < ENC_QB; i++) {   /* rows nq.. repeat the first: computed, never stored */
+            qr[i] = qb + (int64_t)(i0 + (i < nq ? i : 0)) * qi;
+            orow[i] = ob + (int64_t)(i0 + (i < nq ? i : 0)) * oi;
+        }
+        quant_queries(qr, d, w);
+        quant_scores(w, lkp, d, sc, mx);
+        for (int i = 0; i < ENC_QB; i++) {
+            int16_t *p = w->pq + (int64_t)i * lkp;
+            const int32_t sum = quant_exp_row(sc + (int64_t)i * lkp, lkp, mx[i], p);
+            inv[i] = sum ? 1.0f / (float)sum : 0.0f;
+            if (received && i < nq && sum)
+                for (int j = 0; j < lk; j++) received[j] += (double)p[j] / sum;
+        }
+        quant_pv(w, lkp, d, nq, inv, orow);
+    }
+}
+
 void attention_encoder(const float *q, const float *k, const float *v, int B, int H, int group, int lq, int lk, int d,
                        int64_t qb_, int64_t qh, int64_t qi, int64_t kb_, int64_t kh_, int64_t ki,
                        int64_t vb_, int64_t vh, int64_t vi, float scale, const float *key_bias,
-                       float *out, int64_t ob, int64_t oh, int64_t oi, double *received, int threads) {
+                       float *out, int64_t ob, int64_t oh, int64_t oi, double *received, int bits, int threads) {
     const int64_t qs[3] = {qb_, qh, qi}, ks[3] = {kb_, kh_, ki}, vs[3] = {vb_, vh, vi}, os[3] = {ob, oh, oi};
     const int lkp = (lk + 15) / 16 * 16;   /* keys padded to the 16 of the score micro-tile */
     #pragma omp parallel num_threads(threads)
@@ -1187,12 +1475,19 @@ void attention_encoder(const float *q, const float *k, const float *v, int B, in
         float *kt = aligned_alloc(64, sizeof(float) * (size_t)d * lkp);
         float *sc = aligned_alloc(64, sizeof(float) * (size_t)ENC_QB * lkp);
         double *mine = received ? calloc((size_t)lk, sizeof(double)) : NULL;
+        QuantHead w = {0};
+        if (bits == 8) w = quant_head_alloc(d, lkp);
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < (int64_t)B * H; bh++) {
             const int b = (int)(bh / H), h = (int)(bh % H), kh = h / group;
             const float *kb = k + b * ks[0] + kh * ks[1], *vb = v + b * vs[0] + kh * vs[1];
             const float *qb = q + b * qs[0] + h * qs[1];
             const float *bias = key_bias ? key_bias + (int64_t)b * lk : NULL;
+            if (bits == 8) {
+                quant_head(qb, qs[2], kb, ks[2], vb, vs[2], lq, lk, lkp, d, scale, bias, out + b * os[0] + h * os[1], os[2],
+                           mine, sc, &w);
+                continue;
+            }
             transpose(kb, ks[2], kt, lkp, lk, d);   /* K transposed: kt[c * lkp + j], padding keys zero */
             for (int c = 0; c < d; c++)
                 for (int j = lk; j < lkp; j++) kt[(int64_t)c * lkp + j] = 0.0f;
@@ -1237,6 +1532,7 @@ void attention_encoder(const float *q, const float *k, const float *v, int B, in
             for (int j = 0; j < lk; j++) received[j] += mine[j];
         }
         free(kt); free(sc); free(mine);
+        if (bits == 8) quant_head_free(&w);
     }
 }
 
@@ -1486,7 +1782,7 @@ static void residual_layer_norm(float *h, const float *a, int T, int D, const fl
 /* h (B, T, D) in place through L layers of H heads (D / H each) and I intermediate units. key_bias
  * (B, T): added to every query's scores (-inf: a padding key), or NULL. */
 void encoder_layers(const int64_t *table, int L, int B, int T, int D, int H, int I, float eps, float *h,
-                    const float *key_bias, int threads) {
+                    const float *key_bias, int attention_bits, int threads) {
     const int64_t n = (int64_t)B * T, d = D / H;
     float *q = malloc(sizeof(float) * n * D), *k = malloc(sizeof(float) * n * D), *v = malloc(sizeof(float) * n * D),
           *ctx = malloc(sizeof(float) * n * D), *u = malloc(sizeof(float) * n * (I > D ? I : D));
@@ -1498,7 +1794,7 @@ void encoder_layers(const int64_t *table, int L, int B, int T, int D, int H, int
         encoder_linear(lin + 2 * NE, h, (int)n, v, threads);
         /* (B, T, H, d) read as (B, H, T, d); the context lands as (B, T, H, d) = (n, D) */
         attention_encoder(q, k, v, B, H, 1, T, T, (int)d, (int64_t)T * D, d, D, (int64_t)T * D, d, D, (int64_t)T * D, d, D,
-                          scale, key_bias, ctx, (int64_t)T * D, d, D, NULL, threads);
+                          scale, key_bias, ctx, (int64_t)T * D, d, D, NULL, attention_bits, threads);
         encoder_linear(lin + 3 * NE, ctx, (int)n, u, threads);
         residual_layer_norm(h, u, (int)n, D, (const float *)(intptr_t)t[0], (const float *)(intptr_t)t[1], eps, threads);
         encoder_linear(lin + 4 * NE, h, (int)n, u, threads);   /* up (+ GELU): u (n, I) */
