@@ -26,6 +26,7 @@ def _batch():
 def _without_plan(model):
     """The same model on its per-layer path (transformers' layers around the same kernels)."""
     del model.bert.encoder.forward
+    del model.bert.forward
     return model
 
 
@@ -112,3 +113,35 @@ def test_spatten_and_compile_still_work(folder):
     compiled = load_model(folder, fast=True, compile=True)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits, base, atol=1e-4, rtol=0)
+
+
+def test_plain_calls_skip_transformers_plumbing_and_equal_it(folder):
+    """The base model's plain call (ids, a 2-D padding mask, token types or not) runs embeddings,
+    the C layers and the pooler itself, and its output equals transformers' own forward around the
+    same C layers bit for bit; calls it does not take (positions given, a hook on the encoder, a
+    4-D mask) go to that forward."""
+    from sparsetx.formats.folder import load_packed
+
+    fast = load_packed(folder, fast=True, activation_bits=8)
+    plan = fast.bert.encoder.sparsetx_layers
+    ids, mask = _batch()
+    types = (torch.arange(ids.shape[1]) > 10).long().expand_as(ids)
+    calls = []
+    original = plan.base_original
+    plan.base_original = lambda *a, **k: calls.append(1) or original(*a, **k)
+    with torch.inference_mode():
+        for tt in (None, types):
+            got = fast(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+            assert calls == []
+            want = original(ids, mask, tt)   # transformers' BertModel.forward, layers still in C
+            torch.testing.assert_close(fast.bert(input_ids=ids, attention_mask=mask, token_type_ids=tt).pooler_output,
+                                       want.pooler_output, atol=0, rtol=0)
+            torch.testing.assert_close(got.logits, fast.classifier(want.pooler_output), atol=0, rtol=0)
+        fast(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None])
+        assert calls == [1]
+        handle = fast.bert.encoder.register_forward_hook(lambda m, i, o: calls.append(2))
+        fast(input_ids=ids, attention_mask=mask)
+        handle.remove()
+        assert calls == [1, 1, 2]
+        fast(input_ids=ids, attention_mask=mask[:, None, None, :].bool().expand(-1, 1, ids.shape[1], -1))
+        assert calls == [1, 1, 2, 1]
