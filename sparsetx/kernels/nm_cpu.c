@@ -108,22 +108,29 @@ static inline __m256 gelu256(__m256 x) {
 }
 
 #ifdef __AVX512F__
-/* The same GELU for 16 floats: 1 / (1 + 0.3275911 |z|) by vrcp14ps and one Newton step (relative
- * error about 2^-28, against vdivps' 16-cycle throughput), the sign of z put back by bit logic. */
+/* GELU for 16 floats: erf(z) = z P(z^2) / Q(z^2) on z = x / sqrt 2 clamped to [-4, 4] (beyond, erf
+ * is 1 to float precision), P of degree 6 and Q of degree 4, fitted here by iterated weighted least
+ * squares on [0, 4] (relative error of erf(z) / z 9.7e-8; GELU within 1.4e-6 of erf-exact on
+ * [-7, 7] in float arithmetic); 1 / Q by vrcp14ps and one Newton step. About 20 operations against
+ * 30 for the exp-based form above. */
 static inline __m512 gelu512(__m512 x) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)), a = _mm512_abs_ps(z);
-    const __m512 den = _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), one);
-    __m512 t = _mm512_rcp14_ps(den);
-    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));   /* t (2 - den t) */
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-    const __m512 e = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)), one);
-    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000u));
-    const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e), sign));
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, erf));
+    const __m512 z = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)),
+                                                 _mm512_set1_ps(-4.0f)), _mm512_set1_ps(4.0f));
+    const __m512 w = _mm512_mul_ps(z, z);
+    __m512 p = _mm512_fmadd_ps(w, _mm512_set1_ps(1.92992430787179e-08f), _mm512_set1_ps(-1.9292451998201132e-06f));
+    p = _mm512_fmadd_ps(w, p, _mm512_set1_ps(1.4264940317182477e-04f));
+    p = _mm512_fmadd_ps(w, p, _mm512_set1_ps(3.790816099459311e-03f));
+    p = _mm512_fmadd_ps(w, p, _mm512_set1_ps(5.088608444028887e-02f));
+    p = _mm512_fmadd_ps(w, p, _mm512_set1_ps(2.0240793381133934e-01f));
+    p = _mm512_fmadd_ps(w, p, _mm512_set1_ps(1.1283791352564214f));
+    __m512 q = _mm512_fmadd_ps(w, _mm512_set1_ps(9.732773918366385e-04f), _mm512_set1_ps(1.4549662894106896e-02f));
+    q = _mm512_fmadd_ps(w, q, _mm512_set1_ps(1.1600851517815117e-01f));
+    q = _mm512_fmadd_ps(w, q, _mm512_set1_ps(5.127113058942648e-01f));
+    q = _mm512_fmadd_ps(w, q, _mm512_set1_ps(1.0f));
+    __m512 r = _mm512_rcp14_ps(q);
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));   /* r (2 - q r) */
+    const __m512 erf = _mm512_mul_ps(_mm512_mul_ps(z, p), r), half = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
+    return _mm512_fmadd_ps(half, erf, half);
 }
 #endif
 #endif
@@ -432,6 +439,19 @@ static void token_scales(const float *x, int64_t ldx, int t0, int nt, int K, int
         if (t < nt) {
             const float *xr = x + (int64_t)(t0 + t) * ldx;
             int k = 0;
+#ifdef __AVX512F__
+            if (K >= 64) {   /* four chains of 16 (the max is exact: the same scale as below) */
+                __m512 m0 = _mm512_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+                for (; k + 64 <= K; k += 64) {
+                    m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+                    m1 = _mm512_max_ps(m1, _mm512_abs_ps(_mm512_loadu_ps(xr + k + 16)));
+                    m2 = _mm512_max_ps(m2, _mm512_abs_ps(_mm512_loadu_ps(xr + k + 32)));
+                    m3 = _mm512_max_ps(m3, _mm512_abs_ps(_mm512_loadu_ps(xr + k + 48)));
+                }
+                for (; k + 16 <= K; k += 16) m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+                mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+            }
+#endif
 #ifdef __AVX2__
             __m256 m8 = _mm256_setzero_ps(), ab = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
             for (; k + 8 <= K; k += 8) m8 = _mm256_max_ps(m8, _mm256_and_ps(_mm256_loadu_ps(xr + k), ab));
@@ -1258,30 +1278,51 @@ static inline void round_scaled(const float *x, const float *s, int step, int n,
     for (; i < n; i++) q[i] = (int32_t)lrintf(x[i] * s[step ? i : 0]);
 }
 
+/* A row of d floats as bytes round(x / s) + off (s = max |x| / 127, into *scale); returns the sum
+ * of the round(x / s). Zmm where d is a multiple of 16, else token_scales and round_scaled: the
+ * same scale, the same integers. */
+static int32_t quant_row(const float *x, int d, int off, uint8_t *out, float *scale, int32_t *tmp) {
+    int32_t sum = 0;
+#ifdef __AVX512F__
+    if (d % 16 == 0) {
+        __m512 m = _mm512_setzero_ps();
+        for (int c = 0; c < d; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
+        const float mx = _mm512_reduce_max_ps(m);
+        *scale = mx > 0.0f ? mx / 127.0f : 0.0f;
+        const __m512 inv = _mm512_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
+        __m512i s = _mm512_setzero_si512();
+        for (int c = 0; c < d; c += 16) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + c), inv));
+            s = _mm512_add_epi32(s, q);
+            _mm_storeu_si128((__m128i *)(out + c), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(off))));
+        }
+        return _mm512_reduce_add_epi32(s);
+    }
+#endif
+    float inv;
+    token_scales(x, 0, 0, 1, d, 127, scale, &inv, 1);
+    round_scaled(x, &inv, 0, d, tmp);
+    for (int c = 0; c < d; c++) {
+        out[c] = (uint8_t)(tmp[c] + off);
+        sum += tmp[c];
+    }
+    return sum;
+}
+
 /* One head's K (lk rows, stride ki) and V (stride vi) quantised into w, and its key bias (log2 e
  * times bias, or 0; the padding keys lk..lkp -inf). */
 static void quant_kv(const float *kb, int64_t ki, const float *vb, int64_t vi, const float *bias, int lk, int lkp,
                      int d, float scale, QuantHead *w) {
-    int8_t *kq = (int8_t *)w->kq;
     int32_t *q = (int32_t *)(w->tmp + d), *q2 = q + d;   /* scratch */
+    uint8_t *row = (uint8_t *)q2;
     for (int j = 0; j < lkp; j++) {
-        w->kcorr[j] = 0;
-        w->ks[j] = 0.0f;
-        w->kbias[j] = j < lk ? (bias ? bias[j] * LOG2E : 0.0f) : -INFINITY;
-        if (j >= lk) {
-            for (int c = 0; c < d; c++) kq[(int64_t)(c / 4) * 4 * lkp + 4 * j + c % 4] = 0;
-            continue;
-        }
-        float sk, inv;
-        token_scales(kb, ki, j, 1, d, 127, &sk, &inv, 1);
-        round_scaled(kb + j * ki, &inv, 0, d, q);
-        int32_t sum = 0;
-        for (int c = 0; c < d; c++) {
-            kq[(int64_t)(c / 4) * 4 * lkp + 4 * j + c % 4] = (int8_t)q[c];
-            sum += q[c];
-        }
+        float sk = 0.0f;
+        const int32_t sum = j < lk ? quant_row(kb + j * ki, d, 0, row, &sk, q) : 0;
+        if (j >= lk) memset(row, 0, (size_t)d);
+        for (int c4 = 0; c4 < d / 4; c4++) memcpy(w->kq + (int64_t)c4 * lkp + j, row + 4 * c4, 4);
         w->kcorr[j] = 128 * sum;
         w->ks[j] = sk * scale * LOG2E;
+        w->kbias[j] = j < lk ? (bias ? bias[j] * LOG2E : 0.0f) : -INFINITY;
     }
     float *ic = w->tmp;   /* per channel: max |v|, then 127 / max */
     for (int c = 0; c < d; c++) ic[c] = 0.0f;
@@ -1301,14 +1342,7 @@ static void quant_kv(const float *kb, int64_t ki, const float *vb, int64_t vi, c
 
 /* ENC_QB query rows (qr) as u8 = round(q / sq) + 128, sq = max |q| / 127. */
 static void quant_queries(const float *const *qr, int d, QuantHead *w) {
-    uint8_t *qu = (uint8_t *)w->qw;
-    int32_t *q = (int32_t *)w->tmp;
-    for (int i = 0; i < ENC_QB; i++) {
-        float inv;
-        token_scales(qr[i], 0, 0, 1, d, 127, w->sq + i, &inv, 1);
-        round_scaled(qr[i], &inv, 0, d, q);
-        for (int c = 0; c < d; c++) qu[i * d + c] = (uint8_t)(q[c] + 128);
-    }
+    for (int i = 0; i < ENC_QB; i++) quant_row(qr[i], d, 128, (uint8_t *)w->qw + i * d, w->sq + i, (int32_t *)w->tmp);
 }
 
 /* Base-2 scores of the ENC_QB quantised queries against the lkp keys into sc (ENC_QB rows of lkp),
