@@ -117,10 +117,13 @@ def test_spatten_and_compile_still_work(folder):
 
 def test_plain_calls_skip_transformers_plumbing_and_equal_it(folder):
     """The base model's plain call (ids, a 2-D padding mask, token types or not) runs embeddings,
-    the C layers and the pooler itself, and its output equals transformers' own forward around the
-    same C layers bit for bit; calls it does not take (positions given, a hook on the encoder, a
-    4-D mask) go to that forward."""
+    layers and pooler in one C call: its embeddings (no layers) and pooler equal BertEmbeddings'
+    and BertPooler's within float rounding, and the logits equal transformers' own forward around
+    the same C layers (int8 activations: a rounding step can flip, hence 2e-2); calls it does not
+    take (positions given, a hook on the encoder or embeddings, a 4-D mask, an id beyond the
+    vocabulary) go to that forward."""
     from sparsetx.formats.folder import load_packed
+    from sparsetx.kernels.loader import library, ptr
 
     fast = load_packed(folder, fast=True, activation_bits=8)
     plan = fast.bert.encoder.sparsetx_layers
@@ -129,14 +132,24 @@ def test_plain_calls_skip_transformers_plumbing_and_equal_it(folder):
     calls = []
     original = plan.base_original
     plan.base_original = lambda *a, **k: calls.append(1) or original(*a, **k)
+    emb, pool = fast.bert.embeddings, fast.bert.pooler
+    tables = [emb.word_embeddings.weight, emb.token_type_embeddings.weight, emb.position_embeddings.weight,
+              emb.LayerNorm.weight, emb.LayerNorm.bias, pool.dense.weight, pool.dense.bias]
+    ptrs = torch.tensor([t.data_ptr() for t in tables], dtype=torch.int64)
     with torch.inference_mode():
-        for tt in (None, types):
+        for tt in (None, types.contiguous()):
+            b, t = ids.shape
+            d = fast.config.hidden_size
+            h, pooled = torch.empty(b, t, d), torch.empty(b, d)
+            library().encoder_forward(ptr(plan.table), 0, b, t, d, plan.heads, plan.inter, plan.eps, ptr(ids),
+                                      ptr(tt), ptr(ptrs),
+                                      float(emb.LayerNorm.eps), ptr(h), None, ptr(pooled), 8, 2)
+            torch.testing.assert_close(h, emb(input_ids=ids, token_type_ids=tt), atol=1e-6, rtol=0)
+            torch.testing.assert_close(pooled, pool(h), atol=1e-6, rtol=0)
             got = fast(input_ids=ids, attention_mask=mask, token_type_ids=tt)
             assert calls == []
             want = original(ids, mask, tt)   # transformers' BertModel.forward, layers still in C
-            torch.testing.assert_close(fast.bert(input_ids=ids, attention_mask=mask, token_type_ids=tt).pooler_output,
-                                       want.pooler_output, atol=0, rtol=0)
-            torch.testing.assert_close(got.logits, fast.classifier(want.pooler_output), atol=0, rtol=0)
+            torch.testing.assert_close(got.logits, fast.classifier(want.pooler_output), atol=2e-2, rtol=0)
         fast(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None])
         assert calls == [1]
         handle = fast.bert.encoder.register_forward_hook(lambda m, i, o: calls.append(2))
@@ -145,3 +158,65 @@ def test_plain_calls_skip_transformers_plumbing_and_equal_it(folder):
         assert calls == [1, 1, 2]
         fast(input_ids=ids, attention_mask=mask[:, None, None, :].bool().expand(-1, 1, ids.shape[1], -1))
         assert calls == [1, 1, 2, 1]
+        handle = emb.register_forward_hook(lambda m, i, o: calls.append(3))
+        fast(input_ids=ids, attention_mask=mask)
+        handle.remove()
+        assert calls == [1, 1, 2, 1, 1, 3]
+        with pytest.raises(IndexError):   # transformers' own error, never a read past the table
+            fast(input_ids=ids.masked_fill(ids == ids[0, 0], 100), attention_mask=mask)
+
+
+def test_pool_threads_give_the_same_bits_and_survive_threads_and_fork(folder):
+    """The one-call encoder's phases run on its own thread pool (nm_cpu.c section 9): a chunk's
+    result does not depend on the thread that runs it, so 1, 2 and 3 threads (more than this
+    machine's cores) give the same logits bit for bit; two Python threads calling at once (one
+    runs its phases alone) and a forked child (none of the parent's workers) give them too."""
+    import os
+    import pickle
+    import threading
+
+    from sparsetx.formats.folder import load_packed
+
+    fast = load_packed(folder, fast=True, activation_bits=8)
+    ids, mask = _batch()
+    before = torch.get_num_threads()
+    outs = {}
+    try:
+        with torch.inference_mode():
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                outs[threads] = fast(input_ids=ids, attention_mask=mask).logits
+            assert torch.equal(outs[1], outs[2]) and torch.equal(outs[1], outs[3])
+            torch.set_num_threads(2)
+            got, errors = [], []
+
+            def call():
+                try:
+                    with torch.inference_mode():
+                        for _ in range(5):
+                            got.append(fast(input_ids=ids, attention_mask=mask).logits)
+                except Exception as e:   # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            workers = [threading.Thread(target=call) for _ in range(2)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(60)
+            assert not errors and len(got) == 10 and all(torch.equal(g, outs[1]) for g in got)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:   # the child: compute, report, leave without running the parent's cleanup
+                try:
+                    with torch.inference_mode():
+                        data = pickle.dumps(fast(input_ids=ids, attention_mask=mask).logits)
+                    os.write(w, data)
+                finally:
+                    os._exit(0)
+            os.close(w)
+            with os.fdopen(r, "rb") as f:
+                child = pickle.loads(f.read())
+            os.waitpid(pid, 0)
+            assert torch.equal(child, outs[1])
+    finally:
+        torch.set_num_threads(before)

@@ -77,10 +77,11 @@ class EncoderLayers:
             return False   # something records or changes what a layer does
         return padding_only(mask)
 
-    def run(self, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The layers on a copy of ``hidden`` (B, T, D); bias: (B, T) fp32 key bias or None."""
+    def run(self, hidden: torch.Tensor, bias: torch.Tensor | None, own: bool = False) -> torch.Tensor:
+        """The layers on ``hidden`` (B, T, D), in place when ``own`` (a tensor of ours), else on a
+        copy; bias: (B, T) fp32 key bias or None."""
         b, t, d = hidden.shape
-        h = hidden.contiguous().clone()
+        h = hidden if own and hidden.is_contiguous() else hidden.contiguous().clone()
         library().encoder_layers(ptr(self.table), len(self.layers), b, t, d, self.heads, self.inter, self.eps, ptr(h),
                                  ptr(bias), self.attention_bits, torch.get_num_threads())
         return h
@@ -92,43 +93,69 @@ class EncoderLayers:
 
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=self.run(hidden_states, key_bias(attention_mask)))
 
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        """BertEmbeddings' sum (word + token type + absolute position, in its order: the same bits)
-        and LayerNorm, as four in-place ops (the module's own forward costs about 0.2 ms here)."""
-        emb = self.base.embeddings
-        if emb._forward_hooks or emb._forward_pre_hooks or emb.training:
-            return emb(input_ids=input_ids, token_type_ids=token_type_ids)
-        t = input_ids.shape[1]
-        h = nn.functional.embedding(input_ids, emb.word_embeddings.weight)
-        types = emb.token_type_embeddings.weight
-        h += types[0] if token_type_ids is None else nn.functional.embedding(token_type_ids, types)
-        h += emb.position_embeddings.weight[:t]
-        ln = emb.LayerNorm
-        return nn.functional.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    def c_embeddings(self) -> bool:
+        """Whether the embeddings (and the pooler, where there is a tanh one) can run in C: fp32
+        tables of the usual BertEmbeddings, nothing hooked, inference."""
+        emb, pool = self.base.embeddings, self.base.pooler
+        mods = [emb, *emb.children()] + ([pool, *pool.children()] if pool is not None else [])
+        tables = [emb.word_embeddings.weight, emb.token_type_embeddings.weight, emb.position_embeddings.weight,
+                  emb.LayerNorm.weight, emb.LayerNorm.bias]
+        if pool is not None:
+            if not isinstance(getattr(pool, "dense", None), nn.Linear) or pool.dense.bias is None:
+                return False
+            tables += [pool.dense.weight, pool.dense.bias]
+        return not (emb.training or any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+                    or any(x.dtype != torch.float32 or not x.is_contiguous() for x in tables))
 
     def base_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, *args, **kwargs):
         """The base model's forward for the plain call (token ids, a (B, T) padding mask, optional
-        token types): embeddings, the layers in C, the pooler, without transformers' mask building
-        and output plumbing around them (about 0.8 ms of a 9 ms 128-token MiniLM forward). Any other
-        call (embeddings given, positions, caches, outputs asked for, hooks on the encoder) goes to
-        the model's own forward, which still runs the layers in C where it can."""
-        plain = (not args and input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] > 0
+        token types): embeddings, layers and the pooler in one C call, without transformers' mask
+        building and output plumbing (about 0.8 ms of a 9 ms 128-token MiniLM forward) and without
+        a PyTorch op whose worker threads would spin beside the kernels'. Any other call (embeddings
+        given, positions, caches, outputs asked for, hooks on the encoder or embeddings, ids out of
+        the tables' range) goes to the model's own forward, which still runs the layers in C where
+        it can."""
+        emb = self.base.embeddings
+        plain = (not args and input_ids is not None and input_ids.dim() == 2 and 0 < input_ids.shape[1]
+                 <= emb.position_embeddings.num_embeddings and input_ids.dtype == torch.long
                  and (attention_mask is None or attention_mask.shape == input_ids.shape)
+                 and (token_type_ids is None or token_type_ids.shape == input_ids.shape)
                  and all(v is None or (k == "return_dict" and v) for k, v in kwargs.items())
-                 and not (self.encoder._forward_hooks or self.encoder._forward_pre_hooks))
+                 and not (self.encoder._forward_hooks or self.encoder._forward_pre_hooks)
+                 and self.c_embeddings() and not self.blocked(input_ids)
+                 and int(input_ids.min()) >= 0 and int(input_ids.max()) < emb.word_embeddings.num_embeddings
+                 and (token_type_ids is None or (int(token_type_ids.min()) >= 0
+                                                 and int(token_type_ids.max()) < emb.token_type_embeddings.num_embeddings)))
         if not plain:
-            return self.base_original(input_ids, attention_mask, token_type_ids, *args, **kwargs)
-        hidden = self.embed(input_ids, token_type_ids)
-        if not self.takes(hidden, None, (), {}):
             return self.base_original(input_ids, attention_mask, token_type_ids, *args, **kwargs)
         from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
+        b, t = input_ids.shape
+        d = self.base.config.hidden_size
         bias = None
         if attention_mask is not None:   # 1 keep, 0 padding (transformers' 2-D mask)
             bias = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill_(attention_mask == 0, -torch.inf)
-        h = self.run(hidden, bias)
-        pooled = self.base.pooler(h) if self.base.pooler is not None else None
+        ids = input_ids.contiguous()
+        types = None if token_type_ids is None else token_type_ids.to(torch.long).contiguous()
+        pool = self.base.pooler
+        c_pool = pool is not None and isinstance(getattr(pool, "activation", None), nn.Tanh)
+        tables = [emb.word_embeddings.weight, emb.token_type_embeddings.weight, emb.position_embeddings.weight,
+                  emb.LayerNorm.weight, emb.LayerNorm.bias] + ([pool.dense.weight, pool.dense.bias] if c_pool else [])
+        ptrs = torch.tensor([x.data_ptr() for x in tables] + [0] * (7 - len(tables)), dtype=torch.int64)
+        h = torch.empty(b, t, d)
+        pooled = torch.empty(b, d) if c_pool else None
+        library().encoder_forward(ptr(self.table), len(self.layers), b, t, d, self.heads, self.inter, self.eps, ptr(ids),
+                                  ptr(types), ptr(ptrs), float(emb.LayerNorm.eps), ptr(h), ptr(bias), ptr(pooled),
+                                  self.attention_bits, torch.get_num_threads())
+        if pool is not None and not c_pool:
+            pooled = pool(h)
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=h, pooler_output=pooled)
+
+    def blocked(self, input_ids: torch.Tensor) -> bool:
+        """What stops the C layers whatever the input: tracing, gradients, a hooked layer."""
+        return (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.base.embeddings.parameters()))
+                or any(m._forward_hooks or m._forward_pre_hooks for m in self.watched))
 
 
 def use_encoder_layers(model: nn.Module) -> bool:

@@ -35,7 +35,7 @@ def _cpu_flags() -> set[str]:
 
 
 def compile_flags() -> list[str]:
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11"]
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-pthread", "-std=c11"]
     cpu = _cpu_flags()
     if {"avx2", "fma"} <= cpu:
         flags += ["-mavx2", "-mfma"]
@@ -98,6 +98,8 @@ def _load(target: Path) -> ctypes.CDLL | None:
         lib.nm_linear_select.restype = None
         lib.has_select.argtypes, lib.has_select.restype = [], i
         lib.encoder_layers.argtypes = [p, i, i, i, i, i, i, ctypes.c_float, p, p, i, i]
+        lib.encoder_forward.argtypes = [p, i, i, i, i, i, i, ctypes.c_float, p, p, p, ctypes.c_float, p, p, p, i, i]
+        lib.encoder_forward.restype = None
         lib.encoder_layers.restype = None
         lib.has_f16c.argtypes, lib.has_f16c.restype = [], i
         lib.nm_linear_tokens.restype = lib.nm_linear_vector.restype = None

@@ -35,8 +35,12 @@
  * encoder's) has its own blocked kernel (attention_encoder), the decoder's one-row kernel is
  * attention_fused.
  */
+#define _POSIX_C_SOURCE 200809L   /* clock_gettime, pthread */
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 #include <math.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -594,6 +598,7 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
  *     wsum[o]                                               int32: 128 x the sum of row o's weights
  */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define HAS_SELECT 1
 #define SEL_TT 16   /* tokens a tile: 16 accumulators, each 16 rows of one token */
 
 int has_select(void) { return 1; }
@@ -619,10 +624,55 @@ static void select_quantise(const float *x, int64_t ldx, int t0, int nt, int K, 
     }
 }
 
+/* One select-kernel linear's operands (nm_linear_select's arguments). */
+typedef struct {
+    const float *x; int64_t ldx; int T, K;
+    const uint8_t *sidx; const int8_t *sw; const int32_t *sstart, *wsum;
+    int O; const float *scales, *bias; float *y; int act;
+} SelArgs;
+
+/* Token tile tt (SEL_TT tokens) of a select linear, lane groups l0..l1 (16 rows each); xq: SEL_TT
+ * x kp bytes of scratch for the quantised tile. */
+static void select_tile(const SelArgs *a, int tt, int l0, int l1, uint8_t *xq) {
+    const int L = (a->O + 15) / 16, nb = (a->K + 63) / 64, kp = nb * 64, O = a->O;
+    const int t0 = tt * SEL_TT, nt = a->T - t0 < SEL_TT ? a->T - t0 : SEL_TT;
+    float sx[SEL_TT];
+    select_quantise(a->x, a->ldx, t0, nt, a->K, kp, xq, sx);
+    for (int l = l0; l < l1; l++) {
+        __m512i acc[SEL_TT];
+        _Pragma("GCC unroll 16") for (int t = 0; t < SEL_TT; t++) acc[t] = _mm512_setzero_si512();
+        for (int b = 0; b < nb; b++) {
+            const int S = a->sstart[b + 1] - a->sstart[b];
+            const int64_t base = 64 * ((int64_t)L * a->sstart[b] + (int64_t)S * l);
+            const uint8_t *xb = xq + 64 * b;
+            for (int s = 0; s < S; s++) {
+                const __m512i ix = _mm512_loadu_si512((const void *)(a->sidx + base + 64 * s));
+                const __m512i wv = _mm512_loadu_si512((const void *)(a->sw + base + 64 * s));
+                _Pragma("GCC unroll 16") for (int t = 0; t < SEL_TT; t++)
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_permutexvar_epi8(
+                        ix, _mm512_load_si512((const void *)(xb + (int64_t)t * kp))), wv);
+            }
+        }
+        /* (sum - 128 sum w) x row scale x token scale + bias (GELU when act = 1) */
+        const int o0 = 16 * l, rows = O - o0 < 16 ? O - o0 : 16;
+        const __mmask16 keep = rows == 16 ? 0xffff : (__mmask16)((1u << rows) - 1);
+        const __m512i corr = _mm512_maskz_loadu_epi32(keep, a->wsum + o0);
+        const __m512 sc = _mm512_maskz_loadu_ps(keep, a->scales + o0),
+                     bv = a->bias ? _mm512_maskz_loadu_ps(keep, a->bias + o0) : _mm512_setzero_ps();
+        for (int t = 0; t < nt; t++) {
+            __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], corr)),
+                                       _mm512_mul_ps(sc, _mm512_set1_ps(sx[t])), bv);
+            if (a->act) v = gelu512(v);
+            _mm512_mask_storeu_ps(a->y + (int64_t)(t0 + t) * O + o0, keep, v);
+        }
+    }
+}
+
 void nm_linear_select(const float *x, int64_t ldx, int T, int K, const uint8_t *sidx, const int8_t *sw,
                       const int32_t *sstart, const int32_t *wsum, int O, const float *scales, const float *bias,
                       float *y, int act, int threads) {
-    const int L = (O + 15) / 16, nb = (K + 63) / 64, kp = nb * 64, tiles = (T + SEL_TT - 1) / SEL_TT;
+    const SelArgs a = {x, ldx, T, K, sidx, sw, sstart, wsum, O, scales, bias, y, act};
+    const int L = (O + 15) / 16, kp = (K + 63) / 64 * 64, tiles = (T + SEL_TT - 1) / SEL_TT;
     #pragma omp parallel num_threads(threads)
     {
         int nth = 1, me = 0;
@@ -634,39 +684,7 @@ void nm_linear_select(const float *x, int64_t ldx, int T, int K, const uint8_t *
         if (tiles >= nth) tt0 = (int)((int64_t)tiles * me / nth), tt1 = (int)((int64_t)tiles * (me + 1) / nth);
         else l0 = (int)((int64_t)L * me / nth), l1 = (int)((int64_t)L * (me + 1) / nth);
         uint8_t *xq = aligned_alloc(64, (size_t)SEL_TT * kp);
-        float sx[SEL_TT];
-        for (int tt = tt0; tt < tt1; tt++) {
-            const int t0 = tt * SEL_TT, nt = T - t0 < SEL_TT ? T - t0 : SEL_TT;
-            select_quantise(x, ldx, t0, nt, K, kp, xq, sx);
-            for (int l = l0; l < l1; l++) {
-                __m512i acc[SEL_TT];
-                _Pragma("GCC unroll 16") for (int t = 0; t < SEL_TT; t++) acc[t] = _mm512_setzero_si512();
-                for (int b = 0; b < nb; b++) {
-                    const int S = sstart[b + 1] - sstart[b];
-                    const int64_t base = 64 * ((int64_t)L * sstart[b] + (int64_t)S * l);
-                    const uint8_t *xb = xq + 64 * b;
-                    for (int s = 0; s < S; s++) {
-                        const __m512i ix = _mm512_loadu_si512((const void *)(sidx + base + 64 * s));
-                        const __m512i wv = _mm512_loadu_si512((const void *)(sw + base + 64 * s));
-                        _Pragma("GCC unroll 16") for (int t = 0; t < SEL_TT; t++)
-                            acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_permutexvar_epi8(
-                                ix, _mm512_load_si512((const void *)(xb + (int64_t)t * kp))), wv);
-                    }
-                }
-                /* (sum - 128 sum w) x row scale x token scale + bias (GELU when act = 1) */
-                const int o0 = 16 * l, rows = O - o0 < 16 ? O - o0 : 16;
-                const __mmask16 keep = rows == 16 ? 0xffff : (__mmask16)((1u << rows) - 1);
-                const __m512i corr = _mm512_maskz_loadu_epi32(keep, wsum + o0);
-                const __m512 sc = _mm512_maskz_loadu_ps(keep, scales + o0),
-                             bv = bias ? _mm512_maskz_loadu_ps(keep, bias + o0) : _mm512_setzero_ps();
-                for (int t = 0; t < nt; t++) {
-                    __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], corr)),
-                                               _mm512_mul_ps(sc, _mm512_set1_ps(sx[t])), bv);
-                    if (act) v = gelu512(v);
-                    _mm512_mask_storeu_ps(y + (int64_t)(t0 + t) * O + o0, keep, v);
-                }
-            }
-        }
+        for (int tt = tt0; tt < tt1; tt++) select_tile(&a, tt, l0, l1, xq);
         free(xq);
     }
 }
@@ -1348,8 +1366,8 @@ static void quant_queries(const float *const *qr, int d, QuantHead *w) {
 /* Base-2 scores of the ENC_QB quantised queries against the lkp keys into sc (ENC_QB rows of lkp),
  * each row's max into mx. */
 static void quant_scores(const QuantHead *w, int lkp, int d, float *sc, float *mx) {
-    const int d4 = d / 4;
 #if ATT_VNNI
+    const int d4 = d / 4;
     const int32_t *q0 = w->qw, *q1 = q0 + d4, *q2 = q1 + d4, *q3 = q2 + d4, *q4 = q3 + d4, *q5 = q4 + d4;
     __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0, m4 = m0, m5 = m0;
     const __m512 s0 = _mm512_set1_ps(w->sq[0]), s1 = _mm512_set1_ps(w->sq[1]), s2 = _mm512_set1_ps(w->sq[2]),
@@ -1515,75 +1533,107 @@ static void quant_head(const float *qb, int64_t qi, const float *kb, int64_t ki,
     }
 }
 
+/* attention_encoder's operands: layouts by element strides (batch, head, row) */
+typedef struct {
+    const float *q, *k, *v; int H, group, lq, lk, d;
+    int64_t qs[3], ks[3], vs[3], os[3];
+    float scale; const float *key_bias; float *out; int bits;
+} AttArgs;
+
+/* A thread's scratch for attention heads of lk keys (lkp padded): K transposed and the score rows
+ * (fp32), the quantised head (bits 8); allocated on first use. */
+typedef struct { float *kt, *sc; QuantHead w; int ready; } AttScratch;
+
+static void att_scratch_init(AttScratch *s, int d, int lkp, int bits) {
+    if (s->ready) return;
+    s->kt = aligned_alloc(64, sizeof(float) * (size_t)d * lkp);
+    s->sc = aligned_alloc(64, sizeof(float) * (size_t)ENC_QB * lkp);
+    if (bits == 8) s->w = quant_head_alloc(d, lkp);
+    s->ready = 1 + (bits == 8);
+}
+
+static void att_scratch_free(AttScratch *s) {
+    if (!s->ready) return;
+    free(s->kt); free(s->sc);
+    if (s->ready == 2) quant_head_free(&s->w);
+    s->ready = 0;
+}
+
+/* Head bh (= batch row * H + head) of attention_encoder; received (lk) += its probabilities, or NULL. */
+static void encoder_head(const AttArgs *a, int64_t bh, AttScratch *s, double *received) {
+    const int H = a->H, lq = a->lq, lk = a->lk, d = a->d, lkp = (lk + 15) / 16 * 16;
+    const int64_t *qs = a->qs, *ks = a->ks, *vs = a->vs, *os = a->os;
+    const int b = (int)(bh / H), h = (int)(bh % H), kh = h / a->group;
+    const float *kb = a->k + b * ks[0] + kh * ks[1], *vb = a->v + b * vs[0] + kh * vs[1];
+    const float *qb = a->q + b * qs[0] + h * qs[1];
+    const float *bias = a->key_bias ? a->key_bias + (int64_t)b * lk : NULL;
+    float *out = a->out, *kt, *sc;
+    const float scale = a->scale;
+    att_scratch_init(s, d, lkp, a->bits);
+    kt = s->kt; sc = s->sc;
+    if (a->bits == 8) {
+        quant_head(qb, qs[2], kb, ks[2], vb, vs[2], lq, lk, lkp, d, scale, bias, out + b * os[0] + h * os[1], os[2],
+                   received, sc, &s->w);
+        return;
+    }
+    transpose(kb, ks[2], kt, lkp, lk, d);   /* K transposed: kt[c * lkp + j], padding keys zero */
+    for (int c = 0; c < d; c++)
+        for (int j = lk; j < lkp; j++) kt[(int64_t)c * lkp + j] = 0.0f;
+    for (int i0 = 0; i0 < lq; i0 += ENC_QB) {
+        const int nq = lq - i0 < ENC_QB ? lq - i0 : ENC_QB;
+        /* scores: sc[i * lkp + j] = scale q_i . k_j + bias_j */
+        const float *qr[ENC_QB];
+        for (int i = 0; i < ENC_QB; i++) qr[i] = qb + (int64_t)(i0 + (i < nq ? i : 0)) * qs[2];
+        int j0 = 0;
+#if ENC_ZMM
+        for (; j0 + 32 <= lkp; j0 += 32) score_tile2(qr, kt + j0, lkp, d, scale, sc + j0, lkp, nq);
+#endif
+        for (; j0 < lkp; j0 += 16) score_tile(qr, kt + j0, lkp, d, scale, sc + j0, lkp, nq);
+        /* softmax a row: exp(s - max) (normalised by 1 / sum at the end, or here for received) */
+        float inv[ENC_QB];
+        for (int i = 0; i < nq; i++) inv[i] = softmax_row(sc + i * lkp, lk, lkp, bias, received);
+        /* out_i = sum_j p_ij v_j: 3 queries x 32 dimensions at a time (6 on zmm) */
+#if ENC_ZMM
+        {
+            const float *pr[ENC_QB];
+            float *orow[ENC_QB];
+            for (int i = 0; i < ENC_QB; i++) {
+                pr[i] = sc + (i < nq ? i : 0) * lkp;
+                orow[i] = out + b * os[0] + h * os[1] + (int64_t)(i0 + (i < nq ? i : 0)) * os[2];
+            }
+            for (int c0 = 0; c0 < d; c0 += 32) pv_tile6(pr, vb + c0, vs[2], lk, d - c0 < 32 ? d - c0 : 32, orow, c0, nq, inv);
+        }
+        continue;
+#endif
+        for (int i1 = 0; i1 < nq; i1 += 3) {
+            const int n3 = nq - i1 < 3 ? nq - i1 : 3;
+            const float *pr[3] = {sc + i1 * lkp, sc + (i1 + (n3 > 1)) * lkp, sc + (i1 + 2 * (n3 > 2)) * lkp};
+            float *orow[3];
+            for (int i = 0; i < 3; i++) orow[i] = out + b * os[0] + h * os[1] + (int64_t)(i0 + i1 + (i < n3 ? i : 0)) * os[2];
+            for (int c0 = 0; c0 < d; c0 += 32)
+                pv_tile(pr, vb + c0, vs[2], lk, (d - c0) / 8 < 4 ? (d - c0) / 8 : 4, orow, c0, n3, inv + i1);
+        }
+    }
+}
+
 void attention_encoder(const float *q, const float *k, const float *v, int B, int H, int group, int lq, int lk, int d,
                        int64_t qb_, int64_t qh, int64_t qi, int64_t kb_, int64_t kh_, int64_t ki,
                        int64_t vb_, int64_t vh, int64_t vi, float scale, const float *key_bias,
                        float *out, int64_t ob, int64_t oh, int64_t oi, double *received, int bits, int threads) {
-    const int64_t qs[3] = {qb_, qh, qi}, ks[3] = {kb_, kh_, ki}, vs[3] = {vb_, vh, vi}, os[3] = {ob, oh, oi};
-    const int lkp = (lk + 15) / 16 * 16;   /* keys padded to the 16 of the score micro-tile */
+    const AttArgs a = {q, k, v, H, group, lq, lk, d, {qb_, qh, qi}, {kb_, kh_, ki}, {vb_, vh, vi}, {ob, oh, oi},
+                       scale, key_bias, out, bits};
     #pragma omp parallel num_threads(threads)
     {
-        float *kt = aligned_alloc(64, sizeof(float) * (size_t)d * lkp);
-        float *sc = aligned_alloc(64, sizeof(float) * (size_t)ENC_QB * lkp);
+        AttScratch s = {0};
         double *mine = received ? calloc((size_t)lk, sizeof(double)) : NULL;
-        QuantHead w = {0};
-        if (bits == 8) w = quant_head_alloc(d, lkp);
         #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < (int64_t)B * H; bh++) {
-            const int b = (int)(bh / H), h = (int)(bh % H), kh = h / group;
-            const float *kb = k + b * ks[0] + kh * ks[1], *vb = v + b * vs[0] + kh * vs[1];
-            const float *qb = q + b * qs[0] + h * qs[1];
-            const float *bias = key_bias ? key_bias + (int64_t)b * lk : NULL;
-            if (bits == 8) {
-                quant_head(qb, qs[2], kb, ks[2], vb, vs[2], lq, lk, lkp, d, scale, bias, out + b * os[0] + h * os[1], os[2],
-                           mine, sc, &w);
-                continue;
-            }
-            transpose(kb, ks[2], kt, lkp, lk, d);   /* K transposed: kt[c * lkp + j], padding keys zero */
-            for (int c = 0; c < d; c++)
-                for (int j = lk; j < lkp; j++) kt[(int64_t)c * lkp + j] = 0.0f;
-            for (int i0 = 0; i0 < lq; i0 += ENC_QB) {
-                const int nq = lq - i0 < ENC_QB ? lq - i0 : ENC_QB;
-                /* scores: sc[i * lkp + j] = scale q_i . k_j + bias_j */
-                const float *qr[ENC_QB];
-                for (int i = 0; i < ENC_QB; i++) qr[i] = qb + (int64_t)(i0 + (i < nq ? i : 0)) * qs[2];
-                int j0 = 0;
-#if ENC_ZMM
-                for (; j0 + 32 <= lkp; j0 += 32) score_tile2(qr, kt + j0, lkp, d, scale, sc + j0, lkp, nq);
-#endif
-                for (; j0 < lkp; j0 += 16) score_tile(qr, kt + j0, lkp, d, scale, sc + j0, lkp, nq);
-                /* softmax a row: exp(s - max) (normalised by 1 / sum at the end, or here for received) */
-                float inv[ENC_QB];
-                for (int i = 0; i < nq; i++) inv[i] = softmax_row(sc + i * lkp, lk, lkp, bias, mine);
-                /* out_i = sum_j p_ij v_j: 3 queries x 32 dimensions at a time (6 on zmm) */
-#if ENC_ZMM
-                {
-                    const float *pr[ENC_QB];
-                    float *orow[ENC_QB];
-                    for (int i = 0; i < ENC_QB; i++) {
-                        pr[i] = sc + (i < nq ? i : 0) * lkp;
-                        orow[i] = out + b * os[0] + h * os[1] + (int64_t)(i0 + (i < nq ? i : 0)) * os[2];
-                    }
-                    for (int c0 = 0; c0 < d; c0 += 32) pv_tile6(pr, vb + c0, vs[2], lk, d - c0 < 32 ? d - c0 : 32, orow, c0, nq, inv);
-                }
-                continue;
-#endif
-                for (int i1 = 0; i1 < nq; i1 += 3) {
-                    const int n3 = nq - i1 < 3 ? nq - i1 : 3;
-                    const float *pr[3] = {sc + i1 * lkp, sc + (i1 + (n3 > 1)) * lkp, sc + (i1 + 2 * (n3 > 2)) * lkp};
-                    float *orow[3];
-                    for (int i = 0; i < 3; i++) orow[i] = out + b * os[0] + h * os[1] + (int64_t)(i0 + i1 + (i < n3 ? i : 0)) * os[2];
-                    for (int c0 = 0; c0 < d; c0 += 32)
-                        pv_tile(pr, vb + c0, vs[2], lk, (d - c0) / 8 < 4 ? (d - c0) / 8 : 4, orow, c0, n3, inv + i1);
-                }
-            }
-        }
+        for (int64_t bh = 0; bh < (int64_t)B * H; bh++) encoder_head(&a, bh, &s, mine);
         if (received) {
             #pragma omp critical
             for (int j = 0; j < lk; j++) received[j] += mine[j];
         }
-        free(kt); free(sc); free(mine);
-        if (bits == 8) quant_head_free(&w);
+        free(mine);
+        att_scratch_free(&s);
     }
 }
 
@@ -1788,11 +1838,11 @@ static void encoder_linear(const int64_t *f, const float *x, int T, float *y, in
 #undef EP
 }
 
-/* h[t] = LayerNorm(h[t] + a[t]) (weight g, bias b; two passes: mean, then the centred variance). */
-static void residual_layer_norm(float *h, const float *a, int T, int D, const float *g, const float *b, float eps,
-                                int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int t = 0; t < T; t++) {
+/* h[t] = LayerNorm(h[t] + a[t]) for tokens t0..t1 (weight g, bias b; two passes: mean, then the
+ * centred variance). */
+static void residual_layer_norm(float *h, const float *a, int t0, int t1, int D, const float *g, const float *b,
+                                float eps) {
+    for (int t = t0; t < t1; t++) {
         float *r = h + (int64_t)t * D;
         const float *s = a + (int64_t)t * D;
         int i = 0;
@@ -1830,27 +1880,294 @@ static void residual_layer_norm(float *h, const float *a, int T, int D, const fl
     }
 }
 
+/* ---- 9. Phases on a pool of threads that the caller never waits for -------------------------
+ * An OpenMP team waits at the end of every parallel region for each of its threads, so a worker
+ * that fell asleep while the process idled puts its wake-up in the path of the next call: on this
+ * VM milliseconds, as long as a 128-token MiniLM forward (2 threads after 50 ms idle: 12-16 ms,
+ * against 4-6 ms back to back). Here a phase is n chunks claimed by compare-and-swap; the caller
+ * claims chunks too and returns once all are done, so a late worker only misses work. One ticket
+ * word holds the phase (16 bits), its thread count (8), its chunks (20) and the next chunk (20),
+ * so a claim is always of the phase the claimer read. Workers spin POOL_SPIN_NS after their last
+ * chunk, then sleep on a condition variable; one caller at a time (another runs its phases alone). */
+#define POOL_SPIN_NS 2000000
+#define POOL_MAX 255
+#define TK_BITS 20
+#define TK_MASK ((1ull << TK_BITS) - 1)
+
+typedef void (*ChunkFn)(void *ctx, int chunk, int tid);
+
+static struct {
+    pthread_mutex_t mu, busy;
+    pthread_cond_t cv;
+    int started;                                 /* workers running: tids 1..started */
+    _Atomic uint64_t ticket;
+    _Atomic int done, sleepers;
+    ChunkFn fn;
+    void *ctx;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, NULL};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* One chunk of the phase in ticket t for thread tid, if one is left and tid takes part: returns
+ * 0 when there is nothing for tid, else 1 (a chunk ran, or another thread claimed first). */
+static int pool_take(uint64_t t, int tid) {
+    const uint64_t next = t & TK_MASK, n = (t >> TK_BITS) & TK_MASK, threads = (t >> 40) & 0xff;
+    if (next >= n || (uint64_t)tid >= threads) return 0;
+    if (atomic_compare_exchange_weak(&pool.ticket, &t, t + 1)) {
+        pool.fn(pool.ctx, (int)next, tid);   /* the phase cannot move on before this chunk is done */
+        atomic_fetch_add(&pool.done, 1);
+    }
+    return 1;
+}
+
+static void *pool_worker(void *arg) {
+    const int tid = (int)(intptr_t)arg;
+    int64_t idle = 0;
+    for (unsigned spins = 1;; spins++) {
+        const uint64_t t = atomic_load(&pool.ticket);
+        if (pool_take(t, tid)) { idle = 0; continue; }
+        if (!idle) idle = now_ns();
+        const int out = (uint64_t)tid >= ((t >> 40) & 0xff);   /* not in this phase: no spinning */
+        if (out || ((spins & 255) == 0 && now_ns() - idle > POOL_SPIN_NS)) {
+            pthread_mutex_lock(&pool.mu);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while (atomic_load(&pool.ticket) == t) pthread_cond_wait(&pool.cv, &pool.mu);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.mu);
+            idle = 0;
+            continue;
+        }
+        cpu_relax();
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) {   /* the child has none of the workers: start afresh */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pool.started = 0;
+    atomic_store(&pool.sleepers, 0);
+}
+
+static void pool_once(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* fn(ctx, chunk, tid) for chunk 0..n-1 on up to threads threads (tid 0: the caller). */
+static void pool_run(ChunkFn fn, void *ctx, int n, int threads) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    if (threads > POOL_MAX) threads = POOL_MAX;
+    if (threads <= 1 || n <= 1 || (uint64_t)n > TK_MASK || pthread_once(&once, pool_once)
+        || pthread_mutex_trylock(&pool.busy)) {
+        for (int i = 0; i < n; i++) fn(ctx, i, 0);
+        return;
+    }
+    while (pool.started < threads - 1) {
+        pthread_t th;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        const int err = pthread_create(&th, &at, pool_worker, (void *)(intptr_t)(pool.started + 1));
+        pthread_attr_destroy(&at);
+        if (err) break;   /* fewer workers: the caller takes their chunks */
+        pool.started++;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    atomic_store(&pool.done, 0);
+    const uint64_t t = (((atomic_load(&pool.ticket) >> 48) + 1) << 48) | ((uint64_t)threads << 40)
+                       | ((uint64_t)n << TK_BITS);
+    atomic_store(&pool.ticket, t);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    for (;;) {
+        const uint64_t c = atomic_load(&pool.ticket);
+        if ((c & TK_MASK) >= (uint64_t)n) break;
+        pool_take(c, 0);
+    }
+    while (atomic_load(&pool.done) < n) cpu_relax();
+    pthread_mutex_unlock(&pool.busy);
+}
+
+/* ---- the encoder's phases ---------------------------------------------------------------------- */
+#define LN_ROWS 8   /* tokens a LayerNorm chunk */
+
+typedef struct {
+    const int64_t *table;
+    int n, D, H, I, d, threads;
+    float eps, *h, *u;
+    uint8_t **xq;            /* per thread: a select tile's quantised inputs */
+    AttScratch *att;         /* per thread */
+    AttArgs a;
+    /* the current phase */
+    const int64_t *lin[3];
+    const float *x, *res;
+    float *y[3];
+    int nlin, tiles, splits;
+    const float *g, *b;
+} Encoder;
+
+#ifdef HAS_SELECT
+static void linear_chunk(void *ctx, int c, int tid) {
+    Encoder *e = ctx;
+    const int per = e->tiles * e->splits, li = c / per, tt = (c % per) / e->splits, part = c % e->splits;
+    const int64_t *f = e->lin[li];
+#define EP(i) ((const void *)(intptr_t)f[i])
+    const int K = (int)f[E_K], O = (int)f[E_O], L = (O + 15) / 16;
+    const SelArgs a = {e->x, K, e->n, K, (const uint8_t *)EP(E_P0), (const int8_t *)EP(E_P1), (const int32_t *)EP(E_P2),
+                       (const int32_t *)EP(E_P3), O, (const float *)EP(E_SCALES), (const float *)EP(E_BIAS), e->y[li],
+                       (int)f[E_ACT]};
+#undef EP
+    if (!e->xq[tid]) e->xq[tid] = aligned_alloc(64, (size_t)SEL_TT * (((e->D > e->I ? e->D : e->I) + 63) / 64 * 64));
+    select_tile(&a, tt, (int)((int64_t)L * part / e->splits), (int)((int64_t)L * (part + 1) / e->splits), e->xq[tid]);
+}
+#endif
+
+/* y[i] = linear i (table rows lin[i]) of x, for nlin linears of the same input: one phase of token
+ * tiles (split further by rows when there are few) on the select kernel, else each on its own. */
+static void encoder_linears(Encoder *e, const int64_t *lin, int nlin, const float *x, float *y0, float *y1, float *y2) {
+    float *ys[3] = {y0, y1, y2};
+    int select = 1;
+    for (int i = 0; i < nlin; i++) select &= lin[(int64_t)i * NE + E_KIND] == 0;
+#ifdef HAS_SELECT
+    if (select) {
+        e->x = x;
+        e->nlin = nlin;
+        e->tiles = (e->n + SEL_TT - 1) / SEL_TT;
+        e->splits = e->tiles >= 2 * e->threads ? 1 : (2 * e->threads + e->tiles - 1) / e->tiles;
+        for (int i = 0; i < nlin; i++) {
+            e->lin[i] = lin + (int64_t)i * NE;
+            e->y[i] = ys[i];
+            const int L = ((int)e->lin[i][E_O] + 15) / 16;
+            if (e->splits > L) e->splits = L;
+        }
+        pool_run(linear_chunk, e, nlin * e->tiles * e->splits, e->threads);
+        return;
+    }
+#endif
+    (void)select;
+    for (int i = 0; i < nlin; i++) encoder_linear(lin + (int64_t)i * NE, x, e->n, ys[i], e->threads);
+}
+
+static void attention_chunk(void *ctx, int c, int tid) {
+    Encoder *e = ctx;
+    encoder_head(&e->a, c, &e->att[tid], NULL);
+}
+
+static void norm_chunk(void *ctx, int c, int tid) {
+    Encoder *e = ctx;
+    (void)tid;
+    const int t0 = c * LN_ROWS, t1 = t0 + LN_ROWS < e->n ? t0 + LN_ROWS : e->n;
+    residual_layer_norm(e->h, e->res, t0, t1, e->D, e->g, e->b, e->eps);
+}
+
+static void encoder_norm(Encoder *e, const float *res, const int64_t *gb) {
+    e->res = res;
+    e->g = (const float *)(intptr_t)gb[0];
+    e->b = (const float *)(intptr_t)gb[1];
+    pool_run(norm_chunk, e, (e->n + LN_ROWS - 1) / LN_ROWS, e->threads);
+}
+
+/* Word + token type + absolute position embeddings (summed in BertEmbeddings' order) and their
+ * LayerNorm for the tokens of chunk c. */
+typedef struct {
+    Encoder *e;
+    const int64_t *ids, *types;
+    const float *word, *type, *pos, *g, *b;
+    float eps;
+    int T;
+} Embed;
+
+static void embed_chunk(void *ctx, int c, int tid) {
+    const Embed *m = ctx;
+    const int D = m->e->D, t0 = c * LN_ROWS, t1 = t0 + LN_ROWS < m->e->n ? t0 + LN_ROWS : m->e->n;
+    (void)tid;
+    for (int t = t0; t < t1; t++) {
+        float *r = m->e->h + (int64_t)t * D;
+        const float *w = m->word + m->ids[t] * D, *ty = m->type + (m->types ? m->types[t] : 0) * D;
+        for (int i = 0; i < D; i++) r[i] = w[i] + ty[i];
+        residual_layer_norm(r, m->pos + (int64_t)(t % m->T) * D, 0, 1, D, m->g, m->b, m->eps);
+    }
+}
+
+static Encoder encoder_begin(const int64_t *table, int B, int T, int D, int H, int I, float eps, float *h,
+                             const float *key_bias, int attention_bits, int threads) {
+    const int64_t n = (int64_t)B * T, d = D / H;
+    if (threads < 1) threads = 1;
+    if (threads > POOL_MAX) threads = POOL_MAX;
+    Encoder e = {table, (int)n, D, H, I, (int)d, threads, eps, h, NULL,
+                 calloc((size_t)threads, sizeof(uint8_t *)), calloc((size_t)threads, sizeof(AttScratch))};
+    float *q = malloc(sizeof(float) * n * D), *k = malloc(sizeof(float) * n * D), *v = malloc(sizeof(float) * n * D),
+          *ctx = malloc(sizeof(float) * n * D);
+    /* (B, T, H, d) read as (B, H, T, d); the context lands as (B, T, H, d) = (n, D) */
+    e.a = (AttArgs){q, k, v, H, 1, T, T, (int)d, {(int64_t)T * D, d, D}, {(int64_t)T * D, d, D}, {(int64_t)T * D, d, D},
+                    {(int64_t)T * D, d, D}, 1.0f / sqrtf((float)d), key_bias, ctx, attention_bits};
+    e.u = malloc(sizeof(float) * n * (I > D ? I : D));
+    return e;
+}
+
+static void encoder_end(Encoder *e) {
+    for (int i = 0; i < e->threads; i++) {
+        free(e->xq[i]);
+        att_scratch_free(&e->att[i]);
+    }
+    free(e->xq); free(e->att);
+    free((void *)e->a.q); free((void *)e->a.k); free((void *)e->a.v); free(e->a.out); free(e->u);
+}
+
+/* Post-norm layers on e->h (see the top of section 8), every phase on the pool. */
+static void encoder_run(Encoder *e, int L) {
+    float *q = (float *)e->a.q, *k = (float *)e->a.k, *v = (float *)e->a.v, *ctx = e->a.out, *u = e->u, *h = e->h;
+    for (int l = 0; l < L; l++) {
+        const int64_t *t = e->table + (int64_t)l * ENC_LAYER_FIELDS, *lin = t + 4;
+        encoder_linears(e, lin, 3, h, q, k, v);
+        pool_run(attention_chunk, e, e->n / e->a.lq * e->H, e->threads);
+        encoder_linears(e, lin + 3 * NE, 1, ctx, u, NULL, NULL);
+        encoder_norm(e, u, t);
+        encoder_linears(e, lin + 4 * NE, 1, h, u, NULL, NULL);   /* up (+ GELU): u (n, I) */
+        encoder_linears(e, lin + 5 * NE, 1, u, q, NULL, NULL);   /* down: q (n, D) */
+        encoder_norm(e, q, t + 2);
+    }
+}
+
 /* h (B, T, D) in place through L layers of H heads (D / H each) and I intermediate units. key_bias
- * (B, T): added to every query's scores (-inf: a padding key), or NULL. */
+ * (B, T): added to every query's scores (-inf: a padding key), or NULL; attention_bits 32 or 8
+ * (attention_encoder's bits). */
 void encoder_layers(const int64_t *table, int L, int B, int T, int D, int H, int I, float eps, float *h,
                     const float *key_bias, int attention_bits, int threads) {
-    const int64_t n = (int64_t)B * T, d = D / H;
-    float *q = malloc(sizeof(float) * n * D), *k = malloc(sizeof(float) * n * D), *v = malloc(sizeof(float) * n * D),
-          *ctx = malloc(sizeof(float) * n * D), *u = malloc(sizeof(float) * n * (I > D ? I : D));
-    const float scale = 1.0f / sqrtf((float)d);
-    for (int l = 0; l < L; l++) {
-        const int64_t *t = table + (int64_t)l * ENC_LAYER_FIELDS, *lin = t + 4;
-        encoder_linear(lin + 0 * NE, h, (int)n, q, threads);
-        encoder_linear(lin + 1 * NE, h, (int)n, k, threads);
-        encoder_linear(lin + 2 * NE, h, (int)n, v, threads);
-        /* (B, T, H, d) read as (B, H, T, d); the context lands as (B, T, H, d) = (n, D) */
-        attention_encoder(q, k, v, B, H, 1, T, T, (int)d, (int64_t)T * D, d, D, (int64_t)T * D, d, D, (int64_t)T * D, d, D,
-                          scale, key_bias, ctx, (int64_t)T * D, d, D, NULL, attention_bits, threads);
-        encoder_linear(lin + 3 * NE, ctx, (int)n, u, threads);
-        residual_layer_norm(h, u, (int)n, D, (const float *)(intptr_t)t[0], (const float *)(intptr_t)t[1], eps, threads);
-        encoder_linear(lin + 4 * NE, h, (int)n, u, threads);   /* up (+ GELU): u (n, I) */
-        encoder_linear(lin + 5 * NE, u, (int)n, q, threads);                         /* down: q (n, D) */
-        residual_layer_norm(h, q, (int)n, D, (const float *)(intptr_t)t[2], (const float *)(intptr_t)t[3], eps, threads);
-    }
-    free(q); free(k); free(v); free(ctx); free(u);
+    Encoder e = encoder_begin(table, B, T, D, H, I, eps, h, key_bias, attention_bits, threads);
+    encoder_run(&e, L);
+    encoder_end(&e);
+}
+
+/* The whole BERT base model for token ids (B, T) (types (B, T) or NULL: type 0): embeddings into h
+ * (B, T, D), the layers, and, when emb[5] is not 0, the pooler: pooled (B, D) = tanh(W h[b, 0] + b).
+ * emb: pointers to the word, token type and position tables, the embedding LayerNorm's weight and
+ * bias, the pooler's weight (D, D) and bias. The caller checks ids and types against the tables. */
+void encoder_forward(const int64_t *table, int L, int B, int T, int D, int H, int I, float eps, const int64_t *ids,
+                     const int64_t *types, const int64_t *emb, float emb_eps, float *h, const float *key_bias,
+                     float *pooled, int attention_bits, int threads) {
+#define PF(i) ((const float *)(intptr_t)emb[i])
+    Encoder e = encoder_begin(table, B, T, D, H, I, eps, h, key_bias, attention_bits, threads);
+    Embed m = {&e, ids, types, PF(0), PF(1), PF(2), PF(3), PF(4), emb_eps, T};
+    pool_run(embed_chunk, &m, (e.n + LN_ROWS - 1) / LN_ROWS, e.threads);
+    encoder_run(&e, L);
+    if (emb[5])
+        for (int b = 0; b < B; b++)
+            for (int o = 0; o < D; o++)
+                pooled[(int64_t)b * D + o] = tanhf(dot(h + (int64_t)b * T * D, PF(5) + (int64_t)o * D, D) + PF(6)[o]);
+#undef PF
+    encoder_end(&e);
 }
