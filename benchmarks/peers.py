@@ -714,7 +714,8 @@ def report(result: dict, args) -> list[str]:
         md += ["## MiniLM sentiment classifier", "", *source("encoder"),
                "Median ms per forward (speed ratio vs the fastest dense peer of that setting; higher is faster). "
                + ("sparsetx rows: int8 values, activations rounded per token to int8 (`activation_bits=8`: the "
-                  "select kernel where the CPU has AVX-512 VBMI + VNNI)." if enc.get("activation_bits", 16) == 8 else
+                  "select kernel where the CPU has AVX-512 VBMI + VNNI) and the attention on int8 Q, K, V with "
+                  "14-bit probabilities." if enc.get("activation_bits", 16) == 8 else
                   "sparsetx rows: int8 values, activations rounded per token to int16."), "",
                *encoder_table(enc), "", "Targets (issue 12):", "", *encoder_targets(enc), ""]
         if enc["skipped"]:
@@ -748,7 +749,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--activation-bits", type=int, default=8, choices=(8, 16),
-                    help="sparsetx's int8 models: activations rounded per token to int8 (the select kernel) or int16")
+                    help="sparsetx's int8 models: activations rounded per token to int8 (the select kernel; the "
+                         "encoder's attention on int8 Q, K, V) or int16")
     ap.add_argument("--test-limit", type=int, default=None, help="first N test snippets only (default: all)")
     ap.add_argument("--part", default="encoder,memory,decoder", type=lambda s: s.split(","))
     ap.add_argument("--memory-repeats", type=int, default=5, help="fresh processes per memory figure (median)")

@@ -621,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--int8-head", action="store_true", help="a causal LM's head weight in int8, per-row scales")
     s.add_argument("--activation-bits", type=int, choices=(8, 16), default=16,
                    help="int8-packed models: activations rounded per token to int16 (default) or int8 (the select "
-                        "kernel, as peers.py times it)")
+                        "kernel, and a BERT encoder's attention on int8 Q, K, V; as peers.py times it)")
     s.add_argument("--json", type=out_file)
     s.set_defaults(fn=cmd_eval)
 
