@@ -99,7 +99,8 @@ def test_models_it_cannot_run_keep_their_forward(tmp_path):
 
 def test_spatten_and_compile_still_work(folder):
     """SpAtten's runtime (its own forward over the weights) and torch.compile (which traces the
-    model's layers, not the C call) both run on a model with the one-call encoder."""
+    model's layers, not the C call) both run on a model with the one-call encoder; leaving the
+    SpAtten block gives the model its one-call forward back."""
     from sparsetx.attention.encoder import SpAttenConfig, spatten
     from sparsetx.models import load_model
 
@@ -107,8 +108,10 @@ def test_spatten_and_compile_still_work(folder):
     ids, mask = _batch()
     with torch.inference_mode():
         base = fast(input_ids=ids, attention_mask=mask).logits
+        plain = fast.bert.forward
         with spatten(fast, SpAttenConfig(token_keep=1.0)):
             kept = fast(input_ids=ids, attention_mask=mask).logits
+        assert fast.bert.forward == plain   # the one-call forward is back, not transformers' (a shared model)
     torch.testing.assert_close(kept, base, atol=1e-3, rtol=0)
     compiled = load_model(folder, fast=True, compile=True)
     with torch.inference_mode():

@@ -182,8 +182,12 @@ def spatten(model: nn.Module, config: SpAttenConfig | None = None):
     """Run ``model`` with SpAtten inside the block; the model is unchanged afterwards."""
     runtime = SpAttenEncoder(model, config or SpAttenConfig())
     base = runtime.base
+    before = vars(base).get("forward")   # a forward of the instance's own (the one-call encoder's), or None
     base.forward = runtime.forward  # instance attribute shadows the class's forward
     try:
         yield runtime
     finally:
-        del base.forward
+        if before is None:
+            del base.forward
+        else:
+            base.forward = before

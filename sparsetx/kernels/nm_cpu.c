@@ -1178,6 +1178,17 @@ static inline __attribute__((always_inline)) void pv_tile(const float *const *pr
 
 #if defined(__AVX512F__)
 #define ENC_ZMM 1
+/* One key (or key pair) of a 6-query x 32-channel P V tile: query i's weight from its row p_i at
+ * index J, broadcast by SET1, times the value vectors v0 and v1 into its sums by MAC(acc, x, v)
+ * (fp32 FMA here, vpdpwssd in the int8 attention). */
+#define FMA_ACC(acc, x, v) _mm512_fmadd_ps(x, v, acc)
+#define PV6_STEP(SET1, MAC, J)                                                                  \
+    x = SET1(p0[J]); a0 = MAC(a0, x, v0); a1 = MAC(a1, x, v1);                                  \
+    x = SET1(p1[J]); b0 = MAC(b0, x, v0); b1 = MAC(b1, x, v1);                                  \
+    x = SET1(p2[J]); c0v = MAC(c0v, x, v0); c1 = MAC(c1, x, v1);                                \
+    x = SET1(p3[J]); d0 = MAC(d0, x, v0); d1 = MAC(d1, x, v1);                                  \
+    x = SET1(p4[J]); e0 = MAC(e0, x, v0); e1 = MAC(e1, x, v1);                                  \
+    x = SET1(p5[J]); f0 = MAC(f0, x, v0); f1 = MAC(f1, x, v1)
 /* The same tiles on zmm registers (AVX-512: 16 floats a register, two FMA ports on the Xeons that
  * have it): scores for ENC_QB queries x 32 keys (two tiles of 16), 12 independent sums. */
 static inline __attribute__((always_inline)) void score_tile2(const float *const *qr, const float *kt, int ldk, int d,
@@ -1213,12 +1224,7 @@ static inline __attribute__((always_inline)) void pv_tile6(const float *const *p
         const float *vr = v + j * ldv;
         const __m512 v0 = _mm512_maskz_loadu_ps(m0, vr), v1 = _mm512_maskz_loadu_ps(m1, vr + 16);
         __m512 x;
-        x = _mm512_set1_ps(p0[j]); a0 = _mm512_fmadd_ps(x, v0, a0); a1 = _mm512_fmadd_ps(x, v1, a1);
-        x = _mm512_set1_ps(p1[j]); b0 = _mm512_fmadd_ps(x, v0, b0); b1 = _mm512_fmadd_ps(x, v1, b1);
-        x = _mm512_set1_ps(p2[j]); c0v = _mm512_fmadd_ps(x, v0, c0v); c1 = _mm512_fmadd_ps(x, v1, c1);
-        x = _mm512_set1_ps(p3[j]); d0 = _mm512_fmadd_ps(x, v0, d0); d1 = _mm512_fmadd_ps(x, v1, d1);
-        x = _mm512_set1_ps(p4[j]); e0 = _mm512_fmadd_ps(x, v0, e0); e1 = _mm512_fmadd_ps(x, v1, e1);
-        x = _mm512_set1_ps(p5[j]); f0 = _mm512_fmadd_ps(x, v0, f0); f1 = _mm512_fmadd_ps(x, v1, f1);
+        PV6_STEP(_mm512_set1_ps, FMA_ACC, j);
     }
     const __m512 r[ENC_QB][2] = {{a0, a1}, {b0, b1}, {c0v, c1}, {d0, d1}, {e0, e1}, {f0, f1}};
     for (int i = 0; i < n6; i++) {
@@ -1468,13 +1474,8 @@ static void quant_pv(const QuantHead *w, int lkp, int d, int nq, const float *in
             for (int m = m0; m < m1; m++) {
                 const int32_t *vr = w->vq + (int64_t)m * d + c0;
                 const __m512i v0 = _mm512_maskz_loadu_epi32(k0, vr), v1 = _mm512_maskz_loadu_epi32(k1, vr + 16);
-                __m512i p;
-                p = _mm512_set1_epi32(p0[m]); a0 = _mm512_dpwssd_epi32(a0, p, v0); a1 = _mm512_dpwssd_epi32(a1, p, v1);
-                p = _mm512_set1_epi32(p1[m]); b0 = _mm512_dpwssd_epi32(b0, p, v0); b1 = _mm512_dpwssd_epi32(b1, p, v1);
-                p = _mm512_set1_epi32(p2[m]); c0v = _mm512_dpwssd_epi32(c0v, p, v0); c1 = _mm512_dpwssd_epi32(c1, p, v1);
-                p = _mm512_set1_epi32(p3[m]); d0 = _mm512_dpwssd_epi32(d0, p, v0); d1 = _mm512_dpwssd_epi32(d1, p, v1);
-                p = _mm512_set1_epi32(p4[m]); e0 = _mm512_dpwssd_epi32(e0, p, v0); e1 = _mm512_dpwssd_epi32(e1, p, v1);
-                p = _mm512_set1_epi32(p5[m]); f0 = _mm512_dpwssd_epi32(f0, p, v0); f1 = _mm512_dpwssd_epi32(f1, p, v1);
+                __m512i x;
+                PV6_STEP(_mm512_set1_epi32, _mm512_dpwssd_epi32, m);
             }
             const __m512i r[ENC_QB][2] = {{a0, a1}, {b0, b1}, {c0v, c1}, {d0, d1}, {e0, e1}, {f0, f1}};
             const __m512 s0 = _mm512_maskz_loadu_ps(k0, w->sv + c0), s1 = _mm512_maskz_loadu_ps(k1, w->sv + c0 + 16);
