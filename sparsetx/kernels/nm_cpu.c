@@ -631,13 +631,11 @@ typedef struct {
     int O; const float *scales, *bias; float *y; int act;
 } SelArgs;
 
-/* Token tile tt (SEL_TT tokens) of a select linear, lane groups l0..l1 (16 rows each); xq: SEL_TT
- * x kp bytes of scratch for the quantised tile. */
-static void select_tile(const SelArgs *a, int tt, int l0, int l1, uint8_t *xq) {
+/* Token tile tt (SEL_TT tokens) of a select linear, lane groups l0..l1 (16 rows each), from the
+ * tile quantised by select_quantise (xq, per-token scales sx). */
+static void select_lanes(const SelArgs *a, int tt, int l0, int l1, const uint8_t *xq, const float *sx) {
     const int L = (a->O + 15) / 16, nb = (a->K + 63) / 64, kp = nb * 64, O = a->O;
     const int t0 = tt * SEL_TT, nt = a->T - t0 < SEL_TT ? a->T - t0 : SEL_TT;
-    float sx[SEL_TT];
-    select_quantise(a->x, a->ldx, t0, nt, a->K, kp, xq, sx);
     for (int l = l0; l < l1; l++) {
         __m512i acc[SEL_TT];
         _Pragma("GCC unroll 16") for (int t = 0; t < SEL_TT; t++) acc[t] = _mm512_setzero_si512();
@@ -666,6 +664,14 @@ static void select_tile(const SelArgs *a, int tt, int l0, int l1, uint8_t *xq) {
             _mm512_mask_storeu_ps(a->y + (int64_t)(t0 + t) * O + o0, keep, v);
         }
     }
+}
+
+/* Token tile tt quantised into xq (SEL_TT x kp bytes of scratch), then lane groups l0..l1. */
+static void select_tile(const SelArgs *a, int tt, int l0, int l1, uint8_t *xq) {
+    const int t0 = tt * SEL_TT, nt = a->T - t0 < SEL_TT ? a->T - t0 : SEL_TT;
+    float sx[SEL_TT];
+    select_quantise(a->x, a->ldx, t0, nt, a->K, (a->K + 63) / 64 * 64, xq, sx);
+    select_lanes(a, tt, l0, l1, xq, sx);
 }
 
 void nm_linear_select(const float *x, int64_t ldx, int T, int K, const uint8_t *sidx, const int8_t *sw,
@@ -2021,18 +2027,28 @@ typedef struct {
 } Encoder;
 
 #ifdef HAS_SELECT
+/* Chunk c of a phase of nlin linears of one input: token tile c / splits, quantised once, then
+ * part c % splits of every linear's lane groups. */
 static void linear_chunk(void *ctx, int c, int tid) {
     Encoder *e = ctx;
-    const int per = e->tiles * e->splits, li = c / per, tt = (c % per) / e->splits, part = c % e->splits;
-    const int64_t *f = e->lin[li];
-#define EP(i) ((const void *)(intptr_t)f[i])
-    const int K = (int)f[E_K], O = (int)f[E_O], L = (O + 15) / 16;
-    const SelArgs a = {e->x, K, e->n, K, (const uint8_t *)EP(E_P0), (const int8_t *)EP(E_P1), (const int32_t *)EP(E_P2),
-                       (const int32_t *)EP(E_P3), O, (const float *)EP(E_SCALES), (const float *)EP(E_BIAS), e->y[li],
-                       (int)f[E_ACT]};
-#undef EP
+    const int tt = c / e->splits, part = c % e->splits;
     if (!e->xq[tid]) e->xq[tid] = aligned_alloc(64, (size_t)SEL_TT * (((e->D > e->I ? e->D : e->I) + 63) / 64 * 64));
-    select_tile(&a, tt, (int)((int64_t)L * part / e->splits), (int)((int64_t)L * (part + 1) / e->splits), e->xq[tid]);
+    float sx[SEL_TT];
+    for (int li = 0; li < e->nlin; li++) {
+        const int64_t *f = e->lin[li];
+#define EP(i) ((const void *)(intptr_t)f[i])
+        const int K = (int)f[E_K], O = (int)f[E_O], L = (O + 15) / 16;
+        const SelArgs a = {e->x, K, e->n, K, (const uint8_t *)EP(E_P0), (const int8_t *)EP(E_P1),
+                           (const int32_t *)EP(E_P2), (const int32_t *)EP(E_P3), O, (const float *)EP(E_SCALES),
+                           (const float *)EP(E_BIAS), e->y[li], (int)f[E_ACT]};
+#undef EP
+        if (li == 0) {   /* the linears share the input (and K): its tile is quantised once */
+            const int t0 = tt * SEL_TT, nt = e->n - t0 < SEL_TT ? e->n - t0 : SEL_TT;
+            select_quantise(e->x, K, t0, nt, K, (K + 63) / 64 * 64, e->xq[tid], sx);
+        }
+        select_lanes(&a, tt, (int)((int64_t)L * part / e->splits), (int)((int64_t)L * (part + 1) / e->splits),
+                     e->xq[tid], sx);
+    }
 }
 #endif
 
@@ -2054,7 +2070,7 @@ static void encoder_linears(Encoder *e, const int64_t *lin, int nlin, const floa
             const int L = ((int)e->lin[i][E_O] + 15) / 16;
             if (e->splits > L) e->splits = L;
         }
-        pool_run(linear_chunk, e, nlin * e->tiles * e->splits, e->threads);
+        pool_run(linear_chunk, e, e->tiles * e->splits, e->threads);
         return;
     }
 #endif
