@@ -77,11 +77,10 @@ class EncoderLayers:
             return False   # something records or changes what a layer does
         return padding_only(mask)
 
-    def run(self, hidden: torch.Tensor, bias: torch.Tensor | None, own: bool = False) -> torch.Tensor:
-        """The layers on ``hidden`` (B, T, D), in place when ``own`` (a tensor of ours), else on a
-        copy; bias: (B, T) fp32 key bias or None."""
+    def run(self, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layers on a copy of ``hidden`` (B, T, D); bias: (B, T) fp32 key bias or None."""
         b, t, d = hidden.shape
-        h = hidden if own and hidden.is_contiguous() else hidden.contiguous().clone()
+        h = hidden.contiguous().clone()
         library().encoder_layers(ptr(self.table), len(self.layers), b, t, d, self.heads, self.inter, self.eps, ptr(h),
                                  ptr(bias), self.attention_bits, torch.get_num_threads())
         return h
@@ -93,19 +92,26 @@ class EncoderLayers:
 
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=self.run(hidden_states, key_bias(attention_mask)))
 
+    def c_pooler(self) -> bool:
+        """Whether the pooler is BERT's tanh one over a dense layer with a bias (C computes it)."""
+        pool = self.base.pooler
+        return (pool is not None and isinstance(getattr(pool, "activation", None), nn.Tanh)
+                and isinstance(getattr(pool, "dense", None), nn.Linear) and pool.dense.bias is not None)
+
+    def tables(self) -> list[torch.Tensor]:
+        """What encoder_forward reads besides the layers: the word, token type and position tables,
+        the embedding LayerNorm's weight and bias, and the pooler's weight and bias where C runs it."""
+        emb, pool = self.base.embeddings, self.base.pooler
+        return [emb.word_embeddings.weight, emb.token_type_embeddings.weight, emb.position_embeddings.weight,
+                emb.LayerNorm.weight, emb.LayerNorm.bias] + ([pool.dense.weight, pool.dense.bias] if self.c_pooler() else [])
+
     def c_embeddings(self) -> bool:
-        """Whether the embeddings (and the pooler, where there is a tanh one) can run in C: fp32
-        tables of the usual BertEmbeddings, nothing hooked, inference."""
+        """Whether the embeddings (and the pooler, where C runs it) can run in C: fp32 tables of the
+        usual BertEmbeddings, nothing hooked, inference."""
         emb, pool = self.base.embeddings, self.base.pooler
         mods = [emb, *emb.children()] + ([pool, *pool.children()] if pool is not None else [])
-        tables = [emb.word_embeddings.weight, emb.token_type_embeddings.weight, emb.position_embeddings.weight,
-                  emb.LayerNorm.weight, emb.LayerNorm.bias]
-        if pool is not None:
-            if not isinstance(getattr(pool, "dense", None), nn.Linear) or pool.dense.bias is None:
-                return False
-            tables += [pool.dense.weight, pool.dense.bias]
         return not (emb.training or any(m._forward_hooks or m._forward_pre_hooks for m in mods)
-                    or any(x.dtype != torch.float32 or not x.is_contiguous() for x in tables))
+                    or any(x.dtype != torch.float32 or not x.is_contiguous() for x in self.tables()))
 
     def base_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, *args, **kwargs):
         """The base model's forward for the plain call (token ids, a (B, T) padding mask, optional
@@ -122,7 +128,7 @@ class EncoderLayers:
                  and (token_type_ids is None or token_type_ids.shape == input_ids.shape)
                  and all(v is None or (k == "return_dict" and v) for k, v in kwargs.items())
                  and not (self.encoder._forward_hooks or self.encoder._forward_pre_hooks)
-                 and self.c_embeddings() and not self.blocked(input_ids)
+                 and self.c_embeddings() and not self.blocked()
                  and int(input_ids.min()) >= 0 and int(input_ids.max()) < emb.word_embeddings.num_embeddings
                  and (token_type_ids is None or (int(token_type_ids.min()) >= 0
                                                  and int(token_type_ids.max()) < emb.token_type_embeddings.num_embeddings)))
@@ -137,10 +143,7 @@ class EncoderLayers:
             bias = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill_(attention_mask == 0, -torch.inf)
         ids = input_ids.contiguous()
         types = None if token_type_ids is None else token_type_ids.to(torch.long).contiguous()
-        pool = self.base.pooler
-        c_pool = pool is not None and isinstance(getattr(pool, "activation", None), nn.Tanh)
-        tables = [emb.word_embeddings.weight, emb.token_type_embeddings.weight, emb.position_embeddings.weight,
-                  emb.LayerNorm.weight, emb.LayerNorm.bias] + ([pool.dense.weight, pool.dense.bias] if c_pool else [])
+        pool, c_pool, tables = self.base.pooler, self.c_pooler(), self.tables()
         ptrs = torch.tensor([x.data_ptr() for x in tables] + [0] * (7 - len(tables)), dtype=torch.int64)
         h = torch.empty(b, t, d)
         pooled = torch.empty(b, d) if c_pool else None
@@ -151,7 +154,7 @@ class EncoderLayers:
             pooled = pool(h)
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=h, pooler_output=pooled)
 
-    def blocked(self, input_ids: torch.Tensor) -> bool:
+    def blocked(self) -> bool:
         """What stops the C layers whatever the input: tracing, gradients, a hooked layer."""
         return (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
             p.requires_grad for p in self.base.embeddings.parameters()))
