@@ -63,13 +63,13 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-SETTLE_S = 0.05   # idle time before each timed call: other runtimes' worker threads stop spinning
+SETTLE_S = 0.1   # idle time before each timed call: other runtimes' worker threads stop spinning
 
 
 def timed(cases: dict, repeats: int) -> dict[str, dict]:
     """Interleaved, the order rotated every round, each call after SETTLE_S of idle time: ONNX
-    Runtime's and OpenVINO's worker threads spin for a while after a call and would slow whichever
-    case follows."""
+    Runtime's worker threads spin for a while after a call (at 2 threads, 128 x 1: about 45 ms of
+    CPU time) and would slow whichever case follows."""
     return interleaved_stats(cases, repeats, settle=SETTLE_S, rotate=True)
 
 

@@ -223,3 +223,44 @@ def test_pool_threads_give_the_same_bits_and_survive_threads_and_fork(folder):
             assert torch.equal(child, outs[1])
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("nap_ms", ["0", "50"])
+def test_napping_and_sleeping_workers_give_the_same_bits(folder, nap_ms):
+    """After POOL_SPIN_NS (2 ms) without work a pool worker naps 1 ms at a time for
+    SPARSETX_POOL_NAP_MS, then sleeps on a condition variable: with naps off ("0") a call after
+    20 ms idle finds it asleep, with "50" napping, and after 80 ms past its naps; every call's
+    logits are those of one thread, bit for bit."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from sparsetx.formats.folder import load_packed
+
+    ids, mask = _batch()
+    with torch.inference_mode():
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            want = load_packed(folder, fast=True, activation_bits=8)(input_ids=ids, attention_mask=mask).logits
+        finally:
+            torch.set_num_threads(before)
+    script = (
+        "import pickle, sys, time, torch\n"
+        "from sparsetx.formats.folder import load_packed\n"
+        "torch.set_num_threads(2)\n"
+        "ids, mask = pickle.loads(sys.stdin.buffer.read())\n"
+        "m = load_packed(sys.argv[1], fast=True, activation_bits=8)\n"
+        "out = []\n"
+        "with torch.inference_mode():\n"
+        "    for idle in (0, 0.02, 0, 0.08):\n"
+        "        time.sleep(idle)\n"
+        "        out.append(m(input_ids=ids, attention_mask=mask).logits)\n"
+        "sys.stdout.buffer.write(pickle.dumps(out))\n")
+    env = dict(os.environ, SPARSETX_POOL_NAP_MS=nap_ms)
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], input=pickle.dumps((ids, mask)),
+                          capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    got = pickle.loads(done.stdout)
+    assert len(got) == 4 and all(torch.equal(g, want) for g in got)

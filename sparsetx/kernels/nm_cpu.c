@@ -1895,8 +1895,16 @@ static void residual_layer_norm(float *h, const float *a, int t0, int t1, int D,
  * claims chunks too and returns once all are done, so a late worker only misses work. One ticket
  * word holds the phase (16 bits), its thread count (8), its chunks (20) and the next chunk (20),
  * so a claim is always of the phase the claimer read. Workers spin POOL_SPIN_NS after their last
- * chunk, then sleep on a condition variable; one caller at a time (another runs its phases alone). */
+ * chunk, then nap 1 ms at a time for SPARSETX_POOL_NAP_MS (default 1000; 0: no naps), then
+ * sleep on a condition variable; one caller at a time (another runs its phases alone). The naps
+ * are for VMs like this one, where a worker woken from a sleep on the condition variable began
+ * 5-8 ms later (instrumented: 2 threads, 128-token 1:8 MiniLM after 300 ms idle, the worker ran
+ * 64 of 472 chunks, the caller the rest: 8.9 ms a call, against 3.8 ms back to back), while a
+ * worker that naps wakes within a step. A napping worker costs a few % of a core (each wake-up is
+ * some 40 us here); Intel OpenMP spins a whole core for its KMP_BLOCKTIME (200 ms) instead. */
 #define POOL_SPIN_NS 2000000
+#define POOL_NAP_STEP_NS 1000000
+static int64_t pool_nap_ns = 1000000000;
 #define POOL_MAX 255
 #define TK_BITS 20
 #define TK_MASK ((1ull << TK_BITS) - 1)
@@ -1940,12 +1948,20 @@ static int pool_take(uint64_t t, int tid) {
 static void *pool_worker(void *arg) {
     const int tid = (int)(intptr_t)arg;
     int64_t idle = 0;
+    int napping = 0;
     for (unsigned spins = 1;; spins++) {
         const uint64_t t = atomic_load(&pool.ticket);
         if (pool_take(t, tid)) { idle = 0; continue; }
         if (!idle) idle = now_ns();
         const int out = (uint64_t)tid >= ((t >> 40) & 0xff);   /* not in this phase: no spinning */
-        if (out || ((spins & 255) == 0 && now_ns() - idle > POOL_SPIN_NS)) {
+        const int64_t quiet = out || napping || (spins & 255) == 0 ? now_ns() - idle : 0;
+        napping = quiet > POOL_SPIN_NS;
+        if (!out && napping && quiet <= pool_nap_ns) {
+            const struct timespec nap = {0, POOL_NAP_STEP_NS};
+            nanosleep(&nap, NULL);
+            continue;
+        }
+        if (out || quiet > pool_nap_ns) {
             pthread_mutex_lock(&pool.mu);
             atomic_fetch_add(&pool.sleepers, 1);
             while (atomic_load(&pool.ticket) == t) pthread_cond_wait(&pool.cv, &pool.mu);
@@ -1967,7 +1983,11 @@ static void pool_after_fork(void) {   /* the child has none of the workers: star
     atomic_store(&pool.sleepers, 0);
 }
 
-static void pool_once(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+static void pool_once(void) {
+    const char *nap = getenv("SPARSETX_POOL_NAP_MS");
+    if (nap && *nap) pool_nap_ns = (int64_t)(atof(nap) * 1e6);
+    pthread_atfork(NULL, NULL, pool_after_fork);
+}
 
 /* fn(ctx, chunk, tid) for chunk 0..n-1 on up to threads threads (tid 0: the caller). */
 static void pool_run(ChunkFn fn, void *ctx, int n, int threads) {
