@@ -25,8 +25,8 @@ decoder contender.
     bash benchmarks/setup_peers.sh
     sparsetx demo                                   # a fine-tuned dense classifier (runs/demo/compare)
     sparsetx prune --method idp --model runs/demo/compare/dense/candidate-dense --series 2:8,1:8 \
-        --steps 150 --lr 1e-4 --out runs/peers-idp
-    benchmarks/.venv-peers/bin/python benchmarks/peers.py --models runs/peers-idp \
+        --steps 150 --lr 1e-4 --value-dtype int8 --out runs/peers-idp8
+    benchmarks/.venv-peers/bin/python benchmarks/peers.py --models runs/peers-idp8 \
         --dense runs/demo/compare/dense/candidate-dense --decoder-models runs/smol-68
 Results: benchmarks/results/peers/peers.{json,md,png}.
 """

@@ -499,13 +499,93 @@ static void build_pairs(const float *x, int64_t ldx, int t0, int nt, int c0, int
     }
 }
 
+/* One pair-kernel linear's operands (nm_linear_pairs' arguments). */
+typedef struct {
+    const float *x; int64_t ldx; int T, K;
+    const int32_t *wpair; const uint16_t *poff, *pcols; const int32_t *pstart;
+    int O, N, M, KB; const float *scales, *bias; float *y; int qmax, act;
+} PairArgs;
+
+/* Token tiles tt0..tt1 (PAIR_TW tokens each) of a pair-kernel linear, row groups p0..p1, with
+ * scratch of its own: the work of one thread (OpenMP) or one chunk (the encoder's pool). */
+static void pairs_part(const PairArgs *a, int tt0, int tt1, int p0, int p1) {
+    const float *x = a->x;
+    const int64_t ldx = a->ldx;
+    const int T = a->T, K = a->K, O = a->O, N = a->N, M = a->M, KB = a->KB, qmax = a->qmax, act = a->act;
+    const int P = (O + ROWG - 1) / ROWG, TW = PAIR_TW, R = PAIR_R;
+    const float *scales = a->scales, *bias = a->bias;
+    float *y = a->y;
+    int maxpairs = 0;
+    for (int b = 0, nb = (K + KB - 1) / KB; b < nb; b++)
+        if (a->pstart[b + 1] - a->pstart[b] > maxpairs) maxpairs = a->pstart[b + 1] - a->pstart[b];
+    float *tile = aligned_alloc(64, sizeof(float) * (size_t)KB * TW);
+    int32_t *qt = aligned_alloc(64, sizeof(int32_t) * (size_t)KB * TW);
+    int32_t *pb = aligned_alloc(64, sizeof(int32_t) * ((size_t)maxpairs + 1) * TW);
+    int32_t *part = aligned_alloc(64, sizeof(int32_t) * (size_t)(PANEL + R) * ROWG * TW + 64);
+    float *fp = (float *)part;   /* the sums become the outputs in place */
+    float sx[PAIR_TW], inv[PAIR_TW];
+    for (int q0 = p0; q0 < p1; q0 += PANEL) {
+        const int q1 = q0 + PANEL < p1 ? q0 + PANEL : p1;
+        for (int t0 = tt0 * TW; t0 < T && t0 < tt1 * TW; t0 += TW) {
+            const int nt = T - t0 < TW ? T - t0 : TW;
+            token_scales(x, ldx, t0, nt, K, qmax, sx, inv, TW);
+            memset(part, 0, sizeof(int32_t) * (size_t)(q1 - q0) * ROWG * TW);
+            for (int c0 = 0, jb = 0, b = 0; c0 < K; c0 += KB, b++) {
+                int nc = K - c0 < KB ? K - c0 : KB;
+                int npb = (nc / M * N + 1) / 2;
+                /* block b's pairs of row group p: ROWG x npb values at P * ROWG * jb + p * ROWG * npb */
+                const int32_t *wb = a->wpair + (int64_t)P * ROWG * jb;
+                const uint16_t *ob = a->poff + (int64_t)P * ROWG * jb;
+                const int64_t gs = ROWG * (int64_t)npb;
+                build_pairs(x, ldx, t0, nt, c0, nc, inv, a->pcols, a->pstart[b], a->pstart[b + 1], tile, qt, pb);
+                int p = q0;
+                for (; p + R / ROWG <= q1; p += R / ROWG)
+                    block_pairs(pb, wb + p * gs, ob + p * gs, gs, npb, part + (p - q0) * ROWG * TW, R);
+                for (; p < q1; p++)
+                    block_pairs(pb, wb + p * gs, ob + p * gs, gs, npb, part + (p - q0) * ROWG * TW, ROWG);
+                jb += npb;
+            }
+            /* int32 sums -> fp32: row scale x token scale (+ bias; GELU when act = 1), in place, then into y */
+            for (int p = q0; p < q1; p++)
+                for (int r = 0; r < ROWG; r++) {
+                    int o = ROWG * p + r;
+                    float sw = scales[o], b = (bias && o < O) ? bias[o] : 0.0f;
+                    int64_t e = ((int64_t)(p - q0) * ROWG + r) * TW;
+                    int t = 0;
+#ifdef __AVX2__
+                    const __m256 swv = _mm256_set1_ps(sw), bv = _mm256_set1_ps(b);
+                    for (; t < TW; t += 8) {
+                        __m256 val = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(
+                            (const __m256i *)(part + e + t))), swv), _mm256_loadu_ps(sx + t), bv);
+                        _mm256_storeu_ps(fp + e + t, act ? gelu256(val) : val);
+                    }
+#endif
+                    for (; t < TW; t++) {
+                        float val = (float)part[e + t] * sw * sx[t] + b;
+                        fp[e + t] = act ? 0.5f * val * (1.0f + erff(val * 0.70710678118654752f)) : val;
+                    }
+                }
+            int o0 = ROWG * q0, o1 = ROWG * q1 < O ? ROWG * q1 : O;
+            transpose(fp, TW, y + (int64_t)t0 * O + o0, O, o1 - o0, nt);
+        }
+    }
+    free(tile); free(qt); free(pb); free(part);
+}
+
+/* Row groups p0..p1 of part `part` of `parts`, in whole steps of PAIR_R rows (the last part takes
+ * the rest). */
+static void pair_rows(int P, int part, int parts, int *p0, int *p1) {
+    const int step = PAIR_R / ROWG, steps = (P + step - 1) / step;
+    const int s0 = (int)((int64_t)steps * part / parts), s1 = (int)((int64_t)steps * (part + 1) / parts);
+    *p0 = s0 * step;
+    *p1 = s1 * step < P ? s1 * step : P;
+}
+
 void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *wpair, const uint16_t *poff,
                      const uint16_t *pcols, const int32_t *pstart, int O, int N, int M, int KB,
                      const float *scales, const float *bias, float *y, int qmax, int act, int threads) {
-    const int P = (O + ROWG - 1) / ROWG, TW = PAIR_TW, R = PAIR_R;
-    int maxpairs = 0;
-    for (int b = 0, nb = (K + KB - 1) / KB; b < nb; b++)
-        if (pstart[b + 1] - pstart[b] > maxpairs) maxpairs = pstart[b + 1] - pstart[b];
+    const PairArgs a = {x, ldx, T, K, wpair, poff, pcols, pstart, O, N, M, KB, scales, bias, y, qmax, act};
+    const int P = (O + ROWG - 1) / ROWG;
     #pragma omp parallel num_threads(threads)
     {
         int nth = 1, me = 0;
@@ -514,67 +594,11 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
 #endif
         /* threads split the token tiles when there are enough (each builds only its own tiles'
          * pairs), else the rows (each builds every tile's pairs) */
-        const int tiles = (T + TW - 1) / TW, by_tokens = tiles >= nth;
+        const int tiles = (T + PAIR_TW - 1) / PAIR_TW;
         int p0 = 0, p1 = P, tt0 = 0, tt1 = tiles;
-        if (by_tokens) {
-            tt0 = (int)((int64_t)tiles * me / nth), tt1 = (int)((int64_t)tiles * (me + 1) / nth);
-        } else {
-            int steps = (P + R / ROWG - 1) / (R / ROWG);
-            int s0 = (int)((int64_t)steps * me / nth), s1 = (int)((int64_t)steps * (me + 1) / nth);
-            p0 = s0 * (R / ROWG), p1 = s1 * (R / ROWG) < P ? s1 * (R / ROWG) : P;
-        }
-        float *tile = aligned_alloc(64, sizeof(float) * (size_t)KB * TW);
-        int32_t *qt = aligned_alloc(64, sizeof(int32_t) * (size_t)KB * TW);
-        int32_t *pb = aligned_alloc(64, sizeof(int32_t) * ((size_t)maxpairs + 1) * TW);
-        int32_t *part = aligned_alloc(64, sizeof(int32_t) * (size_t)(PANEL + R) * ROWG * TW + 64);
-        float *fp = (float *)part;   /* the sums become the outputs in place */
-        float sx[PAIR_TW], inv[PAIR_TW];
-        for (int q0 = p0; q0 < p1; q0 += PANEL) {
-            const int q1 = q0 + PANEL < p1 ? q0 + PANEL : p1;
-            for (int t0 = tt0 * TW; t0 < T && t0 < tt1 * TW; t0 += TW) {
-                const int nt = T - t0 < TW ? T - t0 : TW;
-                token_scales(x, ldx, t0, nt, K, qmax, sx, inv, TW);
-                memset(part, 0, sizeof(int32_t) * (size_t)(q1 - q0) * ROWG * TW);
-                for (int c0 = 0, jb = 0, b = 0; c0 < K; c0 += KB, b++) {
-                    int nc = K - c0 < KB ? K - c0 : KB;
-                    int npb = (nc / M * N + 1) / 2;
-                    /* block b's pairs of row group p: ROWG x npb values at P * ROWG * jb + p * ROWG * npb */
-                    const int32_t *wb = wpair + (int64_t)P * ROWG * jb;
-                    const uint16_t *ob = poff + (int64_t)P * ROWG * jb;
-                    const int64_t gs = ROWG * (int64_t)npb;
-                    build_pairs(x, ldx, t0, nt, c0, nc, inv, pcols, pstart[b], pstart[b + 1], tile, qt, pb);
-                    int p = q0;
-                    for (; p + R / ROWG <= q1; p += R / ROWG)
-                        block_pairs(pb, wb + p * gs, ob + p * gs, gs, npb, part + (p - q0) * ROWG * TW, R);
-                    for (; p < q1; p++)
-                        block_pairs(pb, wb + p * gs, ob + p * gs, gs, npb, part + (p - q0) * ROWG * TW, ROWG);
-                    jb += npb;
-                }
-                /* int32 sums -> fp32: row scale x token scale (+ bias; GELU when act = 1), in place, then into y */
-                for (int p = q0; p < q1; p++)
-                    for (int r = 0; r < ROWG; r++) {
-                        int o = ROWG * p + r;
-                        float sw = scales[o], b = (bias && o < O) ? bias[o] : 0.0f;
-                        int64_t e = ((int64_t)(p - q0) * ROWG + r) * TW;
-                        int t = 0;
-#ifdef __AVX2__
-                        const __m256 swv = _mm256_set1_ps(sw), bv = _mm256_set1_ps(b);
-                        for (; t < TW; t += 8) {
-                            __m256 val = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(
-                                (const __m256i *)(part + e + t))), swv), _mm256_loadu_ps(sx + t), bv);
-                            _mm256_storeu_ps(fp + e + t, act ? gelu256(val) : val);
-                        }
-#endif
-                        for (; t < TW; t++) {
-                            float val = (float)part[e + t] * sw * sx[t] + b;
-                            fp[e + t] = act ? 0.5f * val * (1.0f + erff(val * 0.70710678118654752f)) : val;
-                        }
-                    }
-                int o0 = ROWG * q0, o1 = ROWG * q1 < O ? ROWG * q1 : O;
-                transpose(fp, TW, y + (int64_t)t0 * O + o0, O, o1 - o0, nt);
-            }
-        }
-        free(tile); free(qt); free(pb); free(part);
+        if (tiles >= nth) tt0 = (int)((int64_t)tiles * me / nth), tt1 = (int)((int64_t)tiles * (me + 1) / nth);
+        else pair_rows(P, me, nth, &p0, &p1);
+        pairs_part(&a, tt0, tt1, p0, p1);
     }
 }
 
@@ -1182,12 +1206,9 @@ static inline __attribute__((always_inline)) void pv_tile(const float *const *pr
 #endif
 }
 
-#if defined(__AVX512F__)
-#define ENC_ZMM 1
 /* One key (or key pair) of a 6-query x 32-channel P V tile: query i's weight from its row p_i at
  * index J, broadcast by SET1, times the value vectors v0 and v1 into its sums by MAC(acc, x, v)
- * (fp32 FMA here, vpdpwssd in the int8 attention). */
-#define FMA_ACC(acc, x, v) _mm512_fmadd_ps(x, v, acc)
+ * (fp32 FMA, vpdpwssd or vpmaddwd + vpaddd in the int8 attention). */
 #define PV6_STEP(SET1, MAC, J)                                                                  \
     x = SET1(p0[J]); a0 = MAC(a0, x, v0); a1 = MAC(a1, x, v1);                                  \
     x = SET1(p1[J]); b0 = MAC(b0, x, v0); b1 = MAC(b1, x, v1);                                  \
@@ -1195,6 +1216,9 @@ static inline __attribute__((always_inline)) void pv_tile(const float *const *pr
     x = SET1(p3[J]); d0 = MAC(d0, x, v0); d1 = MAC(d1, x, v1);                                  \
     x = SET1(p4[J]); e0 = MAC(e0, x, v0); e1 = MAC(e1, x, v1);                                  \
     x = SET1(p5[J]); f0 = MAC(f0, x, v0); f1 = MAC(f1, x, v1)
+#if defined(__AVX512F__)
+#define ENC_ZMM 1
+#define FMA_ACC(acc, x, v) _mm512_fmadd_ps(x, v, acc)
 /* The same tiles on zmm registers (AVX-512: 16 floats a register, two FMA ports on the Xeons that
  * have it): scores for ENC_QB queries x 32 keys (two tiles of 16), 12 independent sums. */
 static inline __attribute__((always_inline)) void score_tile2(const float *const *qr, const float *kt, int ldk, int d,
@@ -1254,7 +1278,8 @@ static inline __attribute__((always_inline)) void pv_tile6(const float *const *p
  *   o_ic = sv_c sum_j p_ij v8_jc / sum_j p_ij                              (vpdpwssd: s16 x s16)
  * int32 sums: Q K^T < 255 * 127 * d (d <= 128: < 2^22); P V < 16383 * 127 * 1024 < 2^31 for a chunk
  * of 1024 keys (longer rows add chunk by chunk in fp32). Builds without AVX-512 VNNI compute the
- * same integers in scalar code. */
+ * same integers on AVX2 (Q K^T: the int8 values as floats in FMAs, exact below 2^24; P V:
+ * vpmaddwd + vpaddd for vpdpwssd; 2^n by the exponent bits, exact here) or in scalar code. */
 #define P_ONE 16383
 #define PV_CHUNK 1024
 #define LOG2E 1.44269504088896341f
@@ -1262,6 +1287,11 @@ static inline __attribute__((always_inline)) void pv_tile6(const float *const *p
 #define ATT_VNNI 1
 #else
 #define ATT_VNNI 0
+#endif
+#if !ATT_VNNI && defined(__AVX2__) && defined(__FMA__)
+#define ATT_AVX2 1   /* the same integers on ymm (see below) */
+#else
+#define ATT_AVX2 0
 #endif
 /* 16383 * 2^f on |f| <= 1/2: 16383 (1 + c1 f + c2 f^2 + c3 f^3 + c4 f^4), least squares in the
  * relative error (3.1e-6, 0.06 of the last integer step) */
@@ -1274,6 +1304,7 @@ typedef struct {
     int32_t *kq, *kcorr, *vq, *qw;   /* qw: ENC_QB query rows of d u8, read 4 at a time */
     float *ks, *kbias, *sv, *sq, *tmp;   /* tmp: 3 d scratch */
     int16_t *pq;                     /* ENC_QB rows of lkp probabilities */
+    float *qf, *kf;                  /* AVX2 without VNNI: the int8 Q rows and K^T (d x lkp) as floats */
 } QuantHead;
 
 static QuantHead quant_head_alloc(int d, int lkp) {
@@ -1288,12 +1319,14 @@ static QuantHead quant_head_alloc(int d, int lkp) {
     w.sq = aligned_alloc(64, sizeof(float) * 64);
     w.tmp = aligned_alloc(64, sizeof(float) * (size_t)(3 * d + 32));
     w.pq = aligned_alloc(64, sizeof(int16_t) * (size_t)ENC_QB * lkp);
+    w.qf = ATT_AVX2 ? aligned_alloc(64, sizeof(float) * (size_t)ENC_QB * d + 64) : NULL;
+    w.kf = ATT_AVX2 ? aligned_alloc(64, sizeof(float) * (size_t)d * lkp) : NULL;
     return w;
 }
 
 static void quant_head_free(QuantHead *w) {
     free(w->kq); free(w->kcorr); free(w->ks); free(w->kbias); free(w->vq); free(w->sv); free(w->qw); free(w->sq);
-    free(w->tmp); free(w->pq);
+    free(w->tmp); free(w->pq); free(w->qf); free(w->kf);
 }
 
 /* q[i] = round(x[i] * s[i]) (nearest, ties to even: lrintf's rounding) for n floats; s[i] = s[0]
@@ -1304,6 +1337,11 @@ static inline void round_scaled(const float *x, const float *s, int step, int n,
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_si512(q + i, _mm512_cvtps_epi32(_mm512_mul_ps(
             _mm512_loadu_ps(x + i), step ? _mm512_loadu_ps(s + i) : _mm512_set1_ps(s[0]))));
+#endif
+#ifdef __AVX2__
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_cvtps_epi32(_mm256_mul_ps(
+            _mm256_loadu_ps(x + i), step ? _mm256_loadu_ps(s + i) : _mm256_set1_ps(s[0]))));
 #endif
     for (; i < n; i++) q[i] = (int32_t)lrintf(x[i] * s[step ? i : 0]);
 }
@@ -1350,6 +1388,8 @@ static void quant_kv(const float *kb, int64_t ki, const float *vb, int64_t vi, c
         const int32_t sum = j < lk ? quant_row(kb + j * ki, d, 0, row, &sk, q) : 0;
         if (j >= lk) memset(row, 0, (size_t)d);
         for (int c4 = 0; c4 < d / 4; c4++) memcpy(w->kq + (int64_t)c4 * lkp + j, row + 4 * c4, 4);
+        if (ATT_AVX2)
+            for (int c = 0; c < d; c++) w->kf[(int64_t)c * lkp + j] = (float)(int8_t)row[c];
         w->kcorr[j] = 128 * sum;
         w->ks[j] = sk * scale * LOG2E;
         w->kbias[j] = j < lk ? (bias ? bias[j] * LOG2E : 0.0f) : -INFINITY;
@@ -1409,6 +1449,31 @@ static void quant_scores(const QuantHead *w, int lkp, int d, float *sc, float *m
     }
     mx[0] = _mm512_reduce_max_ps(m0); mx[1] = _mm512_reduce_max_ps(m1); mx[2] = _mm512_reduce_max_ps(m2);
     mx[3] = _mm512_reduce_max_ps(m3); mx[4] = _mm512_reduce_max_ps(m4); mx[5] = _mm512_reduce_max_ps(m5);
+#elif ATT_AVX2
+    /* the int8 products as fp32 FMAs (score_tile): every partial sum is an integer of magnitude
+     * below 127 * 127 * d < 2^24, so exact, and equal to vpdpbusd's sum less the 128 sum k8 */
+    const uint8_t *qu = (const uint8_t *)w->qw;
+    const float *qr[ENC_QB];
+    for (int i = 0; i < ENC_QB; i++) {
+        for (int c = 0; c < d; c++) w->qf[i * d + c] = (float)((int)qu[i * d + c] - 128);
+        qr[i] = w->qf + i * d;
+    }
+    for (int j0 = 0; j0 < lkp; j0 += 16) score_tile(qr, w->kf + j0, lkp, d, 1.0f, sc + j0, lkp, ENC_QB);
+    for (int i = 0; i < ENC_QB; i++) {
+        const __m256 sq = _mm256_set1_ps(w->sq[i]);
+        __m256 m8 = _mm256_set1_ps(-INFINITY);
+        float *row = sc + (int64_t)i * lkp;
+        for (int j0 = 0; j0 < lkp; j0 += 8) {
+            const __m256 sv = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_load_ps(row + j0), _mm256_load_ps(w->ks + j0)), sq,
+                                              _mm256_load_ps(w->kbias + j0));
+            _mm256_store_ps(row + j0, sv);
+            m8 = _mm256_max_ps(m8, sv);
+        }
+        float m[8];
+        _mm256_storeu_ps(m, m8);
+        mx[i] = m[0];
+        for (int k = 1; k < 8; k++) mx[i] = m[k] > mx[i] ? m[k] : mx[i];
+    }
 #else
     const uint8_t *qu = (const uint8_t *)w->qw;
     const int8_t *kq = (const int8_t *)w->kq;
@@ -1449,6 +1514,26 @@ static int32_t quant_exp_row(const float *row, int lkp, float m, int16_t *p) {
         s16 = _mm512_add_epi32(s16, pi);
     }
     sum = _mm512_reduce_add_epi32(s16);
+#elif ATT_AVX2
+    const __m256 mv = _mm256_set1_ps(m), lo = _mm256_set1_ps(-32.0f);
+    __m256i s8 = _mm256_setzero_si256();
+    for (; j + 8 <= lkp; j += 8) {
+        const __m256 y = _mm256_max_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), lo);
+        const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm256_sub_ps(y, n);
+        __m256 e = _mm256_fmadd_ps(f, _mm256_set1_ps(EXP2_C4), _mm256_set1_ps(EXP2_C3));
+        e = _mm256_fmadd_ps(e, f, _mm256_set1_ps(EXP2_C2));
+        e = _mm256_fmadd_ps(e, f, _mm256_set1_ps(EXP2_C1));
+        e = _mm256_fmadd_ps(e, f, _mm256_set1_ps((float)P_ONE));
+        /* 2^n for n in [-32, 0] by its exponent bits: e 2^n is exact, as ldexpf's */
+        const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                                      _mm256_set1_epi32(127)), 23));
+        const __m256i pi = _mm256_cvtps_epi32(_mm256_mul_ps(e, two_n));
+        _mm_storeu_si128((__m128i *)(p + j), _mm_packs_epi32(_mm256_castsi256_si128(pi), _mm256_extracti128_si256(pi, 1)));
+        s8 = _mm256_add_epi32(s8, pi);
+    }
+    int32_t s8v[8];
+    _mm256_storeu_si256((__m256i *)s8v, s8);
+    for (int k = 0; k < 8; k++) sum += s8v[k];
 #endif
     for (; j < lkp; j++) {
         float y = row[j] - m;
@@ -1495,6 +1580,40 @@ static void quant_pv(const QuantHead *w, int lkp, int d, int nq, const float *in
                 }
                 _mm512_mask_storeu_ps(orow[i] + c0, k0, o0);
                 _mm512_mask_storeu_ps(orow[i] + c0 + 16, k1, o1);
+            }
+        }
+#elif ATT_AVX2
+        const int32_t *p0 = (const int32_t *)w->pq, *p1 = p0 + lkp / 2, *p2 = p1 + lkp / 2, *p3 = p2 + lkp / 2,
+                      *p4 = p3 + lkp / 2, *p5 = p4 + lkp / 2;
+        for (int c0 = 0; c0 < d; c0 += 16) {   /* 6 queries x 16 channels: 12 sums in registers */
+            const int nd = d - c0 < 16 ? d - c0 : 16;
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            const __m256i k0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nd), lane),
+                          k1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nd - 8), lane);
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0, c0v = a0, c1 = a0, d0 = a0, d1 = a0,
+                    e0 = a0, e1 = a0, f0 = a0, f1 = a0;
+#define MADD_ACC(acc, x, v) _mm256_add_epi32(acc, _mm256_madd_epi16(x, v))
+            for (int m = m0; m < m1; m++) {
+                const int32_t *vr = w->vq + (int64_t)m * d + c0;
+                /* whole vectors: channels past nd read the next row (or vq's 128 bytes of slack)
+                 * into sums that are never stored; no mask registers in the loop */
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)vr), v1 = _mm256_loadu_si256((const __m256i *)(vr + 8));
+                __m256i x;
+                PV6_STEP(_mm256_set1_epi32, MADD_ACC, m);
+            }
+#undef MADD_ACC
+            const __m256i r[ENC_QB][2] = {{a0, a1}, {b0, b1}, {c0v, c1}, {d0, d1}, {e0, e1}, {f0, f1}};
+            const __m256 s0 = _mm256_maskload_ps(w->sv + c0, k0), s1 = _mm256_maskload_ps(w->sv + c0 + 8, k1);
+            for (int i = 0; i < nq; i++) {
+                const __m256 iv = _mm256_set1_ps(inv[i]);
+                __m256 o0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(r[i][0]), s0), iv),
+                       o1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(r[i][1]), s1), iv);
+                if (j0) {
+                    o0 = _mm256_add_ps(o0, _mm256_maskload_ps(orow[i] + c0, k0));
+                    o1 = _mm256_add_ps(o1, _mm256_maskload_ps(orow[i] + c0 + 8, k1));
+                }
+                _mm256_maskstore_ps(orow[i] + c0, k0, o0);
+                _mm256_maskstore_ps(orow[i] + c0 + 8, k1, o1);
             }
         }
 #else
@@ -1553,7 +1672,7 @@ typedef struct { float *kt, *sc; QuantHead w; int ready; } AttScratch;
 
 static void att_scratch_init(AttScratch *s, int d, int lkp, int bits) {
     if (s->ready) return;
-    s->kt = aligned_alloc(64, sizeof(float) * (size_t)d * lkp);
+    s->kt = bits == 8 ? NULL : aligned_alloc(64, sizeof(float) * (size_t)d * lkp);   /* int8: K is quantised, not transposed */
     s->sc = aligned_alloc(64, sizeof(float) * (size_t)ENC_QB * lkp);
     if (bits == 8) s->w = quant_head_alloc(d, lkp);
     s->ready = 1 + (bits == 8);
@@ -2072,12 +2191,33 @@ static void linear_chunk(void *ctx, int c, int tid) {
 }
 #endif
 
+/* Chunk c of a phase of nlin pair-kernel linears of one input: linear c / (tiles splits), token
+ * tile (c / splits) % tiles, rows part c % splits. */
+static void pair_chunk(void *ctx, int c, int tid) {
+    Encoder *e = ctx;
+    (void)tid;
+    const int per = e->tiles * e->splits, li = c / per, tt = c % per / e->splits, part = c % e->splits;
+    const int64_t *f = e->lin[li];
+#define EP(i) ((const void *)(intptr_t)f[i])
+    const PairArgs a = {e->x, (int)f[E_K], e->n, (int)f[E_K], (const int32_t *)EP(E_P0), (const uint16_t *)EP(E_P1),
+                        (const uint16_t *)EP(E_P2), (const int32_t *)EP(E_P3), (int)f[E_O], (int)f[E_N], (int)f[E_M],
+                        (int)f[E_KB], (const float *)EP(E_SCALES), (const float *)EP(E_BIAS), e->y[li],
+                        (int)f[E_QMAX], (int)f[E_ACT]};
+#undef EP
+    int p0, p1;
+    pair_rows(((int)f[E_O] + ROWG - 1) / ROWG, part, e->splits, &p0, &p1);
+    pairs_part(&a, tt, tt + 1, p0, p1);
+}
+
 /* y[i] = linear i (table rows lin[i]) of x, for nlin linears of the same input: one phase of token
- * tiles (split further by rows when there are few) on the select kernel, else each on its own. */
+ * tiles (split further by rows when there are few) on the select kernel or the pair kernel. */
 static void encoder_linears(Encoder *e, const int64_t *lin, int nlin, const float *x, float *y0, float *y1, float *y2) {
     float *ys[3] = {y0, y1, y2};
-    int select = 1;
-    for (int i = 0; i < nlin; i++) select &= lin[(int64_t)i * NE + E_KIND] == 0;
+    int select = 1, pairs = 1;
+    for (int i = 0; i < nlin; i++) {
+        select &= lin[(int64_t)i * NE + E_KIND] == 0;
+        pairs &= lin[(int64_t)i * NE + E_KIND] != 0;
+    }
 #ifdef HAS_SELECT
     if (select) {
         e->x = x;
@@ -2094,8 +2234,22 @@ static void encoder_linears(Encoder *e, const int64_t *lin, int nlin, const floa
         return;
     }
 #endif
+    if (pairs) {   /* pair kernels: chunks of a token tile (split by rows when there are few) */
+        e->x = x;
+        e->nlin = nlin;
+        e->tiles = (e->n + PAIR_TW - 1) / PAIR_TW;
+        e->splits = e->tiles >= 2 * e->threads ? 1 : (2 * e->threads + e->tiles - 1) / e->tiles;
+        for (int i = 0; i < nlin; i++) {
+            e->lin[i] = lin + (int64_t)i * NE;
+            e->y[i] = ys[i];
+            const int steps = ((int)e->lin[i][E_O] + PAIR_R - 1) / PAIR_R;
+            if (e->splits > steps) e->splits = steps;
+        }
+        pool_run(pair_chunk, e, nlin * e->tiles * e->splits, e->threads);
+        return;
+    }
     (void)select;
-    for (int i = 0; i < nlin; i++) encoder_linear(lin + (int64_t)i * NE, x, e->n, ys[i], e->threads);
+    for (int i = 0; i < nlin; i++) encoder_linear(lin + (int64_t)i * NE, x, e->n, ys[i], e->threads);   /* mixed kinds */
 }
 
 static void attention_chunk(void *ctx, int c, int tid) {
