@@ -37,6 +37,7 @@ import copy
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -701,6 +702,26 @@ def _decoder_protocol(dec: dict, args) -> str:
     return ""
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its widest SIMD (the kernels sparsetx builds depend on it), e.g.
+    'AMD EPYC; AVX2, no AVX-512'."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return name
+    simd = ("AVX-512 VBMI + VNNI" if {"avx512vbmi", "avx512_vnni"} <= flags else "AVX-512" if "avx512f" in flags
+            else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
+    return f"{name}; {simd}"
+
+
 def report(result: dict, args) -> list[str]:
     """The markdown of a result: one section a part, each saying which run it comes from."""
     carried = result.get("carried", {})
@@ -708,7 +729,8 @@ def report(result: dict, args) -> list[str]:
     def source(part):
         return [f"(Carried from an earlier run of this script: {carried[part]}.)", ""] if part in carried else []
 
-    md = [f"# sparsetx vs CPU runtimes ({result['date']})", ""]
+    machine = result.get("machine", {})
+    md = [f"# sparsetx vs CPU runtimes ({result['date']}; {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores)", ""]
     if "encoder" in result:
         enc = result["encoder"]
         md += ["## MiniLM sentiment classifier", "", *source("encoder"),
@@ -778,7 +800,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     errors = install_errors()
     import platform
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                           "python": platform.python_version()},
               "versions": _versions(), "repeats": args.repeats}
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
