@@ -806,13 +806,21 @@ def main(argv=None) -> None:
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result["allocator"] = ("glibc mmap threshold 64 MiB, trim threshold 128 MiB (sparsetx.kernels.allocator), "
                            "for every contender in the process" if allocator else "glibc defaults")
-    if "encoder" in args.part:
-        result["encoder"] = encoder_part(args, errors)
-        plot(result["encoder"], out / "peers.png")
-    if "memory" in args.part:
-        result["memory"] = memory_part(args)
-    if "decoder" in args.part:
-        result["decoder"] = decoder_part(args, errors)
+    from sparsetx.atomic import atomic_path
+
+    def write(path: Path, text: str) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+
+    # each finished part goes to peers.partial.json at once, so a run cut later (a session's end,
+    # Ctrl-C) keeps what it measured; the published files change only when the whole run is done
+    partial = out / "peers.partial.json"
+    parts = {"encoder": lambda: encoder_part(args, errors), "memory": lambda: memory_part(args),
+             "decoder": lambda: decoder_part(args, errors)}
+    for part, run in parts.items():
+        if part in args.part:
+            result[part] = run()
+            write(partial, json.dumps(result, indent=1) + "\n")
     previous = out / "peers.json"
     if previous.exists():   # parts not run this time: kept from the file, marked with that run's date
         old = json.loads(previous.read_text())
@@ -821,8 +829,12 @@ def main(argv=None) -> None:
                 result[part] = old[part]
                 result.setdefault("carried", {})[part] = old.get("carried", {}).get(part) or old.get("date", "before 2026-11-30")
     md = report(result, args)
-    (out / "peers.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "peers.md").write_text("\n".join(md) + "\n")
+    if "encoder" in args.part:
+        with atomic_path(out / "peers.png") as tmp:
+            plot(result["encoder"], tmp)
+    write(out / "peers.json", json.dumps(result, indent=1) + "\n")
+    write(out / "peers.md", "\n".join(md) + "\n")
+    partial.unlink(missing_ok=True)
     print("\n".join(md))
     print(f"wrote {out}/peers.json, peers.md" + (", peers.png" if "encoder" in args.part else ""))
 
