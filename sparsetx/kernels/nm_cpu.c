@@ -581,11 +581,9 @@ static void pair_rows(int P, int part, int parts, int *p0, int *p1) {
     *p1 = s1 * step < P ? s1 * step : P;
 }
 
-void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *wpair, const uint16_t *poff,
-                     const uint16_t *pcols, const int32_t *pstart, int O, int N, int M, int KB,
-                     const float *scales, const float *bias, float *y, int qmax, int act, int threads) {
-    const PairArgs a = {x, ldx, T, K, wpair, poff, pcols, pstart, O, N, M, KB, scales, bias, y, qmax, act};
-    const int P = (O + ROWG - 1) / ROWG;
+/* A pair-kernel linear on an OpenMP team of `threads`. */
+static void pairs_omp(const PairArgs *a, int threads) {
+    const int P = (a->O + ROWG - 1) / ROWG, T = a->T;
     #pragma omp parallel num_threads(threads)
     {
         int nth = 1, me = 0;
@@ -598,8 +596,15 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
         int p0 = 0, p1 = P, tt0 = 0, tt1 = tiles;
         if (tiles >= nth) tt0 = (int)((int64_t)tiles * me / nth), tt1 = (int)((int64_t)tiles * (me + 1) / nth);
         else pair_rows(P, me, nth, &p0, &p1);
-        pairs_part(&a, tt0, tt1, p0, p1);
+        pairs_part(a, tt0, tt1, p0, p1);
     }
+}
+
+void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *wpair, const uint16_t *poff,
+                     const uint16_t *pcols, const int32_t *pstart, int O, int N, int M, int KB,
+                     const float *scales, const float *bias, float *y, int qmax, int act, int threads) {
+    const PairArgs a = {x, ldx, T, K, wpair, poff, pcols, pstart, O, N, M, KB, scales, bias, y, qmax, act};
+    pairs_omp(&a, threads);
 }
 
 /* ---- 5. Select layout (many tokens, int8 values, int8 activations): STA's operand multiplexer --
@@ -1950,6 +1955,17 @@ void llama_step(const int64_t *table, int L, int H, int hq, int hkv, int d, int 
 enum { E_KIND, E_P0, E_P1, E_P2, E_P3, E_SCALES, E_BIAS, E_O, E_K, E_N, E_M, E_KB, E_QMAX, E_ACT, NE };
 #define ENC_LAYER_FIELDS (4 + 6 * NE)
 
+/* A pair-kernel linear's operands from its row of the encoder's table, on x (T, K) into y. */
+static PairArgs pair_args(const int64_t *f, const float *x, int T, float *y) {
+#define EP(i) ((const void *)(intptr_t)f[i])
+    const PairArgs a = {x, (int)f[E_K], T, (int)f[E_K], (const int32_t *)EP(E_P0), (const uint16_t *)EP(E_P1),
+                        (const uint16_t *)EP(E_P2), (const int32_t *)EP(E_P3), (int)f[E_O], (int)f[E_N], (int)f[E_M],
+                        (int)f[E_KB], (const float *)EP(E_SCALES), (const float *)EP(E_BIAS), y,
+                        (int)f[E_QMAX], (int)f[E_ACT]};
+#undef EP
+    return a;
+}
+
 static void encoder_linear(const int64_t *f, const float *x, int T, float *y, int threads) {
 #define EP(i) ((const void *)(intptr_t)f[i])
     const float *sc = (const float *)EP(E_SCALES), *b = (const float *)EP(E_BIAS);
@@ -1957,10 +1973,10 @@ static void encoder_linear(const int64_t *f, const float *x, int T, float *y, in
     if (f[E_KIND] == 0)
         nm_linear_select(x, K, T, K, (const uint8_t *)EP(E_P0), (const int8_t *)EP(E_P1), (const int32_t *)EP(E_P2),
                          (const int32_t *)EP(E_P3), O, sc, b, y, (int)f[E_ACT], threads);
-    else
-        nm_linear_pairs(x, K, T, K, (const int32_t *)EP(E_P0), (const uint16_t *)EP(E_P1), (const uint16_t *)EP(E_P2),
-                        (const int32_t *)EP(E_P3), O, (int)f[E_N], (int)f[E_M], (int)f[E_KB], sc, b, y,
-                        (int)f[E_QMAX], (int)f[E_ACT], threads);
+    else {
+        const PairArgs a = pair_args(f, x, T, y);
+        pairs_omp(&a, threads);
+    }
 #undef EP
 }
 
@@ -2198,12 +2214,7 @@ static void pair_chunk(void *ctx, int c, int tid) {
     (void)tid;
     const int per = e->tiles * e->splits, li = c / per, tt = c % per / e->splits, part = c % e->splits;
     const int64_t *f = e->lin[li];
-#define EP(i) ((const void *)(intptr_t)f[i])
-    const PairArgs a = {e->x, (int)f[E_K], e->n, (int)f[E_K], (const int32_t *)EP(E_P0), (const uint16_t *)EP(E_P1),
-                        (const uint16_t *)EP(E_P2), (const int32_t *)EP(E_P3), (int)f[E_O], (int)f[E_N], (int)f[E_M],
-                        (int)f[E_KB], (const float *)EP(E_SCALES), (const float *)EP(E_BIAS), e->y[li],
-                        (int)f[E_QMAX], (int)f[E_ACT]};
-#undef EP
+    const PairArgs a = pair_args(f, e->x, e->n, e->y[li]);
     int p0, p1;
     pair_rows(((int)f[E_O] + ROWG - 1) / ROWG, part, e->splits, &p0, &p1);
     pairs_part(&a, tt, tt + 1, p0, p1);
