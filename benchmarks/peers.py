@@ -681,9 +681,9 @@ def plot(res: dict, path: Path) -> None:
         ax.bar([j + i * w for j in range(len(settings))], [s["ratio_vs_fastest_peer"][n] for s in settings], w, label=n,
                color=colours[i % len(colours)])
     ax.axhline(1.0, color="k", lw=0.8)
-    for y, what in ((1.5, "2:8 target"), (2.0, "1:8 target")):   # issue 12's targets
+    for pattern, y in TARGETS.items():
         ax.axhline(y, color="0.4", lw=0.8, ls="--")
-        ax.annotate(what, (len(settings) - 0.2, y), fontsize=7, va="bottom", ha="right", color="0.3")
+        ax.annotate(f"{pattern} target", (len(settings) - 0.2, y), fontsize=7, va="bottom", ha="right", color="0.3")
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(settings))],
                   [f"{s['threads']}t\n{s['tokens']}x{s['batch']}" for s in settings])
     ax.set_ylabel("speed vs the fastest dense peer (higher is faster)")
