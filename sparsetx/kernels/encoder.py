@@ -32,8 +32,9 @@ def _linear_row(lin: nn.Module) -> list[int] | None:
     act = ACTIVATIONS[lin.activation]
     if lin.select_weights is not None:
         p = (lin.select_indices, lin.select_weights, lin.select_starts, lin.select_sums)
+        lanes, width = lin.select_geometry
         return [0, *(t.data_ptr() for t in p), lin.select_scales.data_ptr(), bias, lin.out_features, lin.in_features,
-                n, m, 0, 0, act]
+                n, m, width, lanes, act]
     if lin.pair_weights is not None:
         p = (lin.pair_weights, lin.pair_offsets, lin.pair_columns, lin.pair_starts)
         return [1, *(t.data_ptr() for t in p), lin.layout_scales.data_ptr(), bias, lin.out_features, lin.in_features,

@@ -94,7 +94,7 @@ def _load(target: Path) -> ctypes.CDLL | None:
         lib.nm_linear_vector.argtypes = [p, p, p, i, i, i, i, i, p, p, i, p, i]
         lib.nm_linear_pairs.argtypes = [p, i64, i, i, p, p, p, p, i, i, i, i, p, p, p, i, i, i]
         lib.nm_linear_pairs.restype = None
-        lib.nm_linear_select.argtypes = [p, i64, i, i, p, p, p, p, i, p, p, p, i, i]
+        lib.nm_linear_select.argtypes = [p, i64, i, i, p, p, p, p, i, i, i, p, p, p, i, i]
         lib.nm_linear_select.restype = None
         lib.has_select.argtypes, lib.has_select.restype = [], i
         lib.encoder_layers.argtypes = [p, i, i, i, i, i, i, ctypes.c_float, p, p, i, i]

@@ -96,46 +96,36 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* GELU, erf form, for 8 floats: 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz and Stegun 7.1.26
- * (absolute error below 1.5e-7) with exp256. */
-static inline __m256 gelu256(__m256 x) {
-    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
-    __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)), a = _mm256_andnot_ps(sign, z);
-    __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), one));
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
-    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-    __m256 erf = _mm256_fnmadd_ps(_mm256_mul_ps(p, t), exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a))), one);
-    erf = _mm256_or_ps(erf, _mm256_and_ps(z, sign));
-    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, erf));
-}
+/* GELU, erf form: 0.5 x (1 + erf(x / sqrt 2)), erf(z) = z P(z^2) / Q(z^2) on z = x / sqrt 2 clamped
+ * to [-4, 4] (beyond, erf is 1 to float precision), P of degree 6 and Q of degree 4, fitted here by
+ * iterated weighted least squares on [0, 4] (relative error of erf(z) / z 9.7e-8; GELU within 1.4e-6
+ * of erf-exact on [-7, 7] in float arithmetic); 1 / Q by the hardware reciprocal and one Newton step.
+ * About 20 operations, where an exp-based form (Abramowitz and Stegun 7.1.26: a division and an exp)
+ * took 30 and a fifth of the FFN-in layer's time on AVX2. GELU_RATIONAL is the body both widths
+ * share (W the intrinsics' prefix, V the vector type, RCP the reciprocal estimate). */
+#define GELU_RATIONAL(W, V, RCP, x)                                                                         \
+    const V z = W##_min_ps(W##_max_ps(W##_mul_ps(x, W##_set1_ps(0.70710678118654752f)), W##_set1_ps(-4.0f)), \
+                           W##_set1_ps(4.0f));                                                              \
+    const V w = W##_mul_ps(z, z);                                                                           \
+    V p = W##_fmadd_ps(w, W##_set1_ps(1.92992430787179e-08f), W##_set1_ps(-1.9292451998201132e-06f));      \
+    p = W##_fmadd_ps(w, p, W##_set1_ps(1.4264940317182477e-04f));                                           \
+    p = W##_fmadd_ps(w, p, W##_set1_ps(3.790816099459311e-03f));                                            \
+    p = W##_fmadd_ps(w, p, W##_set1_ps(5.088608444028887e-02f));                                            \
+    p = W##_fmadd_ps(w, p, W##_set1_ps(2.0240793381133934e-01f));                                           \
+    p = W##_fmadd_ps(w, p, W##_set1_ps(1.1283791352564214f));                                               \
+    V q = W##_fmadd_ps(w, W##_set1_ps(9.732773918366385e-04f), W##_set1_ps(1.4549662894106896e-02f));      \
+    q = W##_fmadd_ps(w, q, W##_set1_ps(1.1600851517815117e-01f));                                           \
+    q = W##_fmadd_ps(w, q, W##_set1_ps(5.127113058942648e-01f));                                            \
+    q = W##_fmadd_ps(w, q, W##_set1_ps(1.0f));                                                              \
+    V r = RCP(q);                                                                                           \
+    r = W##_mul_ps(r, W##_fnmadd_ps(q, r, W##_set1_ps(2.0f)));   /* r (2 - q r) */                          \
+    const V erf = W##_mul_ps(W##_mul_ps(z, p), r), half = W##_mul_ps(x, W##_set1_ps(0.5f));               \
+    return W##_fmadd_ps(half, erf, half)
+
+static inline __m256 gelu256(__m256 x) { GELU_RATIONAL(_mm256, __m256, _mm256_rcp_ps, x); }
 
 #ifdef __AVX512F__
-/* GELU for 16 floats: erf(z) = z P(z^2) / Q(z^2) on z = x / sqrt 2 clamped to [-4, 4] (beyond, erf
- * is 1 to float precision), P of degree 6 and Q of degree 4, fitted here by iterated weighted least
- * squares on [0, 4] (relative error of erf(z) / z 9.7e-8; GELU within 1.4e-6 of erf-exact on
- * [-7, 7] in float arithmetic); 1 / Q by vrcp14ps and one Newton step. About 20 operations against
- * 30 for the exp-based form above. */
-static inline __m512 gelu512(__m512 x) {
-    const __m512 z = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)),
-                                                 _mm512_set1_ps(-4.0f)), _mm512_set1_ps(4.0f));
-    const __m512 w = _mm512_mul_ps(z, z);
-    __m512 p = _mm512_fmadd_ps(w, _mm512_set1_ps(1.92992430787179e-08f), _mm512_set1_ps(-1.9292451998201132e-06f));
-    p = _mm512_fmadd_ps(w, p, _mm512_set1_ps(1.4264940317182477e-04f));
-    p = _mm512_fmadd_ps(w, p, _mm512_set1_ps(3.790816099459311e-03f));
-    p = _mm512_fmadd_ps(w, p, _mm512_set1_ps(5.088608444028887e-02f));
-    p = _mm512_fmadd_ps(w, p, _mm512_set1_ps(2.0240793381133934e-01f));
-    p = _mm512_fmadd_ps(w, p, _mm512_set1_ps(1.1283791352564214f));
-    __m512 q = _mm512_fmadd_ps(w, _mm512_set1_ps(9.732773918366385e-04f), _mm512_set1_ps(1.4549662894106896e-02f));
-    q = _mm512_fmadd_ps(w, q, _mm512_set1_ps(1.1600851517815117e-01f));
-    q = _mm512_fmadd_ps(w, q, _mm512_set1_ps(5.127113058942648e-01f));
-    q = _mm512_fmadd_ps(w, q, _mm512_set1_ps(1.0f));
-    __m512 r = _mm512_rcp14_ps(q);
-    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));   /* r (2 - q r) */
-    const __m512 erf = _mm512_mul_ps(_mm512_mul_ps(z, p), r), half = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
-    return _mm512_fmadd_ps(half, erf, half);
-}
+static inline __m512 gelu512(__m512 x) { GELU_RATIONAL(_mm512, __m512, _mm512_rcp14_ps, x); }
 #endif
 #endif
 
@@ -609,28 +599,48 @@ void nm_linear_pairs(const float *x, int64_t ldx, int T, int K, const int32_t *w
 
 /* ---- 5. Select layout (many tokens, int8 values, int8 activations): STA's operand multiplexer --
  *
- * With AVX-512 VBMI and VNNI, SIMD lanes can be output rows instead of tokens: a token's 64 inputs
- * of a K block (quantised to unsigned bytes) fit one zmm, and vpermb hands each of 16 rows (4 byte
- * lanes each) the four inputs its own indices pick, STA's index-driven operand multiplexer in one
- * instruction; vpdpbusd then multiplies them by the row's four int8 weights and accumulates: 64
- * multiply-adds for two instructions, no gather, no pair buffer, and the sums land in the output's
- * own layout (rows contiguous per token). Activations are rounded per token to 127 steps of
- * max|x| (held as x + 128, the unsigned operand vpdpbusd takes; the 128 x sum of a row's weights
- * it adds is taken off at the end).
+ * SIMD lanes are output rows instead of tokens: a token's inputs of a K block (quantised per token
+ * to 127 steps of max|x|) sit in one register, a byte shuffle hands each row the four inputs its
+ * own indices pick (STA's index-driven operand multiplexer), and an int8 multiply-add multiplies
+ * them by the row's four int8 weights and accumulates. No gather, no pair buffer, and the sums land
+ * in the output's own layout (rows contiguous per token). Two geometries, one layout formula:
  *
- * Layout (sparsetx/kernels/nm_linear.py KernelWeight.select_layout): rows in lane groups of 16 (L
- * groups), K in blocks of 64 columns, S_b = sstart[b + 1] - sstart[b] quads (4 kept inputs) a row
- * in block b, block by block:
- *     sidx[64 * (L * sstart[b] + S_b * l + s) + 4 * lane + i]  uint8: the column (in block b) of input i
- *                                                           of quad s of row 16 l + lane
- *     sw  [same]                                            int8: its weight (0 where padding)
- *     wsum[o]                                               int32: 128 x the sum of row o's weights
- */
+ * - AVX-512 VBMI + VNNI (G = 16 rows a lane group, blocks of W = 64 columns): vpermb picks from
+ *   all 64 input bytes for 16 rows, vpdpbusd multiplies and accumulates: two instructions for 64
+ *   multiply-adds. vpdpbusd takes an unsigned operand: inputs held as x + 128, and the 128 x sum
+ *   of a row's weights (wsum) taken off at the end.
+ * - AVX2 (G = 8, W = 16 or 32): vpshufb picks within 16 bytes, so a block is 16 columns (or 32,
+ *   two shuffles OR-ed, for patterns that keep fewer than 3 a 16: 1:8 keeps 4 of 32); vpsignb
+ *   moves each weight's sign onto its input, vpmaddubsw multiplies |w| (unsigned, <= 128) by the
+ *   signed input (|x| <= 127) in pairs to int16 (at most 2 x 128 x 127 = 32512: never saturates,
+ *   so the sums are exact), vpmaddwd by ones widens the pairs to int32: 32 multiply-adds for a
+ *   shuffle, a sign, two multiplies and an add, where the pair kernel needs a built pair buffer.
+ *   The inputs are signed (no wsum).
+ *
+ * Layout (sparsetx/kernels/nm_linear.py KernelWeight.select_layout): rows in lane groups of G (L
+ * groups), K in blocks of W columns, quads (4 kept inputs) sstart[b] .. sstart[b + 1] - 1 of a row
+ * in block b (Q = sstart[nb] a row), lane group by lane group, so that a group's weights are one
+ * contiguous stream (block-major read 2x slower on AVX2: a cache line a block):
+ *     sidx[4G * (Q * l + q) + 4 * lane + i]  uint8: the column (in its block) of input i of quad q
+ *                                            of row G l + lane
+ *     sw  [same]                             int8: its weight (0 where padding)
+ *     wsum[o]                                int32: 128 x the sum of row o's weights
+ * The caller passes G and W (the Python side builds the layout for this library's has_select()). */
+
+/* One select-kernel linear's operands (nm_linear_select's arguments). */
+typedef struct {
+    const float *x; int64_t ldx; int T, K;
+    const uint8_t *sidx; const int8_t *sw; const int32_t *sstart, *wsum;
+    int O, G, W; const float *scales, *bias; float *y; int act;
+} SelArgs;
+
+/* Bytes a token's quantised inputs take in a tile: K padded to a whole 64 (every geometry's W divides it). */
+static inline int select_stride(int K) { return (K + 63) / 64 * 64; }
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
 #define HAS_SELECT 1
+#define SEL_G 16
 #define SEL_TT 16   /* tokens a tile: 16 accumulators, each 16 rows of one token */
-
-int has_select(void) { return 1; }
 
 /* Tokens t0..t0+nt of x quantised: xq[t * kp + k] = round(x / s_t) + 128, s_t = max|x_t| / 127
  * (token_scales, the pair kernel's per-token scales at qmax 127), columns K..kp and tokens
@@ -653,24 +663,17 @@ static void select_quantise(const float *x, int64_t ldx, int t0, int nt, int K, 
     }
 }
 
-/* One select-kernel linear's operands (nm_linear_select's arguments). */
-typedef struct {
-    const float *x; int64_t ldx; int T, K;
-    const uint8_t *sidx; const int8_t *sw; const int32_t *sstart, *wsum;
-    int O; const float *scales, *bias; float *y; int act;
-} SelArgs;
-
 /* Token tile tt (SEL_TT tokens) of a select linear, lane groups l0..l1 (16 rows each), from the
  * tile quantised by select_quantise (xq, per-token scales sx). */
 static void select_lanes(const SelArgs *a, int tt, int l0, int l1, const uint8_t *xq, const float *sx) {
-    const int L = (a->O + 15) / 16, nb = (a->K + 63) / 64, kp = nb * 64, O = a->O;
+    const int nb = (a->K + 63) / 64, kp = select_stride(a->K), O = a->O, Q = a->sstart[nb];
     const int t0 = tt * SEL_TT, nt = a->T - t0 < SEL_TT ? a->T - t0 : SEL_TT;
     for (int l = l0; l < l1; l++) {
         __m512i acc[SEL_TT];
         _Pragma("GCC unroll 16") for (int t = 0; t < SEL_TT; t++) acc[t] = _mm512_setzero_si512();
         for (int b = 0; b < nb; b++) {
             const int S = a->sstart[b + 1] - a->sstart[b];
-            const int64_t base = 64 * ((int64_t)L * a->sstart[b] + (int64_t)S * l);
+            const int64_t base = 64 * ((int64_t)Q * l + a->sstart[b]);
             const uint8_t *xb = xq + 64 * b;
             for (int s = 0; s < S; s++) {
                 const __m512i ix = _mm512_loadu_si512((const void *)(a->sidx + base + 64 * s));
@@ -694,20 +697,111 @@ static void select_lanes(const SelArgs *a, int tt, int l0, int l1, const uint8_t
         }
     }
 }
+#elif defined(__AVX2__)
+#define HAS_SELECT 1
+#define SEL_G 8
+#define SEL_TT 8    /* tokens a tile: 8 accumulators, each 8 rows of one token (16 ymm in all) */
+
+/* Tokens t0..t0+nt of x quantised: xq[t * kp + k] = round(x / s_t) as int8, s_t = max|x_t| / 127
+ * (token_scales at qmax 127, as above), columns K..kp and tokens nt..SEL_TT at 0. */
+static void select_quantise(const float *x, int64_t ldx, int t0, int nt, int K, int kp, uint8_t *xq, float *sx) {
+    float inv[SEL_TT];
+    token_scales(x, ldx, t0, nt, K, 127, sx, inv, SEL_TT);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   /* undo the packs' lane interleave */
+    for (int t = 0; t < SEL_TT; t++) {
+        int8_t *q = (int8_t *)xq + (int64_t)t * kp;
+        if (t >= nt) { memset(q, 0, kp); continue; }
+        const float *xr = x + (int64_t)(t0 + t) * ldx;
+        const __m256 iv = _mm256_set1_ps(inv[t]);
+        int k = 0;
+        for (; k + 32 <= K; k += 32) {
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), iv));
+            __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), iv));
+            __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 16), iv));
+            __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 24), iv));
+            __m256i q8 = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+            _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(q8, order));
+        }
+        for (; k < K; k++) q[k] = (int8_t)lrintf(xr[k] * inv[t]);
+        for (; k < kp; k++) q[k] = 0;
+    }
+}
+
+/* Quad q of every token of the tile: acc[t] += |w| . (x picked by the indices, signed as w).
+ * DUAL: a 32-column block, the low and high 16 inputs each shuffled by their own indices (bit 7
+ * set: a zero byte) and OR-ed. */
+#define SEL_QUAD(DUAL)                                                                                      \
+    do {                                                                                                    \
+        const __m256i ix = _mm256_loadu_si256((const __m256i *)(ip + 32 * q));                              \
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(wp + 32 * q)), aw = _mm256_abs_epi8(wv);    \
+        const __m256i lo = DUAL ? _mm256_or_si256(ix, _mm256_and_si256(_mm256_slli_epi16(ix, 3), hib)) : ix; \
+        const __m256i hi = _mm256_sub_epi8(ix, sixteen);                                                   \
+        const int8_t *xb = (const int8_t *)xq + col[q];                                                     \
+        _Pragma("GCC unroll 8") for (int t = 0; t < SEL_TT; t++) {                                          \
+            const int8_t *xt = xb + (int64_t)t * kp;                                                        \
+            __m256i v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)xt)), lo); \
+            if (DUAL)                                                                                       \
+                v = _mm256_or_si256(v, _mm256_shuffle_epi8(                                                 \
+                    _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(xt + 16))), hi));           \
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(                                            \
+                _mm256_maddubs_epi16(aw, _mm256_sign_epi8(v, wv)), ones));                                  \
+        }                                                                                                   \
+    } while (0)
+
+/* One flat loop over a lane group's quads (their block's first column from col[]): nested block
+ * and quad loops let the compiler hoist the tile's broadcasts out of the quad loop and spill them,
+ * measured 2x slower. */
+static void select_lanes(const SelArgs *a, int tt, int l0, int l1, const uint8_t *xq, const float *sx) {
+    const int W = a->W, nb = (a->K + W - 1) / W, kp = select_stride(a->K), O = a->O, Q = a->sstart[nb];
+    const int t0 = tt * SEL_TT, nt = a->T - t0 < SEL_TT ? a->T - t0 : SEL_TT;
+    const __m256i ones = _mm256_set1_epi16(1), hib = _mm256_set1_epi8((char)0x80), sixteen = _mm256_set1_epi8(16);
+    int32_t col_small[512], *col = Q <= 512 ? col_small : malloc(sizeof(int32_t) * (size_t)Q);
+    for (int b = 0; b < nb; b++)
+        for (int q = a->sstart[b]; q < a->sstart[b + 1]; q++) col[q] = W * b;
+    for (int l = l0; l < l1; l++) {
+        __m256i acc[SEL_TT];
+        _Pragma("GCC unroll 8") for (int t = 0; t < SEL_TT; t++) acc[t] = _mm256_setzero_si256();
+        const uint8_t *ip = a->sidx + (int64_t)32 * Q * l;
+        const int8_t *wp = a->sw + (int64_t)32 * Q * l;
+        if (W == 16)
+            for (int q = 0; q < Q; q++) SEL_QUAD(0);
+        else
+            for (int q = 0; q < Q; q++) SEL_QUAD(1);
+        /* sum x row scale x token scale + bias (GELU when act = 1) */
+        const int o0 = 8 * l, rows = O - o0 < 8 ? O - o0 : 8;
+        float scv[8] = {0}, bsv[8] = {0};
+        for (int r = 0; r < rows; r++) scv[r] = a->scales[o0 + r], bsv[r] = a->bias ? a->bias[o0 + r] : 0.0f;
+        const __m256 sc = _mm256_loadu_ps(scv), bv = _mm256_loadu_ps(bsv);
+        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int t = 0; t < nt; t++) {
+            __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_mul_ps(sc, _mm256_set1_ps(sx[t])), bv);
+            if (a->act) v = gelu256(v);
+            float *yr = a->y + (int64_t)(t0 + t) * O + o0;
+            if (rows == 8) _mm256_storeu_ps(yr, v);
+            else _mm256_maskstore_ps(yr, keep, v);
+        }
+    }
+    if (col != col_small) free(col);
+}
+#undef SEL_QUAD
+#endif
+
+#ifdef HAS_SELECT
+int has_select(void) { return SEL_G; }
 
 /* Token tile tt quantised into xq (SEL_TT x kp bytes of scratch), then lane groups l0..l1. */
 static void select_tile(const SelArgs *a, int tt, int l0, int l1, uint8_t *xq) {
     const int t0 = tt * SEL_TT, nt = a->T - t0 < SEL_TT ? a->T - t0 : SEL_TT;
     float sx[SEL_TT];
-    select_quantise(a->x, a->ldx, t0, nt, a->K, (a->K + 63) / 64 * 64, xq, sx);
+    select_quantise(a->x, a->ldx, t0, nt, a->K, select_stride(a->K), xq, sx);
     select_lanes(a, tt, l0, l1, xq, sx);
 }
 
 void nm_linear_select(const float *x, int64_t ldx, int T, int K, const uint8_t *sidx, const int8_t *sw,
-                      const int32_t *sstart, const int32_t *wsum, int O, const float *scales, const float *bias,
-                      float *y, int act, int threads) {
-    const SelArgs a = {x, ldx, T, K, sidx, sw, sstart, wsum, O, scales, bias, y, act};
-    const int L = (O + 15) / 16, kp = (K + 63) / 64 * 64, tiles = (T + SEL_TT - 1) / SEL_TT;
+                      const int32_t *sstart, const int32_t *wsum, int O, int G, int W, const float *scales,
+                      const float *bias, float *y, int act, int threads) {
+    const SelArgs a = {x, ldx, T, K, sidx, sw, sstart, wsum, O, G, W, scales, bias, y, act};
+    const int L = (O + SEL_G - 1) / SEL_G, kp = select_stride(K), tiles = (T + SEL_TT - 1) / SEL_TT;
     #pragma omp parallel num_threads(threads)
     {
         int nth = 1, me = 0;
@@ -727,10 +821,11 @@ void nm_linear_select(const float *x, int64_t ldx, int T, int K, const uint8_t *
 int has_select(void) { return 0; }
 
 void nm_linear_select(const float *x, int64_t ldx, int T, int K, const uint8_t *sidx, const int8_t *sw,
-                      const int32_t *sstart, const int32_t *wsum, int O, const float *scales, const float *bias,
-                      float *y, int act, int threads) {
-    /* without VBMI + VNNI the Python side never calls this (has_select() is 0); scalar for the record */
-    const int nb = (K + 63) / 64, L = (O + 15) / 16;
+                      const int32_t *sstart, const int32_t *wsum, int O, int G, int W, const float *scales,
+                      const float *bias, float *y, int act, int threads) {
+    /* without AVX2 the Python side never calls this (has_select() is 0); scalar for the record,
+     * on either geometry */
+    const int nb = (K + W - 1) / W, Q = sstart[nb];
     (void)threads;
     for (int t = 0; t < T; t++) {
         const float *xr = x + (int64_t)t * ldx;
@@ -738,13 +833,12 @@ void nm_linear_select(const float *x, int64_t ldx, int T, int K, const uint8_t *
         token_scales(x, ldx, t, 1, K, 127, &st, &inv, 1);
         for (int o = 0; o < O; o++) {
             int64_t acc = 0;
-            int l = o / 16, lane = o % 16;
+            int l = o / G, lane = o % G;
             for (int b = 0; b < nb; b++) {
-                int S = sstart[b + 1] - sstart[b];
-                for (int s = 0; s < S; s++)
+                for (int q = sstart[b]; q < sstart[b + 1]; q++)
                     for (int i = 0; i < 4; i++) {
-                        int64_t e = 64 * ((int64_t)L * sstart[b] + (int64_t)S * l + s) + 4 * lane + i;
-                        int k = 64 * b + sidx[e];
+                        int64_t e = 4 * G * ((int64_t)Q * l + q) + 4 * lane + i;
+                        int k = W * b + sidx[e];
                         int q = k < K ? (int)lrintf(xr[k] * inv) : 0;
                         acc += (int64_t)q * sw[e];
                     }
@@ -1949,7 +2043,8 @@ void llama_step(const int64_t *table, int L, int H, int hq, int hkv, int d, int 
  *
  * Post-norm layers: h = LN(h + O(attention(Q h, K h, V h))), h = LN(h + Down(GELU(Up h))), every
  * projection an int8 N:M layer on the select kernel (kind 0) or the pair kernel (kind 1), the
- * attention on attention_encoder. One row of int64 fields a linear (E_KIND .. E_ACT), and a layer's
+ * attention on attention_encoder. One row of int64 fields a linear (E_KIND .. E_ACT; a select
+ * linear's lane group G in E_QMAX and block width W in E_KB), and a layer's
  * row: its two LayerNorms' weight and bias, then q k v o up down. What per-layer Python and PyTorch
  * ops cost around the kernels (about 5 ms of a 128-token MiniLM forward) is gone. */
 enum { E_KIND, E_P0, E_P1, E_P2, E_P3, E_SCALES, E_BIAS, E_O, E_K, E_N, E_M, E_KB, E_QMAX, E_ACT, NE };
@@ -1972,7 +2067,7 @@ static void encoder_linear(const int64_t *f, const float *x, int T, float *y, in
     const int O = (int)f[E_O], K = (int)f[E_K];
     if (f[E_KIND] == 0)
         nm_linear_select(x, K, T, K, (const uint8_t *)EP(E_P0), (const int8_t *)EP(E_P1), (const int32_t *)EP(E_P2),
-                         (const int32_t *)EP(E_P3), O, sc, b, y, (int)f[E_ACT], threads);
+                         (const int32_t *)EP(E_P3), O, (int)f[E_QMAX], (int)f[E_KB], sc, b, y, (int)f[E_ACT], threads);
     else {
         const PairArgs a = pair_args(f, x, T, y);
         pairs_omp(&a, threads);
@@ -2187,19 +2282,19 @@ typedef struct {
 static void linear_chunk(void *ctx, int c, int tid) {
     Encoder *e = ctx;
     const int tt = c / e->splits, part = c % e->splits;
-    if (!e->xq[tid]) e->xq[tid] = aligned_alloc(64, (size_t)SEL_TT * (((e->D > e->I ? e->D : e->I) + 63) / 64 * 64));
+    if (!e->xq[tid]) e->xq[tid] = aligned_alloc(64, (size_t)SEL_TT * select_stride(e->D > e->I ? e->D : e->I));
     float sx[SEL_TT];
     for (int li = 0; li < e->nlin; li++) {
         const int64_t *f = e->lin[li];
 #define EP(i) ((const void *)(intptr_t)f[i])
-        const int K = (int)f[E_K], O = (int)f[E_O], L = (O + 15) / 16;
+        const int K = (int)f[E_K], O = (int)f[E_O], L = (O + SEL_G - 1) / SEL_G;
         const SelArgs a = {e->x, K, e->n, K, (const uint8_t *)EP(E_P0), (const int8_t *)EP(E_P1),
-                           (const int32_t *)EP(E_P2), (const int32_t *)EP(E_P3), O, (const float *)EP(E_SCALES),
-                           (const float *)EP(E_BIAS), e->y[li], (int)f[E_ACT]};
+                           (const int32_t *)EP(E_P2), (const int32_t *)EP(E_P3), O, (int)f[E_QMAX], (int)f[E_KB],
+                           (const float *)EP(E_SCALES), (const float *)EP(E_BIAS), e->y[li], (int)f[E_ACT]};
 #undef EP
         if (li == 0) {   /* the linears share the input (and K): its tile is quantised once */
             const int t0 = tt * SEL_TT, nt = e->n - t0 < SEL_TT ? e->n - t0 : SEL_TT;
-            select_quantise(e->x, K, t0, nt, K, (K + 63) / 64 * 64, e->xq[tid], sx);
+            select_quantise(e->x, K, t0, nt, K, select_stride(K), e->xq[tid], sx);
         }
         select_lanes(&a, tt, (int)((int64_t)L * part / e->splits), (int)((int64_t)L * (part + 1) / e->splits),
                      e->xq[tid], sx);
@@ -2238,7 +2333,7 @@ static void encoder_linears(Encoder *e, const int64_t *lin, int nlin, const floa
         for (int i = 0; i < nlin; i++) {
             e->lin[i] = lin + (int64_t)i * NE;
             e->y[i] = ys[i];
-            const int L = ((int)e->lin[i][E_O] + 15) / 16;
+            const int L = ((int)e->lin[i][E_O] + SEL_G - 1) / SEL_G;
             if (e->splits > L) e->splits = L;
         }
         pool_run(linear_chunk, e, e->tiles * e->splits, e->threads);

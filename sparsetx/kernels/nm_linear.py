@@ -105,7 +105,7 @@ class KernelWeight:
 
     def uses_select(self, activation_bits: int) -> bool:
         """Whether the select kernel computes this weight at ``activation_bits``: 8 bits, int8 values
-        whose groups fit its 64-column blocks, and a CPU it was built for (AVX-512 VBMI + VNNI)."""
+        whose groups fit its blocks, and a CPU it was built for (AVX2, or AVX-512 VBMI + VNNI)."""
         lib = library()
         return activation_bits == 8 and lib is not None and bool(lib.has_select()) and self.select_layout is not None
 
@@ -167,15 +167,16 @@ class KernelWeight:
     def _from_select(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse of :attr:`select_layout`: int8 values and absolute indices, row by row."""
         idx, w, starts, _ = (t.numpy() for t in self.select_layout)
-        lanes = -(-self.out_features // 16)
+        g, width = self.select_geometry
+        lanes = -(-self.out_features // g)
+        def rows(a):   # (L, Q, G, 4) -> (rows, 4 Q)
+            return a.reshape(lanes, -1, g, 4).transpose(0, 2, 1, 3).reshape(g * lanes, -1)
+        w_rows, idx_rows = rows(w), rows(idx)
         values, indices = [], []
-        for b, (c0, _, kept) in enumerate(self._blocks(64)):
-            quads = int(starts[b + 1] - starts[b])
-            at, end = 64 * lanes * int(starts[b]), 64 * lanes * int(starts[b + 1])
-            def rows(a):   # (L, S, 16, 4) -> (rows, 4 S), the first ``kept`` slots
-                return a[at:end].reshape(lanes, quads, 16, 4).transpose(0, 2, 1, 3).reshape(16 * lanes, -1)[:, :kept]
-            values.append(rows(w))
-            indices.append(rows(idx).astype(np.int32) + c0)
+        for b, (c0, _, kept) in enumerate(self._blocks(width)):
+            at = 4 * int(starts[b])
+            values.append(w_rows[:, at:at + kept])
+            indices.append(idx_rows[:, at:at + kept].astype(np.int32) + c0)
         v = torch.from_numpy(np.concatenate(values, axis=1))[:self.out_features]
         return v.contiguous(), torch.from_numpy(np.concatenate(indices, axis=1))[:self.out_features].contiguous()
 
@@ -286,37 +287,52 @@ class KernelWeight:
         return (torch.from_numpy(w), torch.from_numpy(off), torch.from_numpy(np.concatenate(table)),
                 torch.tensor(starts, dtype=torch.int32))
 
+    @property
+    def select_geometry(self) -> tuple[int, int] | None:
+        """(G rows a lane group, W columns a K block) of the select layout, as this library's select
+        kernel reads it (nm_cpu.c section 5): (16, 64) with AVX-512 VBMI + VNNI (and where there is
+        no select kernel: the scalar one reads any geometry); on AVX2 (8, 16), or (8, 32) for
+        patterns that keep fewer than 3 inputs of 16 (1:8 keeps 4 of 32). None where M does not
+        divide W (a block must hold whole groups)."""
+        lib = library()
+        n, m = self.nm
+        if lib is not None and lib.has_select() == 8:
+            width = 16 if 16 % m == 0 and 16 * n >= 3 * m else 32
+            return (8, width) if width % m == 0 else None
+        return (16, 64) if 64 % m == 0 else None
+
     @cached_property
     def select_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(uint8 indices, int8 weights, int32 quad starts, int32 128 x row sums) of the select
         kernel (nm_cpu.c ``nm_linear_select``, where the layout is drawn), or None where it does not
-        apply: values not int8, or M not dividing 64 (a K block of 64 must hold whole groups). Each
-        64-column block's kept inputs of a row are taken four at a time (a quad; the last one padded
-        with weight 0), rows in lane groups of 16."""
-        if self.scales is None or 64 % self.nm[1]:
+        apply: values not int8, or no :attr:`select_geometry`. Each W-column block's kept inputs of
+        a row are taken four at a time (a quad; the last one padded with weight 0), rows in lane
+        groups of G."""
+        geometry = self.select_geometry
+        if self.scales is None or geometry is None:
             return None
+        g, width = geometry
         values, indices = self.canonical()
-        o16 = -(-self.out_features // 16) * 16
-        vals, cols = _pad_rows(values, 16).numpy(), _pad_rows(indices, 16).numpy()
-        lanes = o16 // 16
-        idx_parts, w_parts, starts = [], [], [0]
-        for c0, j0, kept in self._blocks(64):
-            quads = -(-kept // 4)
-            v = np.zeros((o16, 4 * quads), np.int8)
-            c = np.zeros((o16, 4 * quads), np.uint8)
-            v[:, :kept] = vals[:, j0:j0 + kept]
-            c[:, :kept] = cols[:, j0:j0 + kept] - c0
-            # block b, lane group l, quad s, lane r, input i at 64 (L start_b + S_b l + s) + 4 r + i
-            idx_parts.append(c.reshape(lanes, 16, quads, 4).transpose(0, 2, 1, 3).reshape(-1))
-            w_parts.append(v.reshape(lanes, 16, quads, 4).transpose(0, 2, 1, 3).reshape(-1))
-            starts.append(starts[-1] + quads)
+        og = -(-self.out_features // g) * g
+        vals, cols = _pad_rows(values, g).numpy(), _pad_rows(indices, g).numpy()
+        lanes = og // g
+        blocks = self._blocks(width)
+        starts = np.cumsum([0] + [-(-kept // 4) for _, _, kept in blocks])
+        v = np.zeros((og, 4 * int(starts[-1])), np.int8)   # row by row: quads of block b at starts[b]..
+        c = np.zeros((og, 4 * int(starts[-1])), np.uint8)
+        for b, (c0, j0, kept) in enumerate(blocks):
+            v[:, 4 * starts[b]:4 * starts[b] + kept] = vals[:, j0:j0 + kept]
+            c[:, 4 * starts[b]:4 * starts[b] + kept] = cols[:, j0:j0 + kept] - c0
+        # lane group l, quad q, lane r, input i at 4 G (Q l + q) + 4 r + i
+        def lane_major(a):
+            return torch.from_numpy(a.reshape(lanes, g, -1, 4).transpose(0, 2, 1, 3).reshape(-1).copy())
         wsum = 128 * vals.astype(np.int32).sum(1)
-        return (torch.from_numpy(np.concatenate(idx_parts)), torch.from_numpy(np.concatenate(w_parts)),
-                torch.tensor(starts, dtype=torch.int32), torch.from_numpy(wsum.astype(np.int32)))
+        return (lane_major(c), lane_major(v), torch.from_numpy(starts.astype(np.int32)),
+                torch.from_numpy(wsum.astype(np.int32)))
 
     @cached_property
     def select_scales(self) -> torch.Tensor | None:
-        """int8 values: the row scales padded to whole lane groups of 16."""
+        """int8 values: the row scales padded to a multiple of 16 (whole lane groups of either G)."""
         return None if self.scales is None else _pad_rows(self.scales.view(-1, 1), 16).view(-1).contiguous()
 
     @cached_property
@@ -404,7 +420,7 @@ def nm_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None =
     activation: None, or "gelu" (erf form) applied to the result (inside the integer kernels'
     output pass for int8 weights; after the product elsewhere). activation_bits (int8 weights, many
     tokens, C kernel): the activations are rounded per token to int16 (16) or int8 (8: STA's
-    fixed-point datapath; the select kernel where the CPU has AVX-512 VBMI + VNNI)."""
+    fixed-point datapath; the select kernel where the CPU has AVX2)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r}: expected one of {sorted(map(str, ACTIVATIONS))}")
     check_activation_bits(activation_bits)
@@ -436,7 +452,8 @@ def _nm_linear(x, weight, bias, threads, backend, activation, activation_bits=16
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.uses_select(activation_bits):
-        y = _select(lib, x2, weight.select_layout, weight.select_scales, b, o, threads, ACTIVATIONS[activation])
+        y = _select(lib, x2, weight.select_layout, weight.select_geometry, weight.select_scales, b, o, threads,
+                    ACTIVATIONS[activation])
         return y.view(*lead, o), True
     if weight.pair_layout is not None:   # int8 values: the integer kernel
         w, off, cols, starts, kb, _ = weight.pair_args
@@ -472,15 +489,15 @@ def _pairs(lib, x2: torch.Tensor, args: tuple, scales: torch.Tensor, bias: torch
     return y
 
 
-def _select(lib, x2: torch.Tensor, layout: tuple, scales: torch.Tensor, bias: torch.Tensor | None,
-            out_features: int, threads: int, act: int = 0) -> torch.Tensor:
+def _select(lib, x2: torch.Tensor, layout: tuple, geometry: tuple[int, int], scales: torch.Tensor,
+            bias: torch.Tensor | None, out_features: int, threads: int, act: int = 0) -> torch.Tensor:
     """The int8 x int8 many-token kernel (nm_cpu.c nm_linear_select) on x2 (T, K), rows unit-stride,
-    and a KernelWeight.select_layout: (T, out) fp32."""
+    and a KernelWeight.select_layout of ``geometry`` (G, W): (T, out) fp32."""
     idx, w, starts, wsum = layout
     y = torch.empty(x2.shape[0], out_features)
     if x2.shape[0]:
         lib.nm_linear_select(ptr(x2), x2.stride(0), x2.shape[0], x2.shape[1], ptr(idx), ptr(w), ptr(starts), ptr(wsum),
-                             out_features, ptr(scales), ptr(bias), ptr(y), act, threads)
+                             out_features, *geometry, ptr(scales), ptr(bias), ptr(y), act, threads)
     return y
 
 
@@ -540,15 +557,16 @@ def _(x, weights, offsets, columns, starts, scales, bias, out_features, n, m, k_
 @torch.library.custom_op("sparsetx::nm_linear_select", mutates_args=())
 def _nm_linear_select_op(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, starts: torch.Tensor,
                          sums: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                         act: int) -> torch.Tensor:
+                         lanes: int, width: int, act: int) -> torch.Tensor:
     """The int8 x int8 many-token kernel on a select layout passed as tensors (what torch.compile calls)."""
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = _select(library(), x2, (indices, weights, starts, sums), scales, bias, out_features, torch.get_num_threads(), act)
+    y = _select(library(), x2, (indices, weights, starts, sums), (lanes, width), scales, bias, out_features,
+                torch.get_num_threads(), act)
     return y.view(*x.shape[:-1], out_features)
 
 
 @_nm_linear_select_op.register_fake
-def _(x, indices, weights, starts, sums, scales, bias, out_features, act):
+def _(x, indices, weights, starts, sums, scales, bias, out_features, lanes, width, act):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -568,6 +586,7 @@ class SparseLinear(nn.Module):
         for name, t in zip(("select_indices", "select_weights", "select_starts", "select_sums"), select or (None,) * 4):
             self.register_buffer(name, t, persistent=False)
         self.register_buffer("select_scales", weight.select_scales if select else None, persistent=False)
+        self.select_geometry = weight.select_geometry if select else (0, 0)   # plain ints, as pair_qmax
         pairs = weight.pair_layout if native and select is None else None
         layout = weight.group_layout if native and pairs is None and select is None else (None, None)
         self.register_buffer("layout_values", layout[0], persistent=False)
@@ -599,7 +618,7 @@ class SparseLinear(nn.Module):
             if self.select_weights is not None:
                 return torch.ops.sparsetx.nm_linear_select(x, self.select_indices, self.select_weights, self.select_starts,
                                                            self.select_sums, self.select_scales, self.bias, w.out_features,
-                                                           ACTIVATIONS[self.activation])
+                                                           *self.select_geometry, ACTIVATIONS[self.activation])
             if self.pair_weights is not None:
                 return torch.ops.sparsetx.nm_linear_pairs(x, self.pair_weights, self.pair_offsets, self.pair_columns,
                                                           self.pair_starts, self.layout_scales, self.bias, w.out_features,
