@@ -741,7 +741,8 @@ def report(result: dict, args) -> list[str]:
         md += ["## MiniLM sentiment classifier", "", *source("encoder"),
                "Median ms per forward (speed ratio vs the fastest dense peer of that setting; higher is faster). "
                + ("sparsetx rows: int8 values, activations rounded per token to int8 (`activation_bits=8`: the "
-                  "select kernel where the CPU has AVX-512 VBMI + VNNI) and the attention on int8 Q, K, V with "
+                  "select kernel: vpermb + vpdpbusd on AVX-512 VBMI + VNNI, vpshufb + vpmaddubsw on AVX2) and the "
+                  "attention on int8 Q, K, V with "
                   "14-bit probabilities." if enc.get("activation_bits", 16) == 8 else
                   "sparsetx rows: int8 values, activations rounded per token to int16."), "",
                *encoder_table(enc), "", "Targets (issue 12):", "", *encoder_targets(enc), ""]

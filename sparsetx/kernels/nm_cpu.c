@@ -1377,7 +1377,7 @@ static inline __attribute__((always_inline)) void pv_tile6(const float *const *p
  *   o_ic = sv_c sum_j p_ij v8_jc / sum_j p_ij                              (vpdpwssd: s16 x s16)
  * int32 sums: Q K^T < 255 * 127 * d (d <= 128: < 2^22); P V < 16383 * 127 * 1024 < 2^31 for a chunk
  * of 1024 keys (longer rows add chunk by chunk in fp32). Builds without AVX-512 VNNI compute the
- * same integers on AVX2 (Q K^T: the int8 values as floats in FMAs, exact below 2^24; P V:
+ * same integers on AVX2 (Q K^T: vpmaddubsw with the sign moved onto q, then vpmaddwd by ones; P V:
  * vpmaddwd + vpaddd for vpdpwssd; 2^n by the exponent bits, exact here) or in scalar code. */
 #define P_ONE 16383
 #define PV_CHUNK 1024
@@ -1403,7 +1403,6 @@ typedef struct {
     int32_t *kq, *kcorr, *vq, *qw;   /* qw: ENC_QB query rows of d u8, read 4 at a time */
     float *ks, *kbias, *sv, *sq, *tmp;   /* tmp: 3 d scratch */
     int16_t *pq;                     /* ENC_QB rows of lkp probabilities */
-    float *qf, *kf;                  /* AVX2 without VNNI: the int8 Q rows and K^T (d x lkp) as floats */
 } QuantHead;
 
 static QuantHead quant_head_alloc(int d, int lkp) {
@@ -1418,14 +1417,12 @@ static QuantHead quant_head_alloc(int d, int lkp) {
     w.sq = aligned_alloc(64, sizeof(float) * 64);
     w.tmp = aligned_alloc(64, sizeof(float) * (size_t)(3 * d + 32));
     w.pq = aligned_alloc(64, sizeof(int16_t) * (size_t)ENC_QB * lkp);
-    w.qf = ATT_AVX2 ? aligned_alloc(64, sizeof(float) * (size_t)ENC_QB * d + 64) : NULL;
-    w.kf = ATT_AVX2 ? aligned_alloc(64, sizeof(float) * (size_t)d * lkp) : NULL;
     return w;
 }
 
 static void quant_head_free(QuantHead *w) {
     free(w->kq); free(w->kcorr); free(w->ks); free(w->kbias); free(w->vq); free(w->sv); free(w->qw); free(w->sq);
-    free(w->tmp); free(w->pq); free(w->qf); free(w->kf);
+    free(w->tmp); free(w->pq);
 }
 
 /* q[i] = round(x[i] * s[i]) (nearest, ties to even: lrintf's rounding) for n floats; s[i] = s[0]
@@ -1466,6 +1463,29 @@ static int32_t quant_row(const float *x, int d, int off, uint8_t *out, float *sc
         return _mm512_reduce_add_epi32(s);
     }
 #endif
+#ifdef __AVX2__
+    if (d % 8 == 0) {   /* the same scale (an exact max) and the same integers on ymm */
+        __m256 m = _mm256_setzero_ps();
+        const __m256 ab = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        for (int c = 0; c < d; c += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + c), ab));
+        float mv[8], mx = 0.0f;
+        _mm256_storeu_ps(mv, m);
+        for (int k = 0; k < 8; k++) mx = mv[k] > mx ? mv[k] : mx;
+        *scale = mx > 0.0f ? mx / 127.0f : 0.0f;
+        const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
+        __m256i s = _mm256_setzero_si256();
+        for (int c = 0; c < d; c += 8) {
+            const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + c), inv));
+            s = _mm256_add_epi32(s, q);
+            const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+            _mm_storel_epi64((__m128i *)(out + c), _mm_add_epi8(_mm_packs_epi16(h, h), _mm_set1_epi8((char)off)));   /* q + off mod 256 */
+        }
+        int32_t sv[8];
+        _mm256_storeu_si256((__m256i *)sv, s);
+        for (int k = 0; k < 8; k++) sum += sv[k];
+        return sum;
+    }
+#endif
     float inv;
     token_scales(x, 0, 0, 1, d, 127, scale, &inv, 1);
     round_scaled(x, &inv, 0, d, tmp);
@@ -1487,8 +1507,6 @@ static void quant_kv(const float *kb, int64_t ki, const float *vb, int64_t vi, c
         const int32_t sum = j < lk ? quant_row(kb + j * ki, d, 0, row, &sk, q) : 0;
         if (j >= lk) memset(row, 0, (size_t)d);
         for (int c4 = 0; c4 < d / 4; c4++) memcpy(w->kq + (int64_t)c4 * lkp + j, row + 4 * c4, 4);
-        if (ATT_AVX2)
-            for (int c = 0; c < d; c++) w->kf[(int64_t)c * lkp + j] = (float)(int8_t)row[c];
         w->kcorr[j] = 128 * sum;
         w->ks[j] = sk * scale * LOG2E;
         w->kbias[j] = j < lk ? (bias ? bias[j] * LOG2E : 0.0f) : -INFINITY;
@@ -1549,25 +1567,31 @@ static void quant_scores(const QuantHead *w, int lkp, int d, float *sc, float *m
     mx[0] = _mm512_reduce_max_ps(m0); mx[1] = _mm512_reduce_max_ps(m1); mx[2] = _mm512_reduce_max_ps(m2);
     mx[3] = _mm512_reduce_max_ps(m3); mx[4] = _mm512_reduce_max_ps(m4); mx[5] = _mm512_reduce_max_ps(m5);
 #elif ATT_AVX2
-    /* the int8 products as fp32 FMAs (score_tile): every partial sum is an integer of magnitude
-     * below 127 * 127 * d < 2^24, so exact, and equal to vpdpbusd's sum less the 128 sum k8 */
-    const uint8_t *qu = (const uint8_t *)w->qw;
-    const float *qr[ENC_QB];
-    for (int i = 0; i < ENC_QB; i++) {
-        for (int c = 0; c < d; c++) w->qf[i * d + c] = (float)((int)qu[i * d + c] - 128);
-        qr[i] = w->qf + i * d;
-    }
-    for (int j0 = 0; j0 < lkp; j0 += 16) score_tile(qr, w->kf + j0, lkp, d, 1.0f, sc + j0, lkp, ENC_QB);
-    for (int i = 0; i < ENC_QB; i++) {
-        const __m256 sq = _mm256_set1_ps(w->sq[i]);
-        __m256 m8 = _mm256_set1_ps(-INFINITY);
-        float *row = sc + (int64_t)i * lkp;
-        for (int j0 = 0; j0 < lkp; j0 += 8) {
-            const __m256 sv = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_load_ps(row + j0), _mm256_load_ps(w->ks + j0)), sq,
-                                              _mm256_load_ps(w->kbias + j0));
-            _mm256_store_ps(row + j0, sv);
-            m8 = _mm256_max_ps(m8, sv);
+    /* vpmaddubsw on |k8| (unsigned) and q8 signed as k8: pairs of products of at most 2 x 127 x 127,
+     * exact in int16; vpmaddwd by ones widens them to int32: sum_c q8 k8 exactly (vpdpbusd's sum
+     * less the 128 sum k8 it adds). The queries are held as q8 + 128: x ^ 0x80 gives q8 back. */
+    const int d4 = d / 4;
+    int32_t *qw = (int32_t *)w->tmp;   /* the signed queries: broadcast from memory in the loop */
+    for (int i = 0; i < ENC_QB * d4; i++) qw[i] = w->qw[i] ^ (int32_t)0x80808080u;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int j0 = 0; j0 < lkp; j0 += 8) {
+        __m256i a[ENC_QB];
+        for (int i = 0; i < ENC_QB; i++) a[i] = _mm256_setzero_si256();
+        for (int c4 = 0; c4 < d4; c4++) {
+            const __m256i kv = _mm256_load_si256((const __m256i *)(w->kq + (int64_t)c4 * lkp + j0)), ak = _mm256_abs_epi8(kv);
+            _Pragma("GCC unroll 6") for (int i = 0; i < ENC_QB; i++)
+                a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(_mm256_maddubs_epi16(ak, _mm256_sign_epi8(
+                    _mm256_set1_epi32(qw[i * d4 + c4]), kv)), ones));
         }
+        const __m256 ks = _mm256_load_ps(w->ks + j0), kb = _mm256_load_ps(w->kbias + j0);
+        for (int i = 0; i < ENC_QB; i++)
+            _mm256_store_ps(sc + (int64_t)i * lkp + j0, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[i]), ks),
+                                                                       _mm256_set1_ps(w->sq[i]), kb));
+    }
+    for (int i = 0; i < ENC_QB; i++) {
+        const float *row = sc + (int64_t)i * lkp;
+        __m256 m8 = _mm256_set1_ps(-INFINITY);
+        for (int j0 = 0; j0 < lkp; j0 += 8) m8 = _mm256_max_ps(m8, _mm256_load_ps(row + j0));
         float m[8];
         _mm256_storeu_ps(m, m8);
         mx[i] = m[0];
