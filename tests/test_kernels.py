@@ -461,10 +461,11 @@ def test_select_layout_declines_groups_straddling_blocks():
 @needs_select
 @pytest.mark.parametrize("pattern", ["2:8", "1:8", "4:8", "2:4", "1:16"])
 def test_select_kernel_within_the_int8_activation_bound(pattern):
-    """The select kernel (int8 activations, vpermb + vpdpbusd) is within its stated rounding bound
-    of x W^T (qmax 127), with and without bias and GELU, for rows not filling a lane group of 16,
-    partial token tiles and both thread splits; and its integer sums are those of the pair kernel
-    run at qmax 127 (the stand-in where the CPU lacks VBMI), so the two agree to fp32 rounding."""
+    """The select kernel (int8 activations; vpermb + vpdpbusd on AVX-512, vpshufb + vpsignb +
+    vpmaddubsw on AVX2, one or two shuffles a quad) is within its stated rounding bound of x W^T
+    (qmax 127), with and without bias and GELU, for rows not filling a lane group, partial token
+    tiles and both thread splits; and its integer sums are those of the pair kernel run at qmax
+    127, so the two agree to fp32 rounding."""
     from sparsetx.kernels.nm_linear import _pairs, _select, pair_error_bound
 
     p = NMPattern.parse(pattern)
@@ -483,6 +484,26 @@ def test_select_kernel_within_the_int8_activation_bound(pattern):
         torch.testing.assert_close(y, y16, atol=1e-5, rtol=1e-5)
         g = _select(lib, x, kw.select_layout, kw.select_geometry, kw.select_scales, bias, 77, threads, 1)
         assert ((g - torch.nn.functional.gelu(want)).abs() <= 1.13 * bound).all()
+
+
+@needs_select
+def test_select_geometry_follows_the_cpu_and_the_pattern():
+    """AVX-512 VBMI: 16 rows a lane group, blocks of 64; AVX2: 8 rows, blocks of 16 where a
+    pattern keeps at least 3 inputs of 16 (one shuffle a quad), else 32 (two); M dividing neither
+    block width: no select layout (the pair kernel serves)."""
+    lanes = library().has_select()
+    assert lanes in (8, 16)
+    for pattern, avx2 in (("2:8", (8, 16)), ("4:8", (8, 16)), ("2:4", (8, 16)), ("1:8", (8, 32)),
+                          ("1:16", (8, 32)), ("3:32", (8, 32))):
+        p = NMPattern.parse(pattern)
+        kw = KernelWeight.from_packed(pack_nm(nm_weight(8, 64, p), p, torch.int8))
+        assert kw.select_geometry == (avx2 if lanes == 8 else (16, 64)), pattern
+        g, width = kw.select_geometry
+        idx, w, starts, _ = kw.select_layout
+        assert idx.numel() == w.numel() == 4 * g * int(starts[-1])   # one lane group (8 rows padded to G)
+        assert int(idx.max()) < width
+    p = NMPattern(2, 6)
+    assert KernelWeight.from_packed(pack_nm(nm_weight(8, 96, p), p, torch.int8)).select_geometry is None
 
 
 @needs_select

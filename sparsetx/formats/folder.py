@@ -418,7 +418,7 @@ def load_packed(folder: str | os.PathLike, with_sparse: bool = False, fast: bool
     it (:func:`sparsetx.kernels.nm_linear.fuse_activations`), and an encoder of int8 N:M layers runs
     them all in one C call (:func:`sparsetx.kernels.encoder.use_encoder_layers`). ``activation_bits`` (``fast``, int8
     values): the integer kernels round activations per token to int16 (16) or int8 (8, STA's
-    fixed-point datapath; the faster select kernel where the CPU has AVX-512 VBMI and VNNI); 8 also
+    fixed-point datapath; the faster select kernel, on AVX2 or AVX-512 VBMI + VNNI); 8 also
     puts a BERT-family encoder's attention on int8 Q, K, V and 14-bit probabilities (SpAtten's
     low-bit attention; :func:`sparsetx.kernels.attention.encoder_attention`).
     """

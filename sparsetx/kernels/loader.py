@@ -43,7 +43,7 @@ def compile_flags() -> list[str]:
             flags.append("-mf16c")
         if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu:   # the pair kernel's zmm path
             flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
-            if "avx512vbmi" in cpu:   # vpermb: the select kernel
+            if "avx512vbmi" in cpu:   # vpermb: the select kernel on zmm (AVX2 has its vpshufb one)
                 flags.append("-mavx512vbmi")
     return flags
 
