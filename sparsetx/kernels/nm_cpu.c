@@ -1443,8 +1443,8 @@ static inline void round_scaled(const float *x, const float *s, int step, int n,
 }
 
 /* A row of d floats as bytes round(x / s) + off (s = max |x| / 127, into *scale); returns the sum
- * of the round(x / s). Zmm where d is a multiple of 16, else token_scales and round_scaled: the
- * same scale, the same integers. */
+ * of the round(x / s). Zmm where d is a multiple of 16, else token_scales and one ymm pass (d a
+ * multiple of 8) or round_scaled: the same scale, the same integers. */
 static int32_t quant_row(const float *x, int d, int off, uint8_t *out, float *scale, int32_t *tmp) {
     int32_t sum = 0;
 #ifdef __AVX512F__
@@ -1463,19 +1463,14 @@ static int32_t quant_row(const float *x, int d, int off, uint8_t *out, float *sc
         return _mm512_reduce_add_epi32(s);
     }
 #endif
+    float inv;
+    token_scales(x, 0, 0, 1, d, 127, scale, &inv, 1);
 #ifdef __AVX2__
-    if (d % 8 == 0) {   /* the same scale (an exact max) and the same integers on ymm */
-        __m256 m = _mm256_setzero_ps();
-        const __m256 ab = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        for (int c = 0; c < d; c += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + c), ab));
-        float mv[8], mx = 0.0f;
-        _mm256_storeu_ps(mv, m);
-        for (int k = 0; k < 8; k++) mx = mv[k] > mx ? mv[k] : mx;
-        *scale = mx > 0.0f ? mx / 127.0f : 0.0f;
-        const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
+    if (d % 8 == 0) {   /* round, pack to bytes and sum in one pass on ymm: the same integers */
+        const __m256 iv = _mm256_set1_ps(inv);
         __m256i s = _mm256_setzero_si256();
         for (int c = 0; c < d; c += 8) {
-            const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + c), inv));
+            const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + c), iv));
             s = _mm256_add_epi32(s, q);
             const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
             _mm_storel_epi64((__m128i *)(out + c), _mm_add_epi8(_mm_packs_epi16(h, h), _mm_set1_epi8((char)off)));   /* q + off mod 256 */
@@ -1486,8 +1481,6 @@ static int32_t quant_row(const float *x, int d, int off, uint8_t *out, float *sc
         return sum;
     }
 #endif
-    float inv;
-    token_scales(x, 0, 0, 1, d, 127, scale, &inv, 1);
     round_scaled(x, &inv, 0, d, tmp);
     for (int c = 0; c < d; c++) {
         out[c] = (uint8_t)(tmp[c] + off);

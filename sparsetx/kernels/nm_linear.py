@@ -287,13 +287,14 @@ class KernelWeight:
         return (torch.from_numpy(w), torch.from_numpy(off), torch.from_numpy(np.concatenate(table)),
                 torch.tensor(starts, dtype=torch.int32))
 
-    @property
+    @cached_property
     def select_geometry(self) -> tuple[int, int] | None:
         """(G rows a lane group, W columns a K block) of the select layout, as this library's select
         kernel reads it (nm_cpu.c section 5): (16, 64) with AVX-512 VBMI + VNNI (and where there is
         no select kernel: the scalar one reads any geometry); on AVX2 (8, 16), or (8, 32) for
         patterns that keep fewer than 3 inputs of 16 (1:8 keeps 4 of 32). None where M does not
-        divide W (a block must hold whole groups)."""
+        divide W (a block must hold whole groups). Cached: the library, so the geometry, is fixed
+        for the process, and the per-call path reads it beside the cached layout."""
         lib = library()
         n, m = self.nm
         if lib is not None and lib.has_select() == 8:
