@@ -102,6 +102,25 @@ def test_compiled_library_is_cached(tmp_path, monkeypatch):
         loader.library.cache_clear()
 
 
+def test_kernel_isa_setting_narrows_the_build(monkeypatch):
+    """SPARSETX_KERNEL_ISA: avx2 drops every AVX-512 flag (the AVX2 build's kernels, testable on a
+    newer CPU), portable drops every -m flag, a bad value is refused by name."""
+    from sparsetx.kernels import loader
+
+    monkeypatch.setattr(loader, "_cpu_flags", lambda: {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                                                       "avx512_vnni", "avx512vbmi"})
+    monkeypatch.delenv("SPARSETX_KERNEL_ISA", raising=False)
+    assert "-mavx512vbmi" in loader.compile_flags() and "-mavx2" in loader.compile_flags()
+    monkeypatch.setenv("SPARSETX_KERNEL_ISA", "avx2")
+    flags = loader.compile_flags()
+    assert "-mavx2" in flags and "-mfma" in flags and not [f for f in flags if "512" in f]
+    monkeypatch.setenv("SPARSETX_KERNEL_ISA", "portable")
+    assert not [f for f in loader.compile_flags() if f.startswith("-m")]
+    monkeypatch.setenv("SPARSETX_KERNEL_ISA", "sse9")
+    with pytest.raises(ValueError, match="SPARSETX_KERNEL_ISA='sse9'"):
+        loader.compile_flags()
+
+
 def test_packed_folder_loads_as_fast_model(tmp_path):
     """A model loaded from a packed folder with fast=True (SparseLinear layers) gives the same
     outputs as the masked dense model."""

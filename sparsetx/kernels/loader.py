@@ -34,9 +34,19 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+ISAS = ("native", "avx2", "portable")
+
+
 def compile_flags() -> list[str]:
+    """gcc's flags for this CPU. ``SPARSETX_KERNEL_ISA`` narrows them: ``avx2`` (no AVX-512, as
+    on an AVX2-only CPU: runs that build's kernels on a newer CPU), ``portable`` (no SIMD flags)."""
+    isa = os.environ.get("SPARSETX_KERNEL_ISA", "native") or "native"
+    if isa not in ISAS:
+        raise ValueError(f"SPARSETX_KERNEL_ISA={isa!r}: expected one of {', '.join(ISAS)}")
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-pthread", "-std=c11"]
-    cpu = _cpu_flags()
+    cpu = set() if isa == "portable" else _cpu_flags()
+    if isa == "avx2":
+        cpu = {f for f in cpu if not f.startswith("avx512")}
     if {"avx2", "fma"} <= cpu:
         flags += ["-mavx2", "-mfma"]
         if "f16c" in cpu:
