@@ -1446,7 +1446,7 @@ static inline void round_scaled(const float *x, const float *s, int step, int n,
 /* A row of d floats as bytes round(x / s) + off (s = max |x| / 127, into *scale); returns the sum
  * of the round(x / s). Zmm where d is a multiple of 16, else token_scales and one ymm pass (d a
  * multiple of 8) or round_scaled: the same scale, the same integers. */
-static int32_t quant_row(const float *x, int d, int off, uint8_t *out, float *scale, int32_t *tmp) {
+static inline __attribute__((always_inline)) int32_t quant_row(const float *x, int d, int off, uint8_t *out, float *scale, int32_t *tmp) {
     int32_t sum = 0;
 #ifdef __AVX512F__
     if (d % 16 == 0) {
